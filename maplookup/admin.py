@@ -1,0 +1,313 @@
+"""Managing the data: domains, mailboxes and aliases, with errors an admin can act on.
+
+Every change is one statement (or one transaction), so a refused change leaves nothing
+half-written.  Input is checked here for a clear message, and again by the schema's constraints,
+which are the last word for anyone writing SQL directly.  Runs on plain asyncio: admin commands
+are one-shot and need no trio server.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+_DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
+_LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")
+SCHEMA_LOCK_ID = 0x6D61706C  # "mapl": serialises concurrent `db init` runs
+
+
+class AdminError(Exception):
+    """A refused admin command; the message is one line, fit for stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A folded address; ``local_part == ''`` is the catch-all ``@domain``."""
+
+    local_part: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local_part}@{self.domain}"
+
+    @property
+    def is_catchall(self) -> bool:
+        return self.local_part == ""
+
+
+def parse_domain(text: str) -> str:
+    domain = text.strip().lower().rstrip(".")
+    if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
+        raise AdminError(f"invalid domain name: {text!r}")
+    if len(domain) > 253:
+        raise AdminError(f"domain name longer than 253 characters: {text[:40]!r}...")
+    return domain
+
+
+def parse_address(text: str, *, allow_catchall: bool = True) -> Address:
+    """``user@domain`` or (when allowed) ``@domain``, folded to lower case."""
+    local, sep, domain = text.strip().rpartition("@")
+    if not sep:
+        raise AdminError(f"invalid address {text!r}: no '@'")
+    if not local and not allow_catchall:
+        raise AdminError(f"invalid address {text!r}: a catch-all is not allowed here")
+    if not _LOCAL_RE.match(local) or len(local) > 64:
+        raise AdminError(f"invalid local part in {text!r}")
+    return Address(local.lower(), parse_domain(domain))
+
+
+def parse_target(text: str) -> str:
+    """An alias target: ``user@domain`` or ``@domain`` (keep the local part, other domain)."""
+    address = parse_address(text)
+    return f"@{address.domain}" if address.is_catchall else str(address)
+
+
+def _check_id(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise AdminError(f"{name} must be a positive number (0 is root), got {value}")
+
+
+async def _run(conn: asyncpg.Connection, query: str, *args: Any) -> str:
+    """Execute one statement, turning constraint violations into AdminError."""
+    try:
+        status: str = await conn.execute(query, *args)
+    except asyncpg.UniqueViolationError as exc:
+        raise AdminError(f"already exists ({exc.detail or exc})") from exc
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise AdminError(_foreign_key_message(exc)) from exc
+    except asyncpg.CheckViolationError as exc:
+        raise AdminError(f"refused by constraint {exc.constraint_name}") from exc
+    except asyncpg.UndefinedTableError as exc:
+        raise AdminError("the maplookup schema is missing: run `maplookup db init`") from exc
+    return status
+
+
+def _foreign_key_message(exc: asyncpg.ForeignKeyViolationError) -> str:
+    constraint = exc.constraint_name or ""
+    if constraint == "mailbox_in_mailbox_domain":
+        return "no such mailbox domain (add it with `maplookup domain add DOMAIN`)"
+    if constraint == "alias_of_is_mailbox_domain":
+        return "--alias-of must name an existing mailbox domain"
+    if constraint.startswith("aliases_domain"):
+        return "no such domain (add it with `maplookup domain add DOMAIN [--alias]`)"
+    if "still referenced" in str(exc) or "is still referenced" in (exc.detail or ""):
+        return f"still in use: {exc.detail}"
+    return f"{exc.detail or exc}"
+
+
+def _affected(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def init_schema(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql idempotently, in one transaction, one `db init` at a time."""
+    schema = resources.files("maplookup").joinpath("schema.sql").read_text(encoding="utf-8")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_ID)
+        await conn.execute("SET LOCAL client_min_messages = warning")
+        await conn.execute(schema)
+
+
+# -- domains -----------------------------------------------------------------------------------
+
+
+async def domain_add(
+    conn: asyncpg.Connection,
+    name: str,
+    *,
+    alias: bool = False,
+    alias_of: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> None:
+    domain = parse_domain(name)
+    target = parse_domain(alias_of) if alias_of is not None else None
+    is_alias = alias or target is not None
+    _check_id("--uid", uid)
+    _check_id("--gid", gid)
+    if is_alias and (uid is not None or gid is not None):
+        raise AdminError("--uid/--gid apply to mailbox domains only, not alias domains")
+    if target == domain:
+        raise AdminError("a domain cannot mirror itself")
+    await _run(
+        conn,
+        "INSERT INTO maplookup.domains (name, kind, alias_of, default_uid, default_gid)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        domain,
+        "alias" if is_alias else "mailbox",
+        target,
+        uid,
+        gid,
+    )
+
+
+async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
+    domain = parse_domain(name)
+    try:
+        status = await conn.execute("DELETE FROM maplookup.domains WHERE name = $1", domain)
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise AdminError(
+            f"{domain} still has mailboxes, aliases or mirror domains; remove those first"
+        ) from exc
+    if _affected(status) == 0:
+        raise AdminError(f"no such domain: {domain}")
+
+
+async def domain_set_enabled(conn: asyncpg.Connection, name: str, enabled: bool) -> None:
+    domain = parse_domain(name)
+    status = await _run(
+        conn, "UPDATE maplookup.domains SET enabled = $2 WHERE name = $1", domain, enabled
+    )
+    if _affected(status) == 0:
+        raise AdminError(f"no such domain: {domain}")
+
+
+async def domain_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
+            " FROM maplookup.domains ORDER BY name"
+        )
+    )
+
+
+# -- mailboxes ---------------------------------------------------------------------------------
+
+
+async def mailbox_add(
+    conn: asyncpg.Connection,
+    address_text: str,
+    *,
+    path: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> str:
+    """Add a mailbox; returns its path (default ``domain/localpart/``, a Maildir)."""
+    address = parse_address(address_text)
+    _check_id("--uid", uid)
+    _check_id("--gid", gid)
+    if path is None:
+        if address.is_catchall:
+            raise AdminError("a catch-all mailbox needs --path")
+        path = f"{address.domain}/{address.local_part}/"
+    if not path or path.startswith("/") or ".." in path.split("/"):
+        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    kind = await conn.fetchval("SELECT kind FROM maplookup.domains WHERE name = $1", address.domain)
+    if kind is None:
+        raise AdminError(
+            f"no such domain: {address.domain} (add it with `maplookup domain add`)"
+        )
+    if kind != "mailbox":
+        raise AdminError(f"{address.domain} is an alias domain; mailboxes need a mailbox domain")
+    await _run(
+        conn,
+        "INSERT INTO maplookup.mailboxes (domain, local_part, path, uid, gid)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        address.domain,
+        address.local_part,
+        path,
+        uid,
+        gid,
+    )
+    return path
+
+
+async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
+    address = parse_address(address_text)
+    status = await _run(
+        conn,
+        "DELETE FROM maplookup.mailboxes WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+    )
+    if _affected(status) == 0:
+        raise AdminError(f"no such mailbox: {address}")
+
+
+async def mailbox_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
+    address = parse_address(address_text)
+    status = await _run(
+        conn,
+        "UPDATE maplookup.mailboxes SET enabled = $3 WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+        enabled,
+    )
+    if _affected(status) == 0:
+        raise AdminError(f"no such mailbox: {address}")
+
+
+async def mailbox_list(conn: asyncpg.Connection, domain: str | None = None) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT local_part || '@' || domain AS address, path, uid, gid, enabled"
+            " FROM maplookup.mailboxes WHERE $1::text IS NULL OR domain = $1"
+            " ORDER BY domain, local_part",
+            parse_domain(domain) if domain else None,
+        )
+    )
+
+
+# -- aliases -----------------------------------------------------------------------------------
+
+
+async def alias_add(conn: asyncpg.Connection, address_text: str, targets: list[str]) -> None:
+    address = parse_address(address_text)
+    if not targets:
+        raise AdminError("an alias needs at least one target")
+    parsed = [parse_target(t) for t in targets]
+    exists = await conn.fetchval(
+        "SELECT true FROM maplookup.domains WHERE name = $1", address.domain
+    )
+    if not exists:
+        raise AdminError(
+            f"no such domain: {address.domain} (add it with `maplookup domain add`)"
+        )
+    await _run(
+        conn,
+        "INSERT INTO maplookup.aliases (domain, local_part, targets) VALUES ($1, $2, $3)",
+        address.domain,
+        address.local_part,
+        parsed,
+    )
+
+
+async def alias_remove(conn: asyncpg.Connection, address_text: str) -> None:
+    address = parse_address(address_text)
+    status = await _run(
+        conn,
+        "DELETE FROM maplookup.aliases WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+    )
+    if _affected(status) == 0:
+        raise AdminError(f"no such alias: {address}")
+
+
+async def alias_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
+    address = parse_address(address_text)
+    status = await _run(
+        conn,
+        "UPDATE maplookup.aliases SET enabled = $3 WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+        enabled,
+    )
+    if _affected(status) == 0:
+        raise AdminError(f"no such alias: {address}")
+
+
+async def alias_list(conn: asyncpg.Connection, domain: str | None = None) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT local_part || '@' || domain AS address,"
+            " array_to_string(targets, ',') AS targets, enabled"
+            " FROM maplookup.aliases WHERE $1::text IS NULL OR domain = $1"
+            " ORDER BY domain, local_part",
+            parse_domain(domain) if domain else None,
+        )
+    )

@@ -1,0 +1,221 @@
+"""Configuration: one pydantic model, read from a TOML file, the environment and flags.
+
+Precedence, lowest first: defaults, the TOML file (``--config``), environment variables
+(``MAPLOOKUP_DSN`` and ``MAPLOOKUP_<SECTION>__<FIELD>``, for example
+``MAPLOOKUP_LIMITS__MAX_CONNECTIONS``), command-line flags.  Every model forbids unknown
+keys, so a typo is an error, not a silently ignored setting, and is frozen, so a running
+server cannot see half-changed settings.
+Limits carry their unit in the name.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from maplookup.maps import MapName
+from maplookup.protocol.socketmap import DEFAULT_MAX_REQUEST_BYTES
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostPort(_Model):
+    """A TCP endpoint written ``host:port`` (``[v6addr]:port`` for IPv6)."""
+
+    host: str
+    port: Annotated[int, Field(ge=0, le=65535)]
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return cls(host=host, port=int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _coerce_host_port(value: object) -> object:
+    return HostPort.parse(value) if isinstance(value, str) else value
+
+
+class ListenSettings(_Model):
+    """Where the server listens.  Loopback by default: the maps describe every mailbox."""
+
+    socketmap: list[HostPort] = Field(default_factory=lambda: [HostPort.parse("127.0.0.1:9000")])
+    socketmap_unix: Path | None = None
+    # Postfix's processes (user postfix) must be able to connect; nobody else needs to.
+    socketmap_unix_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    socketmap_unix_group: str | None = None
+    # tcp_table carries no map name: one listener per map (tcp_table(5)).
+    tcp_table: dict[MapName, HostPort] = Field(default_factory=dict)
+
+    @field_validator("socketmap", mode="before")
+    @classmethod
+    def _parse_socketmap(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [_coerce_host_port(v) for v in value]
+        return value
+
+    @field_validator("tcp_table", mode="before")
+    @classmethod
+    def _parse_tcp_table(cls, value: object) -> object:
+        if isinstance(value, Mapping):
+            return {k: _coerce_host_port(v) for k, v in value.items()}
+        return value
+
+
+class LimitSettings(_Model):
+    """Per-connection limits.  Defaults follow Postfix's own client (src/global/dict_sockmap.c)."""
+
+    # Postfix keeps keys under 10,000 bytes; room for the map name and the netstring header.
+    max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
+    # A started request must complete within this; Postfix writes a request in one go.
+    read_timeout_s: PositiveFloat = 10.0
+    # Longer than Postfix's own 10 s idle close, so Postfix, not us, ends idle connections.
+    idle_timeout_s: PositiveFloat = 60.0
+    # A peer that stops reading its replies is dropped after this.
+    write_timeout_s: PositiveFloat = 10.0
+    # Every Postfix process holds one connection per endpoint; default_process_limit is 100.
+    max_connections: PositiveInt = 1000
+    # On SIGTERM, in-flight requests get this long to be answered before connections are cut.
+    drain_timeout_s: PositiveFloat = 10.0
+
+
+class DatabaseSettings(_Model):
+    """PostgreSQL access.  No dsn: the embedded private cluster is used."""
+
+    dsn: SecretStr | None = None
+    # Below Postfix's 100 s client timeout, so Postfix gets TEMP rather than a timeout.
+    query_timeout_s: PositiveFloat = 5.0
+    connect_timeout_s: PositiveFloat = 5.0
+    pool_max_connections: PositiveInt = 10
+
+
+class LookupConfig(_Model):
+    """What changes answers; must match Postfix's main.cf (recipient_delimiter)."""
+
+    # Like Postfix's recipient_delimiter: a set of characters, any of which starts an extension.
+    recipient_delimiter: Annotated[str, Field(max_length=16)] = "+"
+    default_uid: PositiveInt | None = None
+    default_gid: PositiveInt | None = None
+
+    @field_validator("recipient_delimiter")
+    @classmethod
+    def _delimiter_chars(cls, value: str) -> str:
+        if any(c.isspace() or c in "@,\"" or not c.isprintable() for c in value):
+            raise ValueError("recipient_delimiter may not hold white space, '@', ',' or '\"'")
+        return value
+
+
+class EmbeddedSettings(_Model):
+    """The private PostgreSQL cluster started when no dsn is configured."""
+
+    state_dir: Path | None = None  # default: /var/lib/maplookup as root, else XDG state dir
+    run_as_user: str | None = None  # default: postgres when running as root
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = any free port on 127.0.0.1
+
+
+class Settings(_Model):
+    """Everything ``maplookup serve`` needs."""
+
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    lookup: LookupConfig = Field(default_factory=LookupConfig)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    log_level: str = "info"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level is one of debug, info, warning, error")
+        return value.lower()
+
+
+ENV_PREFIX = "MAPLOOKUP_"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``MAPLOOKUP_DSN`` and ``MAPLOOKUP_SECTION__FIELD`` as a nested dict."""
+    result: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest == "dsn":
+            result.setdefault("database", {})["dsn"] = value
+        elif "__" in rest:
+            section, _, field = rest.partition("__")
+            if section in Settings.model_fields:
+                result.setdefault(section, {})[field] = value
+        elif rest == "log_level":
+            result["log_level"] = value
+    return result
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from file, environment and flags; ConfigError with a clear message."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file}: invalid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        source = str(config_file) if config_file else "configuration"
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,205 @@
+"""asyncpg under trio: a dedicated thread runs an asyncio loop that owns the connection pool.
+
+asyncpg speaks asyncio only.  Two ways to call it from trio were measured on this kind of
+machine (2 cores; ``python -m bench.bridge``, PostgreSQL 15 on loopback, ``SELECT $1::text``):
+
+* trio-asyncio (the asyncio loop runs inside trio's);
+* this module: an asyncio loop (uvloop when installed) in its own thread owns the pool; a trio
+  task submits a coroutine with ``run_coroutine_threadsafe`` and sleeps until the loop hands the
+  result back through the trio token.
+
+The figures are in ``bench/README.md`` (section "Database bridge").  The thread bridge wins under
+concurrency, where trio-asyncio's p99 fell apart, and it keeps asyncio out of the trio thread
+entirely: importing trio_asyncio replaces ``asyncio.new_event_loop()`` process-wide.
+
+Cancellation: when the trio caller is cancelled (read timeout, shutdown) the asyncio task is
+cancelled too; the query runs inside ``async with pool.acquire()``, so asyncpg returns (or
+terminates) the connection and nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import outcome
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DatabaseError(Exception):
+    """The database could not give an answer; the lookup must answer TEMP, never NOTFOUND."""
+
+
+class DatabaseTimeout(DatabaseError):
+    """The database did not answer within the query timeout."""
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (measurably faster under load), else a plain selector loop.
+
+    Built explicitly rather than through ``asyncio.new_event_loop()``, which trio-asyncio
+    (used by the benchmarks) replaces process-wide when it is imported.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        return asyncio.SelectorEventLoop()
+    return uvloop.new_event_loop()
+
+
+class AsyncioThread:
+    """An asyncio event loop running in a daemon thread, callable from trio.
+
+    One instance per process.  ``run`` is the only way in from trio; it never blocks trio's
+    thread: the result comes back through ``TrioToken.run_sync_soon``.
+    """
+
+    def __init__(self) -> None:
+        self._loop = _new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="maplookup-asyncio", daemon=True)
+        self._started = False
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+
+    def stop(self) -> None:
+        """Stop the loop and wait for the thread; tasks still running there are abandoned."""
+        if self._started and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop from any thread (used by synchronous callers)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the asyncio loop and return its result to the calling trio task.
+
+        If the trio task is cancelled, the asyncio task is cancelled as well and the trio task
+        returns at once; the asyncio side finishes its own clean-up (releasing pool
+        connections) in its own time.
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        waiting = True
+
+        def wake(done: concurrent.futures.Future[T]) -> None:
+            # Runs in the trio thread, so it cannot race with abort().
+            if waiting:
+                trio.lowlevel.reschedule(task, outcome.capture(done.result))
+
+        def on_done(done: concurrent.futures.Future[T]) -> None:
+            # Runs in the asyncio thread.
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(wake, done)
+
+        def abort(_raise_cancel: Callable[[], object]) -> trio.lowlevel.Abort:
+            nonlocal waiting
+            waiting = False
+            future.cancel()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        future.add_done_callback(on_done)
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """How the pool talks to PostgreSQL; every limit named with its unit."""
+
+    dsn: str
+    pool_max_connections: int = 10
+    query_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+
+
+_CONNECTION_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+class Database:
+    """The lookup server's view of PostgreSQL: one value per query, errors as DatabaseError."""
+
+    def __init__(self, bridge: AsyncioThread, pool: asyncpg.Pool, settings: PoolSettings) -> None:
+        self._bridge = bridge
+        self._pool = pool
+        self._settings = settings
+
+    async def _fetch_value_in_loop(self, query: str, args: tuple[object, ...]) -> object:
+        try:
+            async with asyncio.timeout(self._settings.query_timeout_s):
+                async with self._pool.acquire() as conn:
+                    return await conn.fetchval(query, *args)
+        except TimeoutError as exc:
+            raise DatabaseTimeout(
+                f"no answer from PostgreSQL within {self._settings.query_timeout_s} s"
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
+        """The first column of the first row as text, None when the query returned NULL."""
+        value = await self._bridge.run(self._fetch_value_in_loop(query, args))
+        return None if value is None else str(value)
+
+    async def ping(self) -> None:
+        """Raise DatabaseError unless PostgreSQL answers a trivial query."""
+        await self.fetch_value("SELECT 1", ())
+
+
+async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
+    # min_size=0: the server starts (and answers TEMP) even while PostgreSQL is down, and
+    # connects on first use; nothing is opened that is not needed.
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        settings.dsn,
+        min_size=0,
+        max_size=settings.pool_max_connections,
+        timeout=settings.connect_timeout_s,
+        command_timeout=settings.query_timeout_s,
+        max_inactive_connection_lifetime=300.0,
+        server_settings={"application_name": "maplookup"},
+    )
+    return pool
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except (TimeoutError, *_CONNECTION_ERRORS):
+        pool.terminate()
+
+
+@asynccontextmanager
+async def open_database(settings: PoolSettings) -> AsyncIterator[Database]:
+    """Start the asyncio thread and the pool; close both on exit, whatever happened."""
+    bridge = AsyncioThread()
+    bridge.start()
+    try:
+        pool = await bridge.run(_create_pool(settings))
+        try:
+            yield Database(bridge, pool, settings)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.run(_close_pool(pool))
+    finally:
+        bridge.stop()

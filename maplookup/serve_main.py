@@ -1,0 +1,80 @@
+"""The process around the server: logging, the embedded PostgreSQL, schema, demo data, trio.
+
+Kept apart from ``service.serve`` (the trio part, which tests start in-process) because what
+happens here is synchronous and happens once: start a private cluster when no database is
+configured, make sure it has the schema, and stop it again whatever way the server ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from contextlib import ExitStack
+
+import asyncpg
+import trio
+
+from maplookup import admin
+from maplookup.config import Settings
+from maplookup.demo import load_demo_data
+from maplookup.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_state_dir
+from maplookup.listeners import ListenError
+from maplookup.service import StartupError, serve
+
+log = logging.getLogger("maplookup")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _prepare_database(dsn: str, *, apply_schema: bool, demo: bool) -> None:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        if apply_schema:
+            await admin.init_schema(conn)
+        if demo and await load_demo_data(conn):
+            log.info("demo data loaded (arkum.ch, akadia.com, arkum.org, akadia.net)")
+    finally:
+        await conn.close()
+
+
+def run_serve(settings: Settings, *, demo: bool = False) -> int:
+    """Run ``maplookup serve`` to completion; returns the process exit code."""
+    configure_logging(settings.log_level)
+    with ExitStack() as stack:
+        if settings.database.dsn is not None:
+            dsn = settings.database.dsn.get_secret_value()
+            embedded = False
+        else:
+            cluster = EmbeddedPostgres(
+                state_dir=settings.embedded.state_dir or default_state_dir(),
+                run_as_user=settings.embedded.run_as_user,
+                port=settings.embedded.port,
+            )
+            log.info("no database configured: starting embedded PostgreSQL in %s", cluster.state_dir)
+            try:
+                dsn = cluster.start()
+            except EmbeddedPostgresError as exc:
+                log.error("%s", exc)
+                return 1
+            stack.callback(cluster.stop)
+            log.info("embedded PostgreSQL ready: %s", dsn)
+            embedded = True
+        if embedded or demo:
+            try:
+                asyncio.run(_prepare_database(dsn, apply_schema=embedded, demo=demo))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.error("cannot prepare the database: %s", exc)
+                return 1
+        try:
+            trio.run(serve, settings, dsn)
+        except (StartupError, ListenError) as exc:
+            log.error("%s", exc)
+            return 1
+    return 0

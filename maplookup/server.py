@@ -1,0 +1,221 @@
+"""The trio server: accept connections, run one task per connection, drain on shutdown.
+
+Postfix keeps one connection per process and endpoint, sends one request at a time, closes a
+connection idle for 10 s and any connection after 100 s (src/global/dict_sockmap.c), so expect
+hundreds of short-lived connections.  A malformed request closes that one connection; nothing a
+peer sends can stop the server from serving everyone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from maplookup.config import LimitSettings
+from maplookup.listeners import BoundListener
+from maplookup.protocol import (
+    CLOSED,
+    NEED_DATA,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    SocketmapProtocol,
+    TcpTableProtocol,
+)
+
+log = logging.getLogger(__name__)
+
+# One recv per request in practice: requests are far smaller than this.
+RECEIVE_BYTES = 65_536
+
+# accept() errors that mean "overloaded, try again" (as in trio's serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_S = 0.1
+
+
+class Answerer(Protocol):
+    async def answer(self, request: Request) -> Reply: ...
+
+
+class WireProtocol(Protocol):
+    """What the server needs from a sans-IO codec (socketmap or tcp_table)."""
+
+    @property
+    def in_request(self) -> bool: ...
+    def receive_data(self, data: bytes) -> None: ...
+    def next_event(self) -> object: ...
+    def send(self, reply: Reply) -> bytes: ...
+
+
+@dataclass(slots=True)
+class ServerCounters:
+    """Plain counters, read by the metrics of a later stage and by tests."""
+
+    connections_open: int = 0
+    connections_accepted: int = 0
+    connections_rejected: int = 0
+    protocol_errors: int = 0
+    read_timeouts: int = 0
+    requests: int = 0
+
+
+class Server:
+    """Serves lookups on already-bound listeners until drained."""
+
+    def __init__(
+        self, answerer: Answerer, limits: LimitSettings, listeners: list[BoundListener]
+    ) -> None:
+        self._answerer = answerer
+        self._limits = limits
+        self._listeners = listeners
+        self._draining = False
+        self._accepting = trio.CancelScope()
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self.counters = ServerCounters()
+
+    def _protocol_factory(self, bound: BoundListener) -> Callable[[], WireProtocol]:
+        max_request_bytes = self._limits.max_request_bytes
+        if bound.map_name is None:
+            return lambda: SocketmapProtocol(max_request_bytes=max_request_bytes)
+        wire_name = bound.map_name.value.encode()
+        return lambda: TcpTableProtocol(wire_name, max_request_bytes=max_request_bytes)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve until ``drain()``; then wait for in-flight requests, bounded."""
+        async with trio.open_nursery() as connections:
+            with self._accepting:
+                async with trio.open_nursery() as accept_loops:
+                    for bound in self._listeners:
+                        accept_loops.start_soon(
+                            self._accept_loop, bound, self._protocol_factory(bound), connections
+                        )
+                    task_status.started()
+            # Draining: no more accepts; connections finish what they are answering.
+            connections.cancel_scope.deadline = trio.current_time() + self._limits.drain_timeout_s
+
+    def drain(self) -> None:
+        """Stop accepting, let in-flight requests be answered, close idle connections."""
+        if self._draining:
+            return
+        self._draining = True
+        self._accepting.cancel()
+        for scope in list(self._idle_scopes):
+            scope.cancel()
+
+    async def _accept_loop(
+        self,
+        bound: BoundListener,
+        make_protocol: Callable[[], WireProtocol],
+        connections: trio.Nursery,
+    ) -> None:
+        while True:
+            try:
+                stream = await bound.listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept on %s failed: %s; retrying in %s s",
+                    bound.description,
+                    exc.strerror,
+                    _ACCEPT_RETRY_S,
+                )
+                await trio.sleep(_ACCEPT_RETRY_S)
+                continue
+            if self.counters.connections_open >= self._limits.max_connections:
+                self.counters.connections_rejected += 1
+                if self.counters.connections_rejected % 100 == 1:
+                    log.warning(
+                        "max_connections=%d reached; refusing new connections (%d refused so far)",
+                        self._limits.max_connections,
+                        self.counters.connections_rejected,
+                    )
+                await trio.aclose_forcefully(stream)
+                continue
+            self.counters.connections_open += 1
+            self.counters.connections_accepted += 1
+            connections.start_soon(self._serve_connection, stream, make_protocol(), bound)
+
+    async def _serve_connection(
+        self, stream: trio.SocketStream, protocol: WireProtocol, bound: BoundListener
+    ) -> None:
+        try:
+            await self._converse(stream, protocol)
+        except RemoteProtocolError as exc:
+            self.counters.protocol_errors += 1
+            log.warning(
+                "closing %s connection from %s: %s",
+                bound.protocol_name,
+                _peer(stream),
+                exc.reason,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.counters.connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _converse(self, stream: trio.SocketStream, protocol: WireProtocol) -> None:
+        limits = self._limits
+        while True:
+            event = protocol.next_event()
+            if event is NEED_DATA:
+                if not protocol.in_request:
+                    if self._draining:
+                        return
+                    data = await self._receive_idle(stream)
+                    if data is None:
+                        return
+                else:
+                    with trio.move_on_after(limits.read_timeout_s):
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                        protocol.receive_data(data)
+                        continue
+                    self.counters.read_timeouts += 1
+                    log.info(
+                        "closing connection from %s: request not completed within %s s",
+                        _peer(stream),
+                        limits.read_timeout_s,
+                    )
+                    return
+                protocol.receive_data(data)
+            elif event is CLOSED:
+                return
+            else:
+                assert isinstance(event, Request)
+                self.counters.requests += 1
+                reply = await self._answerer.answer(event)
+                with trio.move_on_after(limits.write_timeout_s) as scope:
+                    await stream.send_all(protocol.send(reply))
+                if scope.cancelled_caught:
+                    log.info(
+                        "closing connection from %s: reply not read within %s s",
+                        _peer(stream),
+                        limits.write_timeout_s,
+                    )
+                    return
+
+    async def _receive_idle(self, stream: trio.SocketStream) -> bytes | None:
+        """Wait for the next request; None when idle too long or the server is draining."""
+        with trio.move_on_after(self._limits.idle_timeout_s) as scope:
+            self._idle_scopes.add(scope)
+            try:
+                return await stream.receive_some(RECEIVE_BYTES)
+            finally:
+                self._idle_scopes.discard(scope)
+        return None
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return "unix socket" if not peer else str(peer)

@@ -1,0 +1,1 @@
+maplookup/schema.sql

@@ -1,0 +1,248 @@
+"""Every row of DESIGN.md §3 against a real PostgreSQL, through the Python lookup layer.
+
+The data is written with the admin functions the CLI uses, so those are exercised too.  Each
+case goes bytes -> Lookup (key folding) -> Database (the trio/asyncio bridge) -> the SQL
+functions of schema.sql -> Reply, which is the server's whole path minus the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from maplookup import admin
+from maplookup.db import PoolSettings, open_database
+from maplookup.lookup import Lookup
+from maplookup.maps import LookupSettings, MapName
+from maplookup.protocol import Reply, Request, Status
+
+
+async def _load(conn: asyncpg.Connection) -> None:
+    await admin.domain_add(conn, "example.com", uid=5000, gid=5001)
+    await admin.domain_add(conn, "example.org", alias_of="example.com")
+    await admin.domain_add(conn, "forward.example", alias=True)
+    await admin.domain_add(conn, "nouid.example")
+    await admin.domain_add(conn, "nouid.org", alias_of="nouid.example")
+    await admin.domain_add(conn, "catch.example", uid=7000, gid=7000)
+    await admin.domain_add(conn, "off.example")
+    await admin.domain_set_enabled(conn, "off.example", False)
+
+    await admin.mailbox_add(conn, "user@example.com", uid=1001)
+    await admin.mailbox_add(conn, "plain@example.com")
+    await admin.mailbox_add(conn, "dis@example.com")
+    await admin.mailbox_set_enabled(conn, "dis@example.com", False)
+    await admin.mailbox_add(conn, "a+b@example.com")
+    await admin.mailbox_add(conn, "jürgen@example.com")
+    await admin.mailbox_add(conn, "o'brien@example.com")
+    await admin.mailbox_add(conn, "mbox@example.com", path="example.com/mbox")
+    await admin.mailbox_add(conn, "x@nouid.example")
+    await admin.mailbox_add(conn, "@catch.example", path="catch.example/all/")
+    await admin.mailbox_add(conn, "real@catch.example", uid=7001, gid=7002)
+    await admin.mailbox_add(conn, "user@off.example")
+
+    await admin.alias_add(conn, "list@example.com", ["a@x.test", "b@y.test"])
+    await admin.alias_add(conn, "fwd@example.com", ["user@example.com"])
+    await admin.alias_add(conn, "@example.com", ["postmaster@example.com"])
+    await admin.alias_add(conn, "keep@example.com", ["@elsewhere.test"])
+    await admin.alias_add(conn, "info@forward.example", ["user@example.com"])
+    await admin.alias_add(conn, "@forward.example", ["@example.com"])
+    await admin.alias_add(conn, "off@nouid.example", ["user@example.com"])
+    await admin.alias_set_enabled(conn, "off@nouid.example", False)
+    await admin.alias_add(conn, "list@off.example", ["user@example.com"])
+
+
+@pytest.fixture(scope="module")
+def dataset_dsn(make_database: Callable[[], str]) -> str:
+    dsn = make_database()
+
+    async def load() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _load(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(load())
+    return dsn
+
+
+async def _answer(
+    dsn: str, map_name: str, key: bytes, settings: LookupSettings | None = None
+) -> Reply:
+    async with open_database(PoolSettings(dsn=dsn)) as database:
+        lookup = Lookup(database, settings or LookupSettings())
+        return await lookup.answer(Request(map_name.encode(), key))
+
+
+# (map, key, expected value or None for NOTFOUND)
+CASES: list[tuple[str, str, str | None]] = [
+    # domains: enabled mailbox domains only; keys folded
+    ("domains", "example.com", "example.com"),
+    ("domains", "EXAMPLE.COM", "example.com"),
+    ("domains", "example.org", None),
+    ("domains", "off.example", None),
+    ("domains", "unhosted.test", None),
+    ("domains", "user@example.com", None),
+    ("domains", "", None),
+    # alias_domains: forwarding-only and mirror domains
+    ("alias_domains", "example.org", "example.org"),
+    ("alias_domains", "Forward.Example", "forward.example"),
+    ("alias_domains", "example.com", None),
+    # vmailbox: exact, then without extension, then catch-all mailbox
+    ("vmailbox", "user@example.com", "example.com/user/"),
+    ("vmailbox", "User@Example.COM", "example.com/user/"),
+    ("vmailbox", "user+tag@example.com", "example.com/user/"),
+    ("vmailbox", "USER+Tag@EXAMPLE.com", "example.com/user/"),
+    ("vmailbox", "a+b@example.com", "example.com/a+b/"),
+    ("vmailbox", "a+c@example.com", None),
+    ("vmailbox", "mbox@example.com", "example.com/mbox"),
+    ("vmailbox", "dis@example.com", None),
+    ("vmailbox", "nobody@example.com", None),
+    ("vmailbox", "who@catch.example", "catch.example/all/"),
+    ("vmailbox", "@catch.example", "catch.example/all/"),
+    ("vmailbox", "real+x@catch.example", "catch.example/real/"),
+    ("vmailbox", "user@off.example", None),
+    ("vmailbox", "user@example.org", None),
+    ("vmailbox", "user@unhosted.test", None),
+    ("vmailbox", "jürgen@example.com", "example.com/jürgen/"),
+    ("vmailbox", "JÜRGEN@EXAMPLE.COM", "example.com/jürgen/"),
+    ("vmailbox", "o'brien@example.com", "example.com/o'brien/"),
+    ("vmailbox", "'; DROP TABLE maplookup.mailboxes; --@example.com", None),
+    ("vmailbox", "user@example.com' OR '1'='1", None),
+    ("vmailbox", "some one@example.com", None),
+    ("vmailbox", "nodomain", None),
+    ("vmailbox", "user@", None),
+    ("vmailbox", "", None),
+    # virtual: alias, alias without extension (extension carried), mirror, mailbox, catch-all
+    ("virtual", "list@example.com", "a@x.test,b@y.test"),
+    ("virtual", "LIST@Example.Com", "a@x.test,b@y.test"),
+    ("virtual", "list+ext@example.com", "a+ext@x.test,b+ext@y.test"),
+    ("virtual", "fwd@example.com", "user@example.com"),
+    ("virtual", "keep@example.com", "keep@elsewhere.test"),
+    ("virtual", "keep+x@example.com", "keep+x@elsewhere.test"),
+    ("virtual", "user@example.com", None),
+    ("virtual", "user+tag@example.com", None),
+    ("virtual", "a+b@example.com", None),
+    ("virtual", "unknown@example.com", "postmaster@example.com"),
+    ("virtual", "dis@example.com", "postmaster@example.com"),
+    ("virtual", "some one@example.com", "postmaster@example.com"),
+    ("virtual", "user@example.org", "user@example.com"),
+    ("virtual", "User+Tag@Example.ORG", "user+tag@example.com"),
+    ("virtual", "x@nouid.org", "x@nouid.example"),
+    ("virtual", "ghost@nouid.org", None),
+    ("virtual", "off@nouid.example", None),
+    ("virtual", "x@nouid.example", None),
+    ("virtual", "info@forward.example", "user@example.com"),
+    ("virtual", "other@forward.example", "other@example.com"),
+    ("virtual", "Other+T@Forward.Example", "other+t@example.com"),
+    ("virtual", "list@off.example", None),
+    ("virtual", "user@unhosted.test", None),
+    ("virtual", "no-at-sign", None),
+    # uid / gid: mailbox's own, else domain default, else configured default (none here)
+    ("uid", "user@example.com", "1001"),
+    ("gid", "user@example.com", "5001"),
+    ("uid", "plain@example.com", "5000"),
+    ("uid", "plain+x@example.com", "5000"),
+    ("uid", "real@catch.example", "7001"),
+    ("gid", "real@catch.example", "7002"),
+    ("uid", "@catch.example", "7000"),
+    ("uid", "who@catch.example", "7000"),
+    ("uid", "x@nouid.example", None),
+    ("uid", "nobody@example.com", None),
+    ("gid", "unknown@unhosted.test", None),
+    ("uid", "dis@example.com", None),
+]
+
+
+@pytest.mark.parametrize(("map_name", "key", "expected"), CASES)
+async def test_map_contract(dataset_dsn: str, map_name: str, key: str, expected: str | None) -> None:
+    reply = await _answer(dataset_dsn, map_name, key.encode())
+    if expected is None:
+        assert reply == Reply.notfound()
+    else:
+        assert reply == Reply.ok(expected)
+
+
+@pytest.mark.parametrize(
+    ("map_name", "key", "expected"),
+    [
+        ("vmailbox", "user-foo@example.com", "example.com/user/"),
+        ("vmailbox", "user+foo@example.com", "example.com/user/"),
+        ("vmailbox", "user-a+b@example.com", "example.com/user/"),
+        ("virtual", "list-x@example.com", "a-x@x.test,b-x@y.test"),
+        ("virtual", "list+x@example.com", "a+x@x.test,b+x@y.test"),
+        ("uid", "plain-x@example.com", "5000"),
+    ],
+)
+async def test_multi_character_delimiter(
+    dataset_dsn: str, map_name: str, key: str, expected: str
+) -> None:
+    settings = LookupSettings(recipient_delimiter="+-")
+    assert await _answer(dataset_dsn, map_name, key.encode(), settings) == Reply.ok(expected)
+
+
+async def test_no_delimiter_means_no_extension_stripping(dataset_dsn: str) -> None:
+    settings = LookupSettings(recipient_delimiter="")
+    reply = await _answer(dataset_dsn, "vmailbox", b"user+foo@example.com", settings)
+    assert reply == Reply.notfound()
+
+
+async def test_configured_default_ids(dataset_dsn: str) -> None:
+    settings = LookupSettings(default_uid=99, default_gid=98)
+    assert await _answer(dataset_dsn, "uid", b"x@nouid.example", settings) == Reply.ok("99")
+    assert await _answer(dataset_dsn, "gid", b"x@nouid.example", settings) == Reply.ok("98")
+    # The domain default still wins over the configured default.
+    assert await _answer(dataset_dsn, "uid", b"plain@example.com", settings) == Reply.ok("5000")
+    # Unhosted addresses stay NOTFOUND even with a configured default.
+    assert await _answer(dataset_dsn, "uid", b"x@unhosted.test", settings) == Reply.notfound()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [b"\xff\xfe@example.com", b"us\xc3er@example.com", b"a\x00b@example.com", b"\x80"],
+)
+async def test_invalid_keys_are_not_found(dataset_dsn: str, key: bytes) -> None:
+    for map_name in MapName:
+        assert await _answer(dataset_dsn, map_name.value, key) == Reply.notfound()
+
+
+async def test_ten_thousand_byte_key(dataset_dsn: str) -> None:
+    local = "a" * (10_000 - len("@example.com"))
+    key = f"{local}@example.com".encode()
+    assert len(key) == 10_000
+    assert await _answer(dataset_dsn, "vmailbox", key) == Reply.notfound()
+    assert await _answer(dataset_dsn, "virtual", key) == Reply.ok("postmaster@example.com")
+
+
+async def test_sql_injection_attempt_leaves_tables_alone(dataset_dsn: str) -> None:
+    key = b"x'); DELETE FROM maplookup.mailboxes; --@example.com"
+    for map_name in MapName:
+        reply = await _answer(dataset_dsn, map_name.value, key)
+        assert reply.status in (Status.OK, Status.NOTFOUND)
+    reply = await _answer(dataset_dsn, "vmailbox", b"user@example.com")
+    assert reply == Reply.ok("example.com/user/")
+
+
+async def test_unknown_map_is_perm(dataset_dsn: str) -> None:
+    reply = await _answer(dataset_dsn, "mailboxes", b"user@example.com")
+    assert reply.status is Status.PERM
+
+
+async def test_unreachable_database_is_temp_never_notfound(pg_dsn: str) -> None:
+    # A port nothing listens on: every address map must answer TEMP, never NOTFOUND.
+    dsn = "postgresql://maplookup@127.0.0.1:1/maplookup"
+    async with open_database(PoolSettings(dsn=dsn, connect_timeout_s=2)) as database:
+        lookup = Lookup(database, LookupSettings())
+        for map_name in MapName:
+            reply = await lookup.answer(Request(map_name.value.encode(), b"user@example.com"))
+            key_is_domain = not map_name.is_address_map
+            if key_is_domain:
+                # "user@example.com" is not a domain key: NOTFOUND without asking the database.
+                assert reply == Reply.notfound()
+            else:
+                assert reply.status is Status.TEMP, (map_name, reply)
+        reply = await lookup.answer(Request(b"domains", b"example.com"))
+        assert reply.status is Status.TEMP
