@@ -198,9 +198,7 @@ async def mailbox_add(
         raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
     kind = await conn.fetchval("SELECT kind FROM maplookup.domains WHERE name = $1", address.domain)
     if kind is None:
-        raise AdminError(
-            f"no such domain: {address.domain} (add it with `maplookup domain add`)"
-        )
+        raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
     if kind != "mailbox":
         raise AdminError(f"{address.domain} is an alias domain; mailboxes need a mailbox domain")
     await _run(
@@ -264,9 +262,7 @@ async def alias_add(conn: asyncpg.Connection, address_text: str, targets: list[s
         "SELECT true FROM maplookup.domains WHERE name = $1", address.domain
     )
     if not exists:
-        raise AdminError(
-            f"no such domain: {address.domain} (add it with `maplookup domain add`)"
-        )
+        raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
     await _run(
         conn,
         "INSERT INTO maplookup.aliases (domain, local_part, targets) VALUES ($1, $2, $3)",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import asyncpg
+
 from maplookup import admin
 from maplookup.config import ConfigError, HostPort, Settings, load_settings
 from maplookup.maps import MapName
@@ -88,4 +88,362 @@ def _with_connection(
 ) -> int:
     dsn = _resolve_dsn(args)
 
-    async
+    async def run() -> None:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise admin.AdminError(f"cannot connect to the database: {exc}") from exc
+        try:
+            await action(conn)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except admin.AdminError as exc:
+        _fail(str(exc))
+    except asyncpg.UndefinedFunctionError as exc:
+        _fail(f"the database schema is missing or old: run `maplookup db init` ({exc})")
+    except asyncpg.PostgresError as exc:
+        _fail(f"database error: {exc}")
+    return EXIT_OK
+
+
+def _print_table(rows: Sequence[asyncpg.Record], columns: Sequence[str]) -> None:
+    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_db_init(args: argparse.Namespace) -> int:
+    async def action(conn: asyncpg.Connection) -> None:
+        await admin.init_schema(conn)
+        print("schema applied")
+        if args.demo:
+            from maplookup.demo import load_demo_data
+
+            loaded = await load_demo_data(conn)
+            print("demo data loaded" if loaded else "database not empty: demo data not loaded")
+
+    return _with_connection(args, action)
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    async def action(conn: asyncpg.Connection) -> None:
+        if args.action == "add":
+            await admin.domain_add(
+                conn,
+                args.domain,
+                alias=args.alias,
+                alias_of=args.alias_of,
+                uid=args.uid,
+                gid=args.gid,
+            )
+        elif args.action == "remove":
+            await admin.domain_remove(conn, args.domain)
+        elif args.action in ("enable", "disable"):
+            await admin.domain_set_enabled(conn, args.domain, args.action == "enable")
+        else:
+            rows = await admin.domain_list(conn)
+            _print_table(
+                rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"]
+            )
+
+    return _with_connection(args, action)
+
+
+def cmd_mailbox(args: argparse.Namespace) -> int:
+    async def action(conn: asyncpg.Connection) -> None:
+        if args.action == "add":
+            path = await admin.mailbox_add(
+                conn, args.address, path=args.path, uid=args.uid, gid=args.gid
+            )
+            print(f"{admin.parse_address(args.address)} -> {path}")
+        elif args.action == "remove":
+            await admin.mailbox_remove(conn, args.address)
+        elif args.action in ("enable", "disable"):
+            await admin.mailbox_set_enabled(conn, args.address, args.action == "enable")
+        else:
+            rows = await admin.mailbox_list(conn, args.domain)
+            _print_table(rows, ["address", "path", "uid", "gid", "enabled"])
+
+    return _with_connection(args, action)
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    async def action(conn: asyncpg.Connection) -> None:
+        if args.action == "add":
+            await admin.alias_add(conn, args.address, args.targets)
+        elif args.action == "remove":
+            await admin.alias_remove(conn, args.address)
+        elif args.action in ("enable", "disable"):
+            await admin.alias_set_enabled(conn, args.address, args.action == "enable")
+        else:
+            rows = await admin.alias_list(conn, args.domain)
+            _print_table(rows, ["address", "targets", "enabled"])
+
+    return _with_connection(args, action)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from maplookup.client import QueryError, query_socketmap, query_tcp_table
+
+    try:
+        if args.tcp_table is not None:
+            reply = query_tcp_table(args.key.encode(), server=_host_port(args.tcp_table))
+        else:
+            server = None if args.unix else _host_port(args.server)
+            reply = query_socketmap(args.map, args.key.encode(), server=server, unix_path=args.unix)
+    except QueryError as exc:
+        # Postfix treats an unreachable server as a temporary failure, and so do we.
+        _fail(str(exc), EXIT_TEMP)
+    if reply.status is Status.OK:
+        print(reply.value)
+    elif reply.status is not Status.NOTFOUND:
+        print(f"maplookup: {reply.status.value} {reply.value}", file=sys.stderr)
+    return _QUERY_EXIT[reply.status]
+
+
+def _host_port(text: str) -> HostPort:
+    try:
+        return HostPort.parse(text)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags given on the command line, shaped like the config file."""
+    listen: dict[str, Any] = {}
+    if args.socketmap:
+        listen["socketmap"] = [] if args.socketmap == ["none"] else args.socketmap
+    if args.socketmap_unix:
+        listen["socketmap_unix"] = args.socketmap_unix
+    if args.tcp_table:
+        tables: dict[str, str] = {}
+        for item in args.tcp_table:
+            name, sep, endpoint = item.partition("=")
+            if not sep:
+                _fail(f"--tcp-table takes MAP=HOST:PORT, got {item!r}", EXIT_USAGE)
+            tables[name] = endpoint
+        listen["tcp_table"] = tables
+    lookup = {
+        name: value
+        for name, value in (
+            ("recipient_delimiter", args.recipient_delimiter),
+            ("default_uid", args.default_uid),
+            ("default_gid", args.default_gid),
+        )
+        if value is not None
+    }
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides["listen"] = listen
+    if lookup:
+        overrides["lookup"] = lookup
+    if args.dsn:
+        overrides["database"] = {"dsn": args.dsn}
+    if args.state_dir:
+        overrides["embedded"] = {"state_dir": args.state_dir}
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from maplookup.serve_main import run_serve
+
+    return run_serve(_load(args, _serve_overrides(args)), demo=args.demo)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _add_dsn(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL connection string (default: $MAPLOOKUP_DSN, else the embedded cluster "
+        "started by `maplookup serve`)",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (its [database] dsn is used)")
+
+
+def _add_serve_command(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the lookup server",
+        description="Run the lookup server.  Without --dsn (or MAPLOOKUP_DSN, or a dsn in the "
+        "config file) it starts a private PostgreSQL cluster in its state directory and stops "
+        "it on exit.  SIGTERM/SIGINT: stop accepting, answer in-flight requests, exit 0.",
+    )
+    _add_dsn(serve)
+    serve.add_argument(
+        "--socketmap",
+        action="append",
+        metavar="HOST:PORT",
+        help="socketmap TCP listener, repeatable (default 127.0.0.1:9000; 'none' for none)",
+    )
+    serve.add_argument("--socketmap-unix", type=Path, metavar="PATH", help="socketmap unix socket")
+    serve.add_argument(
+        "--tcp-table",
+        action="append",
+        metavar="MAP=HOST:PORT",
+        help="tcp_table listener for one map, repeatable (e.g. vmailbox=127.0.0.1:9011)",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="load the example data (arkum.ch, akadia.com) into an empty database",
+    )
+    serve.add_argument("--state-dir", type=Path, help="where the embedded PostgreSQL lives")
+    serve.add_argument(
+        "--recipient-delimiter", help="as Postfix's recipient_delimiter (default '+')"
+    )
+    serve.add_argument(
+        "--default-uid", type=int, help="uid when neither mailbox nor domain has one"
+    )
+    serve.add_argument(
+        "--default-gid", type=int, help="gid when neither mailbox nor domain has one"
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+
+def _add_query_command(commands: Any) -> None:
+    query = commands.add_parser(
+        "query",
+        help="ask the running server, as Postfix would",
+        description="Ask the running server over socketmap (or tcp_table) and print the value. "
+        "Exit 0 found, 1 not found, 2 temporary error, 3 permanent error or bad usage.",
+    )
+    query.add_argument(
+        "map",
+        choices=[m.value for m in MapName],
+        metavar="MAP",
+        help="one of: " + ", ".join(m.value for m in MapName),
+    )
+    query.add_argument("key", metavar="KEY")
+    where = query.add_mutually_exclusive_group()
+    where.add_argument(
+        "--server",
+        default="127.0.0.1:9000",
+        metavar="HOST:PORT",
+        help="socketmap server (default 127.0.0.1:9000)",
+    )
+    where.add_argument("--unix", type=Path, metavar="PATH", help="socketmap unix socket")
+    where.add_argument(
+        "--tcp-table",
+        metavar="HOST:PORT",
+        help="ask a tcp_table listener instead (it serves one map; MAP is then only a label)",
+    )
+    query.set_defaults(func=cmd_query)
+
+
+def _add_db_commands(commands: Any) -> None:
+    db = commands.add_parser("db", help="database set-up").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    init = db.add_parser(
+        "init",
+        help="create or upgrade the schema (idempotent)",
+        description="Apply schema.sql in one transaction; safe to run again.",
+    )
+    _add_dsn(init)
+    init.add_argument("--demo", action="store_true", help="also load the example data if empty")
+    init.set_defaults(func=cmd_db_init)
+
+
+def _add_record_commands(
+    commands: Any,
+    noun: str,
+    help_text: str,
+    func: Callable[[argparse.Namespace], int],
+    argument: tuple[str, str],
+) -> tuple[Any, Any]:
+    """The remove/enable/disable/list sub-commands every record type has; returns (group, add)."""
+    name, metavar = argument
+    group = commands.add_parser(noun, help=help_text).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    commands.choices[noun].set_defaults(func=func)
+    add = group.add_parser("add", help=f"add a {noun}")
+    for action, text in (
+        ("remove", f"remove a {noun}"),
+        ("enable", f"enable a {noun}"),
+        ("disable", f"disable a {noun}: lookups treat it as absent until enabled"),
+    ):
+        sub = group.add_parser(action, help=text)
+        sub.add_argument(name, metavar=metavar)
+        _add_dsn(sub)
+    listing = group.add_parser("list", help=f"list {noun}s")
+    if noun != "domain":
+        listing.add_argument("--domain", help="only this domain")
+    _add_dsn(listing)
+    add.add_argument(name, metavar=metavar)
+    _add_dsn(add)
+    return group, add
+
+
+def _add_data_commands(commands: Any) -> None:
+    _, add = _add_record_commands(
+        commands, "domain", "manage hosted domains", cmd_domain, ("domain", "DOMAIN")
+    )
+    add.description = (
+        "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "
+        "alias domain, or with --alias-of a mirror of a mailbox domain (user@DOMAIN reaches "
+        "user@OTHER)."
+    )
+    kind = add.add_mutually_exclusive_group()
+    kind.add_argument("--alias", action="store_true", help="forwarding-only alias domain")
+    kind.add_argument("--alias-of", metavar="OTHER", help="mirror of mailbox domain OTHER")
+    add.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
+    add.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
+
+    _, add = _add_record_commands(
+        commands, "mailbox", "manage mailboxes", cmd_mailbox, ("address", "ADDRESS")
+    )
+    add.description = (
+        "Add a mailbox.  ADDRESS may be @DOMAIN for a catch-all mailbox (needs --path).  "
+        "PATH is relative to virtual_mailbox_base; a trailing / means Maildir."
+    )
+    add.add_argument("--path", help="default DOMAIN/LOCALPART/ (a Maildir)")
+    add.add_argument("--uid", type=int, help="owner uid (default: the domain's)")
+    add.add_argument("--gid", type=int, help="owner gid (default: the domain's)")
+
+    _, add = _add_record_commands(
+        commands, "alias", "manage aliases (virtual_alias_maps)", cmd_alias, ("address", "ADDRESS")
+    )
+    add.description = (
+        "Forward ADDRESS to one or more targets.  ADDRESS may be @DOMAIN (a catch-all, never "
+        "used for addresses that are mailboxes); a target @OTHER keeps the local part."
+    )
+    add.add_argument("targets", nargs="+", metavar="TARGET")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="maplookup",
+        description="Answer Postfix's virtual-hosting lookup tables (socketmap, tcp_table) "
+        "from PostgreSQL.",
+        epilog="Start with `maplookup serve --demo`, then "
+        "`maplookup query vmailbox meier@arkum.ch`.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve_command(commands)
+    _add_query_command(commands)
+    _add_db_commands(commands)
+    _add_data_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130

@@ -54,7 +54,7 @@ def query_socketmap(
             sock.sendall(socketmap.encode_request(map_name.encode(), key))
             parser = SocketmapReplyParser()
             while True:
-                event = parser.next_reply()
+                event = parser.next_event()
                 if event is not NEED_DATA:
                     assert isinstance(event, Reply)
                     return event

@@ -128,7 +128,7 @@ class LookupConfig(_Model):
     @field_validator("recipient_delimiter")
     @classmethod
     def _delimiter_chars(cls, value: str) -> str:
-        if any(c.isspace() or c in "@,\"" or not c.isprintable() for c in value):
+        if any(c.isspace() or c in '@,"' or not c.isprintable() for c in value):
             raise ValueError("recipient_delimiter may not hold white space, '@', ',' or '\"'")
         return value
 

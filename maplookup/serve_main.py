@@ -57,7 +57,9 @@ def run_serve(settings: Settings, *, demo: bool = False) -> int:
                 run_as_user=settings.embedded.run_as_user,
                 port=settings.embedded.port,
             )
-            log.info("no database configured: starting embedded PostgreSQL in %s", cluster.state_dir)
+            log.info(
+                "no database configured: starting embedded PostgreSQL in %s", cluster.state_dir
+            )
             try:
                 dsn = cluster.start()
             except EmbeddedPostgresError as exc:

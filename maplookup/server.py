@@ -46,7 +46,7 @@ class WireProtocol(Protocol):
     """What the server needs from a sans-IO codec (socketmap or tcp_table)."""
 
     @property
-    def in_request(self) -> bool: ...
+    def in_message(self) -> bool: ...
     def receive_data(self, data: bytes) -> None: ...
     def next_event(self) -> object: ...
     def send(self, reply: Reply) -> bytes: ...
@@ -165,7 +165,7 @@ class Server:
         while True:
             event = protocol.next_event()
             if event is NEED_DATA:
-                if not protocol.in_request:
+                if not protocol.in_message:
                     if self._draining:
                         return
                     data = await self._receive_idle(stream)

@@ -158,7 +158,9 @@ CASES: list[tuple[str, str, str | None]] = [
 
 
 @pytest.mark.parametrize(("map_name", "key", "expected"), CASES)
-async def test_map_contract(dataset_dsn: str, map_name: str, key: str, expected: str | None) -> None:
+async def test_map_contract(
+    dataset_dsn: str, map_name: str, key: str, expected: str | None
+) -> None:
     reply = await _answer(dataset_dsn, map_name, key.encode())
     if expected is None:
         assert reply == Reply.notfound()

@@ -1,0 +1,281 @@
+"""Postfix's own client against the real server process: ``postmap -q`` over socketmap and tcp.
+
+The server runs as a subprocess started through the CLI (``python -m maplookup serve``) with a
+database prepared by ``maplookup db init --demo``, so this is exactly what an admin runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import require_postfix
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"server did not listen on port {port} within {timeout_s} s")
+
+
+def maplookup_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "maplookup", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@dataclass
+class RunningServer:
+    socketmap_port: int
+    tcp_ports: dict[str, int]
+    process: subprocess.Popen[bytes]
+
+    def socketmap(self, map_name: str) -> str:
+        return f"socketmap:inet:127.0.0.1:{self.socketmap_port}:{map_name}"
+
+    def tcp(self, map_name: str) -> str:
+        return f"tcp:127.0.0.1:{self.tcp_ports[map_name]}"
+
+
+@pytest.fixture(scope="module")
+def demo_dsn(make_database: Callable[[], str]) -> str:
+    dsn = make_database()
+    result = maplookup_cli("db", "init", "--dsn", dsn, "--demo")
+    assert result.returncode == 0, result.stderr
+    assert "demo data loaded" in result.stdout
+    return dsn
+
+
+def start_server(dsn: str, log_path: Path) -> RunningServer:
+    socketmap_port = free_port()
+    tcp_ports = {"vmailbox": free_port(), "virtual": free_port()}
+    args = [
+        sys.executable,
+        "-m",
+        "maplookup",
+        "serve",
+        "--dsn",
+        dsn,
+        "--socketmap",
+        f"127.0.0.1:{socketmap_port}",
+    ]
+    for map_name, port in tcp_ports.items():
+        args += ["--tcp-table", f"{map_name}=127.0.0.1:{port}"]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(socketmap_port, tcp_ports, process)
+    try:
+        wait_for_port(socketmap_port, process)
+        for port in tcp_ports.values():
+            wait_for_port(port, process)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: RunningServer) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(demo_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(demo_dsn, tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    assert stop_server(running) == 0
+
+
+@pytest.fixture(scope="module")
+def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the minimal main.cf postmap insists on."""
+    require_postfix()
+    directory = tmp_path_factory.mktemp("postfix-conf")
+    (directory / "main.cf").write_text("compatibility_level = 3.6\n")
+    return directory
+
+
+def postmap(
+    postfix_dir: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["postmap", "-c", str(postfix_dir), *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin"},
+    )
+
+
+FOUND = [
+    ("vmailbox", "meier@arkum.ch", "arkum.ch/meier/"),
+    ("vmailbox", "Meier+Newsletter@ARKUM.CH", "arkum.ch/meier/"),
+    ("vmailbox", "archive@akadia.com", "akadia.com/archive"),
+    ("virtual", "roland.meier@arkum.ch", "meier@arkum.ch"),
+    ("virtual", "team+x@arkum.ch", "meier+x@arkum.ch,mueller+x@arkum.ch"),
+    ("virtual", "anyone@akadia.com", "info@akadia.com"),
+    ("virtual", "Mueller@Arkum.ORG", "mueller@arkum.ch"),
+    ("domains", "arkum.ch", "arkum.ch"),
+    ("alias_domains", "arkum.org", "arkum.org"),
+    ("uid", "meier@arkum.ch", "405"),
+    ("gid", "meier@arkum.ch", "5000"),
+    ("uid", "mueller@arkum.ch", "5000"),
+]
+
+NOT_FOUND = [
+    ("vmailbox", "nobody@arkum.ch"),
+    ("vmailbox", "meier@unhosted.example"),
+    ("virtual", "meier@arkum.ch"),
+    ("virtual", "ghost@arkum.org"),
+    ("domains", "unhosted.example"),
+    ("vmailbox", "a b c@arkum.ch"),
+    ("vmailbox", "x'; DROP TABLE maplookup.mailboxes; --@arkum.ch"),
+    ("vmailbox", "jürgen@arkum.ch"),
+]
+
+
+@pytest.mark.parametrize(("map_name", "key", "expected"), FOUND)
+def test_postmap_socketmap_found(
+    server: RunningServer, postfix_dir: Path, map_name: str, key: str, expected: str
+) -> None:
+    result = postmap(postfix_dir, "-q", key, server.socketmap(map_name))
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
+
+
+@pytest.mark.parametrize(("map_name", "key"), NOT_FOUND)
+def test_postmap_socketmap_not_found(
+    server: RunningServer, postfix_dir: Path, map_name: str, key: str
+) -> None:
+    result = postmap(postfix_dir, "-q", key, server.socketmap(map_name))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "")
+
+
+def test_postmap_many_keys_over_one_connection(server: RunningServer, postfix_dir: Path) -> None:
+    keys = [f"user{i}@arkum.ch" for i in range(300)] + ["meier@arkum.ch", "MUELLER@arkum.ch"]
+    result = postmap(postfix_dir, "-q", "-", server.socketmap("vmailbox"), stdin="\n".join(keys))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "meier@arkum.ch\tarkum.ch/meier/",
+        "MUELLER@arkum.ch\tarkum.ch/mueller/",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("map_name", "key", "expected"),
+    [
+        ("vmailbox", "meier@arkum.ch", "arkum.ch/meier/"),
+        ("vmailbox", "Meier+x@Arkum.ch", "arkum.ch/meier/"),
+        ("virtual", "team@arkum.ch", "meier@arkum.ch,mueller@arkum.ch"),
+        ("virtual", "anyone with space@akadia.com", "info@akadia.com"),
+        ("virtual", "100%@akadia.com", "info@akadia.com"),
+    ],
+)
+def test_postmap_tcp_table_found(
+    server: RunningServer, postfix_dir: Path, map_name: str, key: str, expected: str
+) -> None:
+    result = postmap(postfix_dir, "-q", key, server.tcp(map_name))
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
+
+
+@pytest.mark.parametrize("key", ["nobody@arkum.ch", "odd key%@arkum.ch", "x@unhosted.example"])
+def test_postmap_tcp_table_not_found(server: RunningServer, postfix_dir: Path, key: str) -> None:
+    result = postmap(postfix_dir, "-q", key, server.tcp("vmailbox"))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "")
+
+
+def test_unknown_map_name_is_an_error_not_not_found(
+    server: RunningServer, postfix_dir: Path
+) -> None:
+    result = postmap(postfix_dir, "-q", "meier@arkum.ch", server.socketmap("mailboxes"))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr != "", "PERM must not look like 'not found' to Postfix"
+
+
+def test_query_cli_exit_codes(server: RunningServer) -> None:
+    where = ["--server", f"127.0.0.1:{server.socketmap_port}"]
+    found = maplookup_cli("query", "vmailbox", "meier@arkum.ch", *where)
+    assert (found.returncode, found.stdout) == (0, "arkum.ch/meier/\n")
+    missing = maplookup_cli("query", "vmailbox", "nobody@arkum.ch", *where)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    tcp = maplookup_cli(
+        "query",
+        "vmailbox",
+        "meier@arkum.ch",
+        "--tcp-table",
+        f"127.0.0.1:{server.tcp_ports['vmailbox']}",
+    )
+    assert (tcp.returncode, tcp.stdout) == (0, "arkum.ch/meier/\n")
+    bad_usage = maplookup_cli("query", "nosuchmap", "x")
+    assert bad_usage.returncode == 3
+    unreachable = maplookup_cli("query", "vmailbox", "x@y", "--server", f"127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 2
+
+
+def test_database_down_gives_temporary_failure(postfix_dir: Path, tmp_path: Path) -> None:
+    # Nothing listens on this port: every lookup must defer, never bounce.
+    dead_dsn = f"postgresql://maplookup@127.0.0.1:{free_port()}/maplookup"
+    running = start_server(dead_dsn, tmp_path / "server.log")
+    try:
+        result = postmap(postfix_dir, "-q", "meier@arkum.ch", running.socketmap("vmailbox"))
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert "temporary" in result.stderr.lower() or "try again" in result.stderr.lower(), (
+            result.stderr
+        )
+        tcp = postmap(postfix_dir, "-q", "meier@arkum.ch", running.tcp("vmailbox"))
+        assert tcp.returncode == 1
+        assert tcp.stdout == ""
+        assert tcp.stderr != ""
+        query = maplookup_cli(
+            "query", "vmailbox", "meier@arkum.ch", "--server", f"127.0.0.1:{running.socketmap_port}"
+        )
+        assert query.returncode == 2
+        assert "TEMP" in query.stderr
+    finally:
+        assert stop_server(running) == 0
+
+
+def test_sigterm_exits_zero_and_frees_the_port(demo_dsn: str, tmp_path: Path) -> None:
+    running = start_server(demo_dsn, tmp_path / "server.log")
+    assert stop_server(running) == 0
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", running.socketmap_port)) != 0
