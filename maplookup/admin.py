@@ -71,12 +71,12 @@ def _check_id(name: str, value: int | None) -> None:
         raise AdminError(f"{name} must be a positive number (0 is root), got {value}")
 
 
-async def _run(conn: asyncpg.Connection, query: str, *args: Any) -> str:
+async def _run(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
     """Execute one statement, turning constraint violations into AdminError."""
     try:
         status: str = await conn.execute(query, *args)
     except asyncpg.UniqueViolationError as exc:
-        raise AdminError(f"already exists ({exc.detail or exc})") from exc
+        raise AdminError(f"{subject} already exists") from exc
     except asyncpg.ForeignKeyViolationError as exc:
         raise AdminError(_foreign_key_message(exc)) from exc
     except asyncpg.CheckViolationError as exc:
@@ -142,6 +142,7 @@ async def domain_add(
         target,
         uid,
         gid,
+        subject=f"domain {domain}",
     )
 
 
@@ -210,6 +211,7 @@ async def mailbox_add(
         path,
         uid,
         gid,
+        subject=f"mailbox {address}",
     )
     return path
 
@@ -269,6 +271,7 @@ async def alias_add(conn: asyncpg.Connection, address_text: str, targets: list[s
         address.domain,
         address.local_part,
         parsed,
+        subject=f"alias {address}",
     )
 
 

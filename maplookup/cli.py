@@ -66,7 +66,7 @@ def _resolve_dsn(args: argparse.Namespace) -> str:
         return settings.database.dsn.get_secret_value()
     from maplookup.embedded import default_state_dir, read_running_dsn
 
-    state_dir = settings.embedded.state_dir or default_state_dir()
+    state_dir = args.state_dir or settings.embedded.state_dir or default_state_dir()
     dsn = read_running_dsn(state_dir)
     if dsn is None:
         _fail(
@@ -109,8 +109,16 @@ def _with_connection(
     return EXIT_OK
 
 
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def _print_table(rows: Sequence[asyncpg.Record], columns: Sequence[str]) -> None:
-    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
@@ -270,6 +278,11 @@ def _add_dsn(parser: argparse.ArgumentParser) -> None:
         "started by `maplookup serve`)",
     )
     parser.add_argument("--config", type=Path, help="TOML config file (its [database] dsn is used)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="state directory of the embedded PostgreSQL to use when no dsn is given",
+    )
 
 
 def _add_serve_command(commands: Any) -> None:
@@ -299,7 +312,6 @@ def _add_serve_command(commands: Any) -> None:
         action="store_true",
         help="load the example data (arkum.ch, akadia.com) into an empty database",
     )
-    serve.add_argument("--state-dir", type=Path, help="where the embedded PostgreSQL lives")
     serve.add_argument(
         "--recipient-delimiter", help="as Postfix's recipient_delimiter (default '+')"
     )

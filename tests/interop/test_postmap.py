@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_postfix
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -120,15 +118,6 @@ def server(demo_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     running = start_server(demo_dsn, tmp_path_factory.mktemp("server") / "server.log")
     yield running
     assert stop_server(running) == 0
-
-
-@pytest.fixture(scope="module")
-def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with the minimal main.cf postmap insists on."""
-    require_postfix()
-    directory = tmp_path_factory.mktemp("postfix-conf")
-    (directory / "main.cf").write_text("compatibility_level = 3.6\n")
-    return directory
 
 
 def postmap(

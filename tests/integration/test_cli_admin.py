@@ -1,0 +1,164 @@
+"""The admin commands against a real PostgreSQL: what they write, what they refuse, how they say it.
+
+Run in-process through ``maplookup.cli.main`` (the console script's entry point), so exit codes
+and stderr are exactly what an admin sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from maplookup.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fetch(dsn: str, query: str) -> list[tuple[object, ...]]:
+    async def run() -> list[tuple[object, ...]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def dsn(make_database: Callable[[], str]) -> str:
+    return make_database()
+
+
+def test_add_list_disable_enable_remove(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    d = ("--dsn", dsn)
+    assert (
+        run_cli(capsys, "domain", "add", "Example.COM", "--uid", "5000", "--gid", "5000", *d)[0]
+        == 0
+    )
+    assert run_cli(capsys, "domain", "add", "example.net", "--alias-of", "example.com", *d)[0] == 0
+    assert run_cli(capsys, "domain", "add", "forward.example", "--alias", *d)[0] == 0
+    code, out, _ = run_cli(capsys, "mailbox", "add", "User@Example.com", *d)
+    assert (code, out) == (0, "user@example.com -> example.com/user/\n")
+    assert (
+        run_cli(capsys, "mailbox", "add", "@example.com", "--path", "example.com/all/", *d)[0] == 0
+    )
+    assert run_cli(capsys, "alias", "add", "list@example.com", "a@x.test", "B@Y.test", *d)[0] == 0
+    assert run_cli(capsys, "alias", "add", "@forward.example", "@example.com", *d)[0] == 0
+
+    assert fetch(dsn, "SELECT name, kind, alias_of FROM maplookup.domains ORDER BY name") == [
+        ("example.com", "mailbox", None),
+        ("example.net", "alias", "example.com"),
+        ("forward.example", "alias", None),
+    ]
+    assert fetch(dsn, "SELECT targets FROM maplookup.aliases WHERE local_part = 'list'") == [
+        (["a@x.test", "b@y.test"],)
+    ]
+    code, out, _ = run_cli(capsys, "mailbox", "list", *d)
+    assert code == 0
+    assert "user@example.com" in out
+    assert "@example.com" in out
+
+    assert run_cli(capsys, "mailbox", "disable", "user@example.com", *d)[0] == 0
+    assert fetch(dsn, "SELECT enabled FROM maplookup.mailboxes WHERE local_part = 'user'") == [
+        (False,)
+    ]
+    assert run_cli(capsys, "mailbox", "enable", "user@example.com", *d)[0] == 0
+    assert run_cli(capsys, "alias", "disable", "list@example.com", *d)[0] == 0
+    assert run_cli(capsys, "domain", "disable", "example.net", *d)[0] == 0
+    assert run_cli(capsys, "alias", "remove", "list@example.com", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "remove", "user@example.com", *d)[0] == 0
+    assert fetch(dsn, "SELECT count(*) FROM maplookup.aliases WHERE local_part = 'list'") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("mailbox", "add", "no-at-sign"), "no '@'"),
+        (("mailbox", "add", "x@unknown.test"), "no such domain: unknown.test"),
+        (("mailbox", "add", "x@mirror.test"), "alias domain"),
+        (("mailbox", "add", "@base.test"), "needs --path"),
+        (("mailbox", "add", "x@base.test", "--path", "/etc/passwd"), "relative"),
+        (("mailbox", "add", "x@base.test", "--path", "a/../../b"), "relative"),
+        (("mailbox", "add", "x@base.test", "--uid", "0"), "positive"),
+        (("mailbox", "add", "taken@base.test"), "mailbox taken@base.test already exists"),
+        (("domain", "add", "base.test"), "domain base.test already exists"),
+        (("domain", "add", "bad domain"), "invalid domain"),
+        (("domain", "add", "m2.test", "--alias-of", "nowhere.test"), "existing mailbox domain"),
+        (("domain", "add", "m3.test", "--alias-of", "mirror.test"), "existing mailbox domain"),
+        (("domain", "add", "a.test", "--alias", "--uid", "5"), "mailbox domains only"),
+        (("domain", "remove", "base.test"), "still has"),
+        (("domain", "remove", "nowhere.test"), "no such domain"),
+        (("alias", "add", "x@base.test", "not-an-address"), "no '@'"),
+        (("alias", "add", "x@nowhere.test", "a@b.test"), "no such domain"),
+        (("alias", "remove", "x@base.test"), "no such alias"),
+        (("mailbox", "disable", "nobody@base.test"), "no such mailbox"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_writes_nothing(
+    dsn: str, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str
+) -> None:
+    d = ("--dsn", dsn)
+    assert run_cli(capsys, "domain", "add", "base.test", *d)[0] == 0
+    assert run_cli(capsys, "domain", "add", "mirror.test", "--alias-of", "base.test", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "add", "taken@base.test", *d)[0] == 0
+    before = fetch(
+        dsn,
+        "SELECT (SELECT count(*) FROM maplookup.domains), (SELECT count(*) FROM "
+        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases)",
+    )
+    code, out, err = run_cli(capsys, *args, *d)
+    assert code != 0
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("maplookup: ")
+    assert message in err
+    after = fetch(
+        dsn,
+        "SELECT (SELECT count(*) FROM maplookup.domains), (SELECT count(*) FROM "
+        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases)",
+    )
+    assert after == before
+
+
+def test_db_init_is_idempotent_and_keeps_data(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "db", "init", "--dsn", dsn, "--demo")[0] == 0
+    code, out, _ = run_cli(capsys, "db", "init", "--dsn", dsn, "--demo")
+    assert code == 0
+    assert "not empty" in out
+    assert fetch(dsn, "SELECT count(*) FROM maplookup.mailboxes") == [(4,)]
+
+
+def test_no_database_anywhere_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAPLOOKUP_DSN", raising=False)
+    code, _, err = run_cli(capsys, "domain", "list", "--state-dir", "/nonexistent/state")
+    assert code == 1
+    assert "no database" in err
+
+
+def test_unreachable_database_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(
+        capsys, "domain", "list", "--dsn", "postgresql://nobody@127.0.0.1:1/none"
+    )
+    assert code == 1
+    assert "cannot connect to the database" in err
+
+
+def test_dsn_from_environment(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAPLOOKUP_DSN", dsn)
+    assert run_cli(capsys, "domain", "add", "env.test")[0] == 0
+    assert fetch(dsn, "SELECT name FROM maplookup.domains") == [("env.test",)]
