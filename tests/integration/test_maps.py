@@ -248,3 +248,20 @@ async def test_unreachable_database_is_temp_never_notfound(pg_dsn: str) -> None:
                 assert reply.status is Status.TEMP, (map_name, reply)
         reply = await lookup.answer(Request(b"domains", b"example.com"))
         assert reply.status is Status.TEMP
+
+
+async def test_stalled_database_is_temp_within_the_timeout() -> None:
+    # A listener that accepts and never answers: PostgreSQL hung, or a black-holed network.
+    import trio
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    dsn = f"postgresql://maplookup@127.0.0.1:{port}/maplookup"
+    settings = PoolSettings(dsn=dsn, connect_timeout_s=0.3, query_timeout_s=0.5)
+    async with open_database(settings) as database:
+        lookup = Lookup(database, LookupSettings())
+        with trio.fail_after(10):
+            reply = await lookup.answer(Request(b"vmailbox", b"user@example.com"))
+    assert reply.status is Status.TEMP
+    for listener in listeners:
+        await listener.aclose()
