@@ -133,6 +133,21 @@ class LookupConfig(_Model):
         return value
 
 
+class CacheConfig(_Model):
+    """The answer cache (DESIGN.md section 5).  ``max_entries = 0`` turns it off."""
+
+    # About 300 bytes an entry (bench/cache.py): 100,000 entries is some 30 MB.
+    max_entries: Annotated[int, Field(ge=0)] = 100_000
+    # Changes arrive by NOTIFY within milliseconds; the TTLs only bound the damage if one is
+    # ever missed without the connection dropping.
+    positive_ttl_s: PositiveFloat = 600.0
+    negative_ttl_s: PositiveFloat = 60.0
+    # While PostgreSQL is unreachable, cached answers up to this old are still served.
+    max_stale_s: Annotated[float, Field(ge=0)] = 3600.0
+    # How often the LISTEN connection is checked when no notification arrives.
+    listen_keepalive_s: PositiveFloat = 5.0
+
+
 class EmbeddedSettings(_Model):
     """The private PostgreSQL cluster started when no dsn is configured."""
 
@@ -148,6 +163,7 @@ class Settings(_Model):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     lookup: LookupConfig = Field(default_factory=LookupConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     log_level: str = "info"
 

@@ -145,6 +145,11 @@ class Database:
         self._pool = pool
         self._settings = settings
 
+    @property
+    def bridge(self) -> AsyncioThread:
+        """The asyncio thread, for other asyncpg work (the change listener)."""
+        return self._bridge
+
     async def _fetch_value_in_loop(self, query: str, args: tuple[object, ...]) -> object:
         try:
             async with asyncio.timeout(self._settings.query_timeout_s):

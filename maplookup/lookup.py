@@ -18,21 +18,43 @@ from maplookup.protocol import Reply, Request
 log = logging.getLogger(__name__)
 
 
+class AnswerSource(Protocol):
+    """Where answers come from: the database, or a cache in front of it.
+
+    ``fetch`` returns the value, None when the key does not exist, or raises DatabaseError
+    when it cannot know.
+    """
+
+    async def fetch(self, map_name: MapName, key: str) -> str | None: ...
+
+
 class ValueSource(Protocol):
-    """Where answers come from: the database, or a cache in front of it."""
+    """Something that runs one query and returns one value (the Database)."""
 
     async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None: ...
+
+
+class DatabaseSource:
+    """Answers straight from the SQL lookup functions: one query per lookup."""
+
+    def __init__(self, database: ValueSource, settings: LookupSettings) -> None:
+        self._database = database
+        self._settings = settings
+
+    async def fetch(self, map_name: MapName, key: str) -> str | None:
+        query, args = query_for(map_name, key, self._settings)
+        return await self._database.fetch_value(query, args)
 
 
 _NOT_FOUND = Reply.notfound()
 
 
 class Lookup:
-    """Answers requests for the six maps from a ValueSource."""
+    """Answers requests for the six maps from an AnswerSource."""
 
-    def __init__(self, source: ValueSource, settings: LookupSettings) -> None:
+    def __init__(self, source: AnswerSource) -> None:
         self._source = source
-        self.settings = settings
+        self.temp_answers = 0
 
     async def answer(self, request: Request) -> Reply:
         map_name = MAP_BY_WIRE_NAME.get(request.map_name)
@@ -46,14 +68,15 @@ class Lookup:
         key = fold_key(map_name, raw_key)
         if key is None:
             return _NOT_FOUND
-        query, args = query_for(map_name, key, self.settings)
         try:
-            value = await self._source.fetch_value(query, args)
+            value = await self._source.fetch(map_name, key)
         except DatabaseError as exc:
+            self.temp_answers += 1
             return Reply.temp(f"database unavailable: {exc}")
         except Exception:
             # A bug must not bounce mail either: log it loudly and let Postfix retry.
             log.exception("lookup failed: map=%s", map_name.value)
+            self.temp_answers += 1
             return Reply.temp("internal error in maplookup; see its log")
         if not value:
             # NULL is the database saying "no such key".  An empty string can only come from

@@ -281,3 +281,115 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Change notification, for the server's cache (DESIGN.md section 5).
+--
+-- Every change NOTIFYs channel maplookup_changes with the comma-separated list of domains
+-- whose answers may have changed (domain names cannot hold ','), or '*' for "everything"
+-- (TRUNCATE, or a list too long for NOTIFY's 8000-byte payload).  Triggers are statement-level
+-- with transition tables, so a 10,000-row statement sends one notification, and PostgreSQL
+-- folds identical notifications within a transaction.  A mirror domain's answers depend on its
+-- target's mailboxes and aliases, so a change in a domain also names the domains mirroring it.
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION maplookup.notify_domains(changed text[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    payload text;
+BEGIN
+    SELECT string_agg(DISTINCT d, ',') INTO payload
+    FROM (
+        SELECT unnest(changed) AS d
+        UNION
+        SELECT m.name FROM maplookup.domains m WHERE m.alias_of = ANY (changed)
+    ) AS affected
+    WHERE d IS NOT NULL;
+    IF payload IS NULL THEN
+        RETURN;
+    END IF;
+    IF octet_length(payload) > 7000 THEN
+        payload := '*';
+    END IF;
+    PERFORM pg_notify('maplookup_changes', payload);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION maplookup.on_record_change()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM maplookup.notify_domains(ARRAY(SELECT DISTINCT domain FROM new_rows));
+    ELSIF TG_OP = 'UPDATE' THEN
+        PERFORM maplookup.notify_domains(ARRAY(
+            SELECT domain FROM new_rows UNION SELECT domain FROM old_rows));
+    ELSE
+        PERFORM maplookup.notify_domains(ARRAY(SELECT DISTINCT domain FROM old_rows));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION maplookup.on_domain_change()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- A domain row names itself and the domain it mirrors (both before and after).
+    IF TG_OP = 'INSERT' THEN
+        PERFORM maplookup.notify_domains(ARRAY(
+            SELECT name FROM new_rows UNION SELECT alias_of FROM new_rows));
+    ELSIF TG_OP = 'UPDATE' THEN
+        PERFORM maplookup.notify_domains(ARRAY(
+            SELECT name FROM new_rows UNION SELECT alias_of FROM new_rows
+            UNION SELECT name FROM old_rows UNION SELECT alias_of FROM old_rows));
+    ELSE
+        PERFORM maplookup.notify_domains(ARRAY(
+            SELECT name FROM old_rows UNION SELECT alias_of FROM old_rows));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION maplookup.on_truncate()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('maplookup_changes', '*');
+    RETURN NULL;
+END
+$$;
+
+-- Transition tables allow one event per trigger, hence three triggers per table.
+CREATE OR REPLACE TRIGGER domains_notify_insert AFTER INSERT ON maplookup.domains
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_domain_change();
+CREATE OR REPLACE TRIGGER domains_notify_update AFTER UPDATE ON maplookup.domains
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_domain_change();
+CREATE OR REPLACE TRIGGER domains_notify_delete AFTER DELETE ON maplookup.domains
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_domain_change();
+CREATE OR REPLACE TRIGGER domains_notify_truncate AFTER TRUNCATE ON maplookup.domains
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();
+
+CREATE OR REPLACE TRIGGER mailboxes_notify_insert AFTER INSERT ON maplookup.mailboxes
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER mailboxes_notify_update AFTER UPDATE ON maplookup.mailboxes
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER mailboxes_notify_delete AFTER DELETE ON maplookup.mailboxes
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER mailboxes_notify_truncate AFTER TRUNCATE ON maplookup.mailboxes
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();
+
+CREATE OR REPLACE TRIGGER aliases_notify_insert AFTER INSERT ON maplookup.aliases
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER aliases_notify_update AFTER UPDATE ON maplookup.aliases
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER aliases_notify_delete AFTER DELETE ON maplookup.aliases
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER aliases_notify_truncate AFTER TRUNCATE ON maplookup.aliases
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();

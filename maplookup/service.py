@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
+from maplookup.cache import AnswerCache, CacheSettings, CachingSource
+from maplookup.changes import ChangeListener, ListenerSettings
 from maplookup.config import Settings
 from maplookup.db import Database, DatabaseError, PoolSettings, open_database
 from maplookup.listeners import BoundListener, bind_all, close_all
-from maplookup.lookup import Lookup
+from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.server import Server
 
@@ -27,6 +30,26 @@ SCHEMA_CHECK_SQL = "SELECT to_regclass('maplookup.schema_version') IS NOT NULL"
 
 class StartupError(Exception):
     """The service cannot start; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """The parts of a running service, for tests and (later) metrics."""
+
+    server: Server
+    lookup: Lookup
+    cache: AnswerCache | None
+    listener: ChangeListener | None
+    listeners: list[BoundListener]
+
+
+def cache_settings(settings: Settings) -> CacheSettings:
+    return CacheSettings(
+        max_entries=settings.cache.max_entries,
+        positive_ttl_s=settings.cache.positive_ttl_s,
+        negative_ttl_s=settings.cache.negative_ttl_s,
+        max_stale_s=settings.cache.max_stale_s,
+    )
 
 
 def lookup_settings(settings: Settings) -> LookupSettings:
@@ -54,7 +77,7 @@ async def serve(
     dsn: str,
     *,
     on_ready: Callable[[list[BoundListener]], None] | None = None,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGTERM/SIGINT (or cancellation), then drain and return."""
     pool_settings = PoolSettings(
@@ -65,18 +88,38 @@ async def serve(
     )
     async with open_database(pool_settings) as database:
         await _check_schema(database)
-        lookup = Lookup(database, lookup_settings(settings))
+        source: AnswerSource = DatabaseSource(database, lookup_settings(settings))
+        cache: AnswerCache | None = None
+        listener: ChangeListener | None = None
+        if settings.cache.max_entries > 0:
+            cache = AnswerCache(cache_settings(settings))
+            source = CachingSource(source, cache)
+            listener = ChangeListener(
+                ListenerSettings(
+                    dsn=dsn,
+                    connect_timeout_s=settings.database.connect_timeout_s,
+                    keepalive_s=settings.cache.listen_keepalive_s,
+                ),
+                invalidate=cache.invalidate_domains,
+                flush=cache.flush,
+                set_live=cache.set_live,
+            )
+        else:
+            log.info("cache off: every lookup queries PostgreSQL")
+        lookup = Lookup(source)
         bound = await bind_all(settings.listen)
         try:
             server = Server(lookup, settings.limits, bound)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_drain_on_signal, server, settings.limits.drain_timeout_s)
+                if listener is not None:
+                    await nursery.start(listener.run, database.bridge)
                 await nursery.start(_run_until_drained, server, nursery.cancel_scope)
                 for item in bound:
                     log.info("listening: %s", item.description)
                 if on_ready is not None:
                     on_ready(bound)
-                task_status.started(server)
+                task_status.started(Running(server, lookup, cache, listener, bound))
         finally:
             await close_all(bound)
     log.info("stopped")

@@ -15,7 +15,7 @@ import pytest
 
 from maplookup import admin
 from maplookup.db import PoolSettings, open_database
-from maplookup.lookup import Lookup
+from maplookup.lookup import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
 
@@ -73,7 +73,7 @@ async def _answer(
     dsn: str, map_name: str, key: bytes, settings: LookupSettings | None = None
 ) -> Reply:
     async with open_database(PoolSettings(dsn=dsn)) as database:
-        lookup = Lookup(database, settings or LookupSettings())
+        lookup = Lookup(DatabaseSource(database, settings or LookupSettings()))
         return await lookup.answer(Request(map_name.encode(), key))
 
 
@@ -237,7 +237,7 @@ async def test_unreachable_database_is_temp_never_notfound(pg_dsn: str) -> None:
     # A port nothing listens on: every address map must answer TEMP, never NOTFOUND.
     dsn = "postgresql://maplookup@127.0.0.1:1/maplookup"
     async with open_database(PoolSettings(dsn=dsn, connect_timeout_s=2)) as database:
-        lookup = Lookup(database, LookupSettings())
+        lookup = Lookup(DatabaseSource(database, LookupSettings()))
         for map_name in MapName:
             reply = await lookup.answer(Request(map_name.value.encode(), b"user@example.com"))
             key_is_domain = not map_name.is_address_map
@@ -259,7 +259,7 @@ async def test_stalled_database_is_temp_within_the_timeout() -> None:
     dsn = f"postgresql://maplookup@127.0.0.1:{port}/maplookup"
     settings = PoolSettings(dsn=dsn, connect_timeout_s=0.3, query_timeout_s=0.5)
     async with open_database(settings) as database:
-        lookup = Lookup(database, LookupSettings())
+        lookup = Lookup(DatabaseSource(database, LookupSettings()))
         with trio.fail_after(10):
             reply = await lookup.answer(Request(b"vmailbox", b"user@example.com"))
     assert reply.status is Status.TEMP

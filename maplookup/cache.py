@@ -1,0 +1,247 @@
+"""A bounded answer cache that stays coherent with PostgreSQL and outlives its outages.
+
+Rules (DESIGN.md §5):
+
+* Bounded by entry count (LRU), with a TTL as a safety net and a shorter one for negative
+  answers.
+* Coherent: schema.sql NOTIFYs the domains every change touches; each domain has a generation
+  counter, and an entry is valid only while its domain's generation is the one it was fetched
+  under.  Invalidating a domain is one integer increment, however many entries it has.
+* Race-free: a miss records the generations before it queries and does not store its answer if
+  either moved meanwhile (the answer may predate the change).
+* Notifications can be lost while the LISTEN connection is down.  While it is down nothing is
+  served from the cache as fresh; when it is back, a global generation bump invalidates every
+  entry stored before (a flush that costs O(1) and keeps the entries for outage use).
+* During an outage, a failed query falls back to the cached answer (positive or negative) if its
+  domain was not invalidated and it is younger than ``max_stale_s``.  A miss with no such entry
+  re-raises the error, which the lookup layer turns into TEMP.  Never NOTFOUND for an error.
+* Concurrent misses for the same key share one query.
+
+Everything here runs in the trio thread; the change listener hands notifications over through
+the trio token, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from maplookup.db import DatabaseError
+from maplookup.lookup import AnswerSource
+from maplookup.maps import MapName
+
+CacheKey = tuple[MapName, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_entries: int = 100_000
+    positive_ttl_s: float = 600.0
+    negative_ttl_s: float = 60.0
+    max_stale_s: float = 3600.0
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Read by tests and, later, by the metrics endpoint."""
+
+    hits: int = 0
+    negative_hits: int = 0
+    misses: int = 0
+    shared_misses: int = 0
+    stores_skipped: int = 0
+    invalidations: int = 0
+    flushes: int = 0
+    evictions: int = 0
+    stale_served: int = 0
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: str | None
+    domain: str
+    domain_generation: int
+    global_generation: int
+    fetched_at: float
+    expires_at: float
+
+
+class _Flight:
+    """One query in progress; later misses for the same key wait for it."""
+
+    __slots__ = ("answered", "done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answered = False  # False if the leading task was cancelled first
+        self.value: str | None = None
+        self.error: DatabaseError | None = None
+
+    def answer(self, value: str | None) -> None:
+        self.value = value
+        self.answered = True
+
+    def fail(self, error: DatabaseError) -> None:
+        self.error = error
+        self.answered = True
+
+    def result(self) -> str | None:
+        if self.error is not None:
+            # A fresh exception per waiter: one exception object raised in many tasks would
+            # collect all their tracebacks.
+            raise DatabaseError(str(self.error))
+        return self.value
+
+
+def domain_of(map_name: MapName, key: str) -> str:
+    """The domain whose changes can change this key's answer."""
+    if map_name.is_address_map:
+        return key[key.rfind("@") + 1 :]
+    return key
+
+
+class AnswerCache:
+    """The entries and generations; pure bookkeeping, no I/O."""
+
+    def __init__(
+        self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._domain_generations: dict[str, int] = {}
+        self._global_generation = 0
+        # Not live until the change listener says LISTEN is in place.
+        self.live = False
+        self.counters = CacheCounters()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def generations(self, domain: str) -> tuple[int, int]:
+        return self._domain_generations.get(domain, 0), self._global_generation
+
+    def lookup_fresh(self, key: CacheKey) -> _Entry | None:
+        """The entry if it may be served as the current truth, else None."""
+        if not self.live:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if (
+            entry.global_generation != self._global_generation
+            or entry.domain_generation != self._domain_generations.get(entry.domain, 0)
+            or entry.expires_at <= self._clock()
+        ):
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def lookup_stale(self, key: CacheKey) -> _Entry | None:
+        """An entry usable while the database is unreachable: not known to be changed."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.domain_generation != self._domain_generations.get(entry.domain, 0):
+            return None
+        if self._clock() - entry.fetched_at > self.settings.max_stale_s:
+            return None
+        return entry
+
+    def store(
+        self, key: CacheKey, value: str | None, domain: str, generations: tuple[int, int]
+    ) -> None:
+        """Store an answer fetched under ``generations``, unless they moved since."""
+        if generations != self.generations(domain):
+            self.counters.stores_skipped += 1
+            return
+        now = self._clock()
+        ttl = self.settings.positive_ttl_s if value is not None else self.settings.negative_ttl_s
+        self._entries[key] = _Entry(value, domain, generations[0], generations[1], now, now + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.settings.max_entries:
+            self._entries.popitem(last=False)
+            self.counters.evictions += 1
+
+    def invalidate_domains(self, domains: Iterable[str]) -> None:
+        generations = self._domain_generations
+        for domain in domains:
+            generations[domain] = generations.get(domain, 0) + 1
+            self.counters.invalidations += 1
+
+    def flush(self) -> None:
+        """Invalidate every entry (kept only as outage fallback)."""
+        self._global_generation += 1
+        self.counters.flushes += 1
+
+    def set_live(self, live: bool) -> None:
+        """LISTEN is (again) in place, or lost.
+
+        Going live flushes: changes may have been missed while it was lost.
+        """
+        if live:
+            self.flush()
+        self.live = live
+
+
+class CachingSource:
+    """An AnswerSource that answers from the cache and asks ``inner`` on a miss."""
+
+    def __init__(self, inner: AnswerSource, cache: AnswerCache) -> None:
+        self._inner = inner
+        self.cache = cache
+        self._flights: dict[CacheKey, _Flight] = {}
+
+    async def fetch(self, map_name: MapName, key: str) -> str | None:
+        cache_key = (map_name, key)
+        cache = self.cache
+        entry = cache.lookup_fresh(cache_key)
+        if entry is not None:
+            if entry.value is None:
+                cache.counters.negative_hits += 1
+            else:
+                cache.counters.hits += 1
+            return entry.value
+        while True:
+            flight = self._flights.get(cache_key)
+            if flight is None:
+                return await self._lead(cache_key, map_name, key)
+            cache.counters.shared_misses += 1
+            await flight.done.wait()
+            if flight.answered:
+                return flight.result()
+            # The leading task was cancelled before it got an answer: lead a new query.
+
+    async def _lead(self, cache_key: CacheKey, map_name: MapName, key: str) -> str | None:
+        cache = self.cache
+        cache.counters.misses += 1
+        domain = domain_of(map_name, key)
+        generations = cache.generations(domain)
+        flight = _Flight()
+        self._flights[cache_key] = flight
+        try:
+            try:
+                value = await self._inner.fetch(map_name, key)
+            except DatabaseError as exc:
+                cache.counters.errors += 1
+                stale = cache.lookup_stale(cache_key)
+                if stale is None:
+                    flight.fail(exc)
+                    raise
+                cache.counters.stale_served += 1
+                flight.answer(stale.value)
+                return stale.value
+            except Exception as exc:
+                flight.fail(DatabaseError(f"internal error: {exc!r}"))
+                raise
+            cache.store(cache_key, value, domain, generations)
+            flight.answer(value)
+            return value
+        finally:
+            del self._flights[cache_key]
+            flight.done.set()
