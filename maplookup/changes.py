@@ -112,6 +112,8 @@ class ChangeListener:
             finally:
                 self._post_live(False)
                 conn.terminate()
+            # Not at once: a connection that drops right after LISTEN must not make a hot loop.
+            await asyncio.sleep(delay)
 
     async def _serve_connection(self, conn: asyncpg.Connection) -> None:
         lost = asyncio.Event()

@@ -259,6 +259,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["embedded"] = {"state_dir": args.state_dir}
     if args.log_level:
         overrides["log_level"] = args.log_level
+    if args.no_cache:
+        overrides["cache"] = {"max_entries": 0}
     return overrides
 
 
@@ -322,6 +324,11 @@ def _add_serve_command(commands: Any) -> None:
         "--default-gid", type=int, help="gid when neither mailbox nor domain has one"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="query PostgreSQL on every lookup (as Postfix's pgsql: tables do); for comparison",
+    )
     serve.set_defaults(func=cmd_serve)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,3 +45,16 @@ def require_postfix() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI must install it (.ci/run)")
     pytest.skip(message)
+
+
+def run_async(action: Callable[[asyncpg.Connection], Awaitable[object]], dsn: str) -> None:
+    """Run ``action(connection)`` synchronously (test set-up through the admin functions)."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await action(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())

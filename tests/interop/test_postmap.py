@@ -268,3 +268,28 @@ def test_sigterm_exits_zero_and_frees_the_port(demo_dsn: str, tmp_path: Path) ->
     assert stop_server(running) == 0
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", running.socketmap_port)) != 0
+
+
+def test_cli_change_is_seen_through_postmap(
+    server: RunningServer, postfix_dir: Path, demo_dsn: str
+) -> None:
+    """The cache is on: a negative answer is cached, then the CLI adds the mailbox."""
+    key, table = "fresh@arkum.ch", server.socketmap("vmailbox")
+    for _ in range(2):
+        assert postmap(postfix_dir, "-q", key, table).returncode == 1
+    added = maplookup_cli("mailbox", "add", key, "--dsn", demo_dsn)
+    assert added.returncode == 0, added.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        result = postmap(postfix_dir, "-q", key, table)
+        if result.returncode == 0:
+            break
+        assert time.monotonic() < deadline, "the change was not seen within 10 s"
+        time.sleep(0.01)
+    assert result.stdout == "arkum.ch/fresh/\n"
+    removed = maplookup_cli("mailbox", "remove", key, "--dsn", demo_dsn)
+    assert removed.returncode == 0
+    deadline = time.monotonic() + 10
+    while postmap(postfix_dir, "-q", key, table).returncode != 1:
+        assert time.monotonic() < deadline, "the removal was not seen within 10 s"
+        time.sleep(0.01)
