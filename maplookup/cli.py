@@ -9,26 +9,30 @@ exits 3 everywhere (argparse's own 2 would read as "temporary error" for ``query
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import asyncpg
 
 from maplookup import admin
-from maplookup.config import ConfigError, HostPort, Settings, load_settings
+from maplookup.cli_common import (
+    EXIT_NOTFOUND,
+    EXIT_OK,
+    EXIT_PERM,
+    EXIT_TEMP,
+    EXIT_USAGE,
+    Parser,
+    add_database_options,
+    fail,
+    load,
+    print_table,
+    with_connection,
+)
+from maplookup.config import HostPort
 from maplookup.maps import MapName
 from maplookup.protocol import Status
-
-EXIT_OK = 0
-EXIT_NOTFOUND = 1
-EXIT_TEMP = 2
-EXIT_PERM = 3
-EXIT_ERROR = 1
-EXIT_USAGE = 3
 
 _QUERY_EXIT = {
     Status.OK: EXIT_OK,
@@ -37,92 +41,6 @@ _QUERY_EXIT = {
     Status.TIMEOUT: EXIT_TEMP,
     Status.PERM: EXIT_PERM,
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit code 3 for bad usage (2 means "temporary error" for `query`)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    print(f"maplookup: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-# -- database access for admin commands --------------------------------------------------------
-
-
-def _resolve_dsn(args: argparse.Namespace) -> str:
-    """--dsn, else MAPLOOKUP_DSN, else the config file, else the embedded cluster if running."""
-    if getattr(args, "dsn", None):
-        return str(args.dsn)
-    if os.environ.get("MAPLOOKUP_DSN"):
-        return os.environ["MAPLOOKUP_DSN"]
-    settings = _load(args)
-    if settings.database.dsn is not None:
-        return settings.database.dsn.get_secret_value()
-    from maplookup.embedded import default_state_dir, read_running_dsn
-
-    state_dir = args.state_dir or settings.embedded.state_dir or default_state_dir()
-    dsn = read_running_dsn(state_dir)
-    if dsn is None:
-        _fail(
-            "no database: give --dsn or set MAPLOOKUP_DSN "
-            f"(or start `maplookup serve`, whose embedded cluster lives in {state_dir})"
-        )
-    return dsn
-
-
-def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    try:
-        return load_settings(getattr(args, "config", None), overrides)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
-
-
-def _with_connection(
-    args: argparse.Namespace, action: Callable[[asyncpg.Connection], Awaitable[None]]
-) -> int:
-    dsn = _resolve_dsn(args)
-
-    async def run() -> None:
-        try:
-            conn = await asyncpg.connect(dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise admin.AdminError(f"cannot connect to the database: {exc}") from exc
-        try:
-            await action(conn)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(run())
-    except admin.AdminError as exc:
-        _fail(str(exc))
-    except asyncpg.UndefinedFunctionError as exc:
-        _fail(f"the database schema is missing or old: run `maplookup db init` ({exc})")
-    except asyncpg.PostgresError as exc:
-        _fail(f"database error: {exc}")
-    return EXIT_OK
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _print_table(rows: Sequence[asyncpg.Record], columns: Sequence[str]) -> None:
-    cells = [[_cell(r[c]) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -138,7 +56,7 @@ def cmd_db_init(args: argparse.Namespace) -> int:
             loaded = await load_demo_data(conn)
             print("demo data loaded" if loaded else "database not empty: demo data not loaded")
 
-    return _with_connection(args, action)
+    return with_connection(args, action)
 
 
 def cmd_domain(args: argparse.Namespace) -> int:
@@ -158,11 +76,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
             await admin.domain_set_enabled(conn, args.domain, args.action == "enable")
         else:
             rows = await admin.domain_list(conn)
-            _print_table(
-                rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"]
-            )
+            print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
 
-    return _with_connection(args, action)
+    return with_connection(args, action)
 
 
 def cmd_mailbox(args: argparse.Namespace) -> int:
@@ -178,9 +94,9 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
             await admin.mailbox_set_enabled(conn, args.address, args.action == "enable")
         else:
             rows = await admin.mailbox_list(conn, args.domain)
-            _print_table(rows, ["address", "path", "uid", "gid", "enabled"])
+            print_table(rows, ["address", "path", "uid", "gid", "enabled"])
 
-    return _with_connection(args, action)
+    return with_connection(args, action)
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
@@ -193,9 +109,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
             await admin.alias_set_enabled(conn, args.address, args.action == "enable")
         else:
             rows = await admin.alias_list(conn, args.domain)
-            _print_table(rows, ["address", "targets", "enabled"])
+            print_table(rows, ["address", "targets", "enabled"])
 
-    return _with_connection(args, action)
+    return with_connection(args, action)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -209,7 +125,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             reply = query_socketmap(args.map, args.key.encode(), server=server, unix_path=args.unix)
     except QueryError as exc:
         # Postfix treats an unreachable server as a temporary failure, and so do we.
-        _fail(str(exc), EXIT_TEMP)
+        fail(str(exc), EXIT_TEMP)
     if reply.status is Status.OK:
         print(reply.value)
     elif reply.status is not Status.NOTFOUND:
@@ -221,7 +137,7 @@ def _host_port(text: str) -> HostPort:
     try:
         return HostPort.parse(text)
     except ValueError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +152,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for item in args.tcp_table:
             name, sep, endpoint = item.partition("=")
             if not sep:
-                _fail(f"--tcp-table takes MAP=HOST:PORT, got {item!r}", EXIT_USAGE)
+                fail(f"--tcp-table takes MAP=HOST:PORT, got {item!r}", EXIT_USAGE)
             tables[name] = endpoint
         listen["tcp_table"] = tables
     lookup = {
@@ -267,24 +183,10 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from maplookup.serve_main import run_serve
 
-    return run_serve(_load(args, _serve_overrides(args)), demo=args.demo)
+    return run_serve(load(args, _serve_overrides(args)), demo=args.demo)
 
 
 # -- parser ------------------------------------------------------------------------------------
-
-
-def _add_dsn(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dsn",
-        help="PostgreSQL connection string (default: $MAPLOOKUP_DSN, else the embedded cluster "
-        "started by `maplookup serve`)",
-    )
-    parser.add_argument("--config", type=Path, help="TOML config file (its [database] dsn is used)")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        help="state directory of the embedded PostgreSQL to use when no dsn is given",
-    )
 
 
 def _add_serve_command(commands: Any) -> None:
@@ -295,7 +197,7 @@ def _add_serve_command(commands: Any) -> None:
         "config file) it starts a private PostgreSQL cluster in its state directory and stops "
         "it on exit.  SIGTERM/SIGINT: stop accepting, answer in-flight requests, exit 0.",
     )
-    _add_dsn(serve)
+    add_database_options(serve)
     serve.add_argument(
         "--socketmap",
         action="append",
@@ -371,7 +273,7 @@ def _add_db_commands(commands: Any) -> None:
         help="create or upgrade the schema (idempotent)",
         description="Apply schema.sql in one transaction; safe to run again.",
     )
-    _add_dsn(init)
+    add_database_options(init)
     init.add_argument("--demo", action="store_true", help="also load the example data if empty")
     init.set_defaults(func=cmd_db_init)
 
@@ -397,13 +299,13 @@ def _add_record_commands(
     ):
         sub = group.add_parser(action, help=text)
         sub.add_argument(name, metavar=metavar)
-        _add_dsn(sub)
+        add_database_options(sub)
     listing = group.add_parser("list", help=f"list {noun}s")
     if noun != "domain":
         listing.add_argument("--domain", help="only this domain")
-    _add_dsn(listing)
+    add_database_options(listing)
     add.add_argument(name, metavar=metavar)
-    _add_dsn(add)
+    add_database_options(add)
     return group, add
 
 
@@ -444,7 +346,7 @@ def _add_data_commands(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="maplookup",
         description="Answer Postfix's virtual-hosting lookup tables (socketmap, tcp_table) "
         "from PostgreSQL.",

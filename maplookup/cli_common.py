@@ -1,0 +1,127 @@
+"""What every ``maplookup`` sub-command shares: exit codes, errors, finding the database.
+
+Sub-commands live in their own modules (``cli.py`` for the core ones, ``cli_*.py`` for the
+rest) and register themselves on the parser; this module is what they all import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import asyncpg
+
+from maplookup import admin
+from maplookup.config import ConfigError, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_NOTFOUND = 1
+EXIT_TEMP = 2
+EXIT_PERM = 3
+EXIT_ERROR = 1
+EXIT_USAGE = 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 3 for bad usage (2 means "temporary error" for `query`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    print(f"maplookup: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# -- database access for admin commands --------------------------------------------------------
+
+
+def resolve_dsn(args: argparse.Namespace) -> str:
+    """--dsn, else MAPLOOKUP_DSN, else the config file, else the embedded cluster if running."""
+    if getattr(args, "dsn", None):
+        return str(args.dsn)
+    if os.environ.get("MAPLOOKUP_DSN"):
+        return os.environ["MAPLOOKUP_DSN"]
+    settings = load(args)
+    if settings.database.dsn is not None:
+        return settings.database.dsn.get_secret_value()
+    from maplookup.embedded import default_state_dir, read_running_dsn
+
+    state_dir = args.state_dir or settings.embedded.state_dir or default_state_dir()
+    dsn = read_running_dsn(state_dir)
+    if dsn is None:
+        fail(
+            "no database: give --dsn or set MAPLOOKUP_DSN "
+            f"(or start `maplookup serve`, whose embedded cluster lives in {state_dir})"
+        )
+    return dsn
+
+
+def load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_settings(getattr(args, "config", None), overrides)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def with_connection(
+    args: argparse.Namespace, action: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> int:
+    dsn = resolve_dsn(args)
+
+    async def run() -> None:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise admin.AdminError(f"cannot connect to the database: {exc}") from exc
+        try:
+            await action(conn)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except admin.AdminError as exc:
+        fail(str(exc))
+    except asyncpg.UndefinedFunctionError as exc:
+        fail(f"the database schema is missing or old: run `maplookup db init` ({exc})")
+    except asyncpg.PostgresError as exc:
+        fail(f"database error: {exc}")
+    return EXIT_OK
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def print_table(rows: Sequence[asyncpg.Record], columns: Sequence[str]) -> None:
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL connection string (default: $MAPLOOKUP_DSN, else the embedded cluster "
+        "started by `maplookup serve`)",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (its [database] dsn is used)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="state directory of the embedded PostgreSQL to use when no dsn is given",
+    )
