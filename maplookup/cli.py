@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import admin
+from maplookup import admin, cli_postfix
 from maplookup.cli_common import (
     EXIT_NOTFOUND,
     EXIT_OK,
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_command(commands)
     _add_db_commands(commands)
     _add_data_commands(commands)
+    cli_postfix.add_commands(commands)
     return parser
 
 

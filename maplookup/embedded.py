@@ -931,3 +931,22 @@ class EmbeddedPostgres:
         tmp.write_text(dsn + "\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.dsn_file)
+
+
+def loopback_dsn(dsn: str) -> str:
+    """The 127.0.0.1 form of a unix-socket DSN such as an embedded cluster's.
+
+    The embedded cluster's socket directory belongs to the user PostgreSQL runs as; Postfix's
+    daemons reach the same cluster over loopback TCP instead.  Other DSNs come back unchanged.
+    """
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qs(parts.query)
+    hosts = query.get("host", [])
+    if parts.hostname or not hosts or not hosts[0].startswith("/"):
+        return dsn
+    port = query.get("port", ["5432"])[0]
+    rest = {k: v for k, v in query.items() if k not in ("host", "port")}
+    netloc = f"{parts.netloc.rstrip('@')}@127.0.0.1:{port}" if parts.netloc else f"127.0.0.1:{port}"
+    return urllib.parse.urlunsplit(
+        parts._replace(netloc=netloc, query=urllib.parse.urlencode(rest, doseq=True))
+    )

@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 
 from maplookup.embedded import read_running_dsn
-from tests.interop.test_postmap import (
+from tests.interop.test_postmap import postmap
+from tests.processes import (
     RunningServer,
     free_port,
     maplookup_cli,
-    postmap,
     stop_server,
     wait_for_port,
 )
