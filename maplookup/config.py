@@ -136,7 +136,7 @@ class LookupConfig(_Model):
 class CacheConfig(_Model):
     """The answer cache (DESIGN.md section 5).  ``max_entries = 0`` turns it off."""
 
-    # About 300 bytes an entry (bench/cache.py): 100,000 entries is some 30 MB.
+    # About 500 bytes an entry with its strings (bench/cache.py): 100,000 entries ~ 50 MB.
     max_entries: Annotated[int, Field(ge=0)] = 100_000
     # Changes arrive by NOTIFY within milliseconds; the TTLs only bound the damage if one is
     # ever missed without the connection dropping.

@@ -108,7 +108,8 @@ CREATE OR REPLACE FUNCTION maplookup.split_address(
     key text, delimiter text,
     OUT local_part text, OUT domain text, OUT base_part text, OUT extension text)
 RETURNS SETOF record
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+-- ROWS 1: without it the planner assumes 1000 rows and scans whole tables in the callers.
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE ROWS 1 AS $$
 DECLARE
     folded text := lower(key);
     at_pos integer;
@@ -165,17 +166,29 @@ CREATE OR REPLACE FUNCTION maplookup.find_mailbox(
     key text, delimiter text, include_catchall boolean DEFAULT true,
     OUT path text, OUT uid integer, OUT gid integer, OUT is_catchall boolean)
 RETURNS SETOF record
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
+-- plpgsql so that the split parts reach the query as parameters: the planner then uses the
+-- (domain, local_part) primary key instead of joining whole tables.
+LANGUAGE plpgsql STABLE PARALLEL SAFE ROWS 1 AS $$
+DECLARE
+    a record;
+BEGIN
+    SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
     SELECT m.path, coalesce(m.uid, d.default_uid), coalesce(m.gid, d.default_gid),
            m.local_part = ''
-    FROM maplookup.split_address(key, delimiter) a
-    JOIN maplookup.domains d ON d.name = a.domain AND d.kind = 'mailbox' AND d.enabled
-    JOIN maplookup.mailboxes m ON m.domain = d.name AND m.enabled
-        AND (m.local_part = a.local_part
-             OR m.local_part = a.base_part
-             OR (include_catchall AND m.local_part = ''))
+    FROM maplookup.domains d
+    JOIN maplookup.mailboxes m ON m.domain = d.name
+    WHERE d.name = a.domain AND d.kind = 'mailbox' AND d.enabled AND m.enabled
+      AND m.local_part IN (
+          a.local_part,
+          coalesce(a.base_part, a.local_part),
+          CASE WHEN include_catchall THEN '' ELSE a.local_part END)
     ORDER BY CASE m.local_part WHEN a.local_part THEN 0 WHEN a.base_part THEN 1 ELSE 2 END
-    LIMIT 1
+    LIMIT 1;
+END
 $$;
 
 -- virtual_mailbox_maps

@@ -37,6 +37,17 @@ def postfix_available() -> bool:
     return shutil.which("postmap") is not None or Path("/usr/sbin/postmap").exists()
 
 
+def require_tool(name: str, package: str) -> str:
+    """The path of a program; skip without it, except under CI (CI=true), where it fails."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found:
+        return found
+    message = f"{name} is not installed (apt-get install {package})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must install it (.ci/run)")
+    pytest.skip(message)
+
+
 def require_postfix() -> None:
     """Skip (or, under CI, fail) when Postfix's binaries are missing."""
     if postfix_available():
