@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import asyncpg
 
+from maplookup import schema
+
 _DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
 _LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")
-SCHEMA_LOCK_ID = 0x6D61706C  # "mapl": serialises concurrent `db init` runs
 
 
 class AdminError(Exception):
@@ -103,13 +103,12 @@ def _affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def init_schema(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql idempotently, in one transaction, one `db init` at a time."""
-    schema = resources.files("maplookup").joinpath("schema.sql").read_text(encoding="utf-8")
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_ID)
-        await conn.execute("SET LOCAL client_min_messages = warning")
-        await conn.execute(schema)
+async def init_schema(conn: asyncpg.Connection) -> tuple[int | None, int]:
+    """Create or upgrade the schema (see maplookup.schema); returns (version before, after)."""
+    try:
+        return await schema.upgrade(conn)
+    except schema.SchemaError as exc:
+        raise AdminError(str(exc)) from exc
 
 
 # -- domains -----------------------------------------------------------------------------------

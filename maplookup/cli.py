@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import admin, cli_postfix
+from maplookup import admin, cli_check, cli_postfix
 from maplookup.cli_common import (
     EXIT_NOTFOUND,
     EXIT_OK,
@@ -48,8 +48,13 @@ _QUERY_EXIT = {
 
 def cmd_db_init(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
-        await admin.init_schema(conn)
-        print("schema applied")
+        before, after = await admin.init_schema(conn)
+        if before is None:
+            print(f"schema created (version {after})")
+        elif before < after:
+            print(f"schema upgraded from version {before} to {after}")
+        else:
+            print(f"schema is current (version {after}); functions and triggers refreshed")
         if args.demo:
             from maplookup.demo import load_demo_data
 
@@ -359,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_commands(commands)
     _add_data_commands(commands)
     cli_postfix.add_commands(commands)
+    cli_check.add_commands(commands)
     return parser
 
 

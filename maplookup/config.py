@@ -11,10 +11,12 @@ Limits carry their unit in the name.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -32,7 +34,11 @@ from maplookup.protocol.socketmap import DEFAULT_MAX_REQUEST_BYTES
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message says where and why."""
+    """The configuration cannot be used; each problem says where (file and line) and why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class _Model(BaseModel):
@@ -217,21 +223,66 @@ def load_settings(
         try:
             data = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+            raise ConfigError([f"cannot read config file {config_file}: {exc.strerror}"]) from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_file}: invalid TOML: {exc}") from exc
+            raise ConfigError([f"{config_file}: invalid TOML: {exc}"]) from exc
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     data = _merge(data, overrides or {})
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        source = str(config_file) if config_file else "configuration"
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+        text = config_file.read_text(encoding="utf-8") if config_file else ""
+        raise ConfigError(_describe(exc, config_file, text)) from exc
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
+def _describe(exc: ValidationError, config_file: Path | None, text: str) -> list[str]:
+    problems = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+        loc = tuple(str(p) for p in error["loc"])
+        where = ".".join(loc)
+        line = _line_of(text, loc) if text else None
+        if config_file is None:
+            prefix = "configuration"
+        elif line is None:
+            prefix = f"{config_file} (or the environment/flags)"
+        else:
+            prefix = f"{config_file}:{line}"
+        problems.append(f"{prefix}: {where}: {error['msg']}")
+    return problems
+
+
+_SECTION = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+
+
+def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
+    """The line of a TOML key given pydantic's error location, e.g. ("limits", "max_conns").
+
+    Good enough for this file's shape (top-level keys and one level of [sections]); None when
+    the value did not come from the file.
+    """
+    if not loc:
+        return None
+    section, key = ("", loc[0]) if len(loc) == 1 else (loc[0], loc[1])
+    if len(loc) > 1 and loc[0] not in Settings.model_fields:
+        section, key = "", loc[0]
+    current = ""
+    key_line = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _SECTION.match(line)
+        if header:
+            current = header.group(1)
+            if not section and current == key:
+                return number
+            continue
+        if current == section and key_line.match(line):
+            return number
+    return None
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN fit to print: its password replaced by ``***``."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

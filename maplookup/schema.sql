@@ -1,5 +1,6 @@
 -- maplookup schema: the truth behind Postfix's virtual-hosting maps.
 --
+-- Schema version 2 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
 -- Applied by `maplookup db init`; every statement is idempotent, so applying it again
 -- upgrades the lookup functions in place and leaves the data alone.
 --
@@ -17,7 +18,7 @@ CREATE TABLE IF NOT EXISTS maplookup.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     version integer NOT NULL
 );
-INSERT INTO maplookup.schema_version (version) VALUES (1)
+INSERT INTO maplookup.schema_version (version) VALUES (2)
     ON CONFLICT (singleton) DO NOTHING;
 
 -- A domain is either a mailbox domain (virtual_mailbox_domains) or an alias domain

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
+from maplookup import schema
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.changes import ChangeListener, ListenerSettings
 from maplookup.config import Settings
@@ -24,8 +25,6 @@ from maplookup.maps import LookupSettings
 from maplookup.server import Server
 
 log = logging.getLogger(__name__)
-
-SCHEMA_CHECK_SQL = "SELECT to_regclass('maplookup.schema_version') IS NOT NULL"
 
 
 class StartupError(Exception):
@@ -61,15 +60,21 @@ def lookup_settings(settings: Settings) -> LookupSettings:
 
 
 async def _check_schema(database: Database) -> None:
+    """Refuse a schema this version cannot answer from; tolerate a database that is down."""
     try:
-        present = await database.fetch_value(SCHEMA_CHECK_SQL, ())
+        present = await database.fetch_value(
+            "SELECT to_regclass('maplookup.schema_version') IS NOT NULL", ()
+        )
+        version = None
+        if present == "True":
+            version = await database.fetch_value("SELECT version FROM maplookup.schema_version", ())
     except DatabaseError as exc:
         log.warning("database not reachable at start-up (%s); answering TEMP until it is", exc)
         return
-    if present != "True" and present != "true":
-        raise StartupError(
-            "the database has no maplookup schema: run `maplookup db init --dsn ...` first"
-        )
+    try:
+        schema.check_usable(None if version is None else int(version))
+    except schema.SchemaError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 async def serve(

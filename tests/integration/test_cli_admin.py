@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -162,3 +163,27 @@ def test_dsn_from_environment(
     monkeypatch.setenv("MAPLOOKUP_DSN", dsn)
     assert run_cli(capsys, "domain", "add", "env.test")[0] == 0
     assert fetch(dsn, "SELECT name FROM maplookup.domains") == [("env.test",)]
+
+
+def test_check_config_reports_typos_with_lines_and_checks_the_database(
+    dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nmax_conections = 5\n")
+    code, out, _ = run_cli(capsys, "check-config", "--config", str(bad))
+    assert code == 1
+    assert f"error: {bad}:2: limits.max_conections: Extra inputs are not permitted" in out
+
+    good = tmp_path / "good.toml"
+    good.write_text(f'[database]\ndsn = "{dsn}"\n')
+    code, out, _ = run_cli(capsys, "check-config", "--config", str(good))
+    assert code == 0, out
+    assert "connection: OK" in out
+    assert "schema: version 2 (current)" in out
+
+    code, out, _ = run_cli(
+        capsys, "check-config", "--config", str(good), "--dsn", "postgresql://x:pw@127.0.0.1:1/x"
+    )
+    assert code == 1
+    assert "connection: FAILED" in out
+    assert "pw" not in out.replace("postgresql://x:***", "")

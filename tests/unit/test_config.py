@@ -88,3 +88,43 @@ def test_mistakes_are_reported_with_their_place(tmp_path: Path, text: str, messa
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "absent.toml", environ={})
+
+
+def test_problems_carry_the_line_of_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "maplookup.toml"
+    config.write_text(
+        'log_level = "info"\n'
+        "\n"
+        "[limits]\n"
+        "read_timeout_s = 2\n"
+        "max_conections = 5   # a typo\n"
+        "[cache]\n"
+        'max_entries = "many"\n'
+        "[databse]\n"
+        'dsn = "x"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    problems = info.value.problems
+    assert f"{config}:5: limits.max_conections: Extra inputs are not permitted" in problems
+    assert any(p.startswith(f"{config}:7: cache.max_entries:") for p in problems)
+    assert any(p.startswith(f"{config}:8: databse:") for p in problems)
+
+
+def test_problem_from_the_environment_has_no_line(tmp_path: Path) -> None:
+    config = tmp_path / "maplookup.toml"
+    config.write_text("[limits]\nread_timeout_s = 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={"MAPLOOKUP_LIMITS__MAX_CONNECTIONS": "lots"})
+    assert info.value.problems == [
+        f"{config} (or the environment/flags): limits.max_connections: "
+        "Input should be a valid integer, unable to parse string as an integer"
+    ]
+
+
+def test_redact_dsn() -> None:
+    from maplookup.config import redact_dsn
+
+    assert redact_dsn("postgresql://u:s3cret@db/x") == "postgresql://u:***@db/x"
+    assert redact_dsn("host=db password=s3cret user=u") == "host=db password=*** user=u"
+    assert redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"

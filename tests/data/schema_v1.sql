@@ -1,0 +1,284 @@
+-- maplookup schema version 1, as first released (kept to test upgrades from it).
+-- maplookup schema: the truth behind Postfix's virtual-hosting maps.
+--
+-- Applied by `maplookup db init`; every statement is idempotent, so applying it again
+-- upgrades the lookup functions in place and leaves the data alone.
+--
+-- The lookup semantics live here, once, as SQL functions (one per map).  The server calls
+-- them on a cache miss, and the pgsql: tables that virtual(8) needs (it refuses socketmap for
+-- virtual_mailbox_maps / virtual_uid_maps / virtual_gid_maps, see src/global/dict_sockmap.c
+-- and DICT_FLAG_PARANOID) call the very same functions, so both paths agree by construction.
+--
+-- Keys are stored case-folded and split into (domain, local_part); a catch-all has the
+-- empty local part and is written `@domain` by the tools.
+
+CREATE SCHEMA IF NOT EXISTS maplookup;
+
+CREATE TABLE IF NOT EXISTS maplookup.schema_version (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version integer NOT NULL
+);
+INSERT INTO maplookup.schema_version (version) VALUES (1)
+    ON CONFLICT (singleton) DO NOTHING;
+
+-- A domain is either a mailbox domain (virtual_mailbox_domains) or an alias domain
+-- (virtual_alias_domains).  An alias domain is forwarding-only (its own aliases) or a mirror
+-- of one mailbox domain (alias_of): user@mirror answers user@target.
+CREATE TABLE IF NOT EXISTS maplookup.domains (
+    name text PRIMARY KEY,
+    kind text NOT NULL CHECK (kind IN ('mailbox', 'alias')),
+    alias_of text,
+    -- Constant 'mailbox' whenever alias_of is set, so that the composite foreign key below
+    -- proves the mirror target is a mailbox domain (no chains, no loops).
+    alias_of_kind text GENERATED ALWAYS AS
+        (CASE WHEN alias_of IS NULL THEN NULL ELSE 'mailbox' END) STORED,
+    default_uid integer CHECK (default_uid > 0),
+    default_gid integer CHECK (default_gid > 0),
+    enabled boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT domain_name_folded CHECK (name = lower(name)),
+    CONSTRAINT domain_name_syntax CHECK (
+        name ~ '^[^@[:space:][:cntrl:],]+$' AND length(name) <= 253
+        AND name !~ '^\.' AND name !~ '\.$' AND name !~ '\.\.'),
+    CONSTRAINT domain_kind_name UNIQUE (name, kind),
+    CONSTRAINT alias_of_needs_alias_kind CHECK (alias_of IS NULL OR kind = 'alias'),
+    CONSTRAINT ids_only_for_mailbox_domains CHECK (
+        kind = 'mailbox' OR (default_uid IS NULL AND default_gid IS NULL)),
+    CONSTRAINT alias_of_is_mailbox_domain FOREIGN KEY (alias_of, alias_of_kind)
+        REFERENCES maplookup.domains (name, kind) ON UPDATE RESTRICT ON DELETE RESTRICT
+);
+
+-- Mailboxes live only in mailbox domains: the generated domain_kind column and the composite
+-- foreign key make that a constraint, not a convention.
+CREATE TABLE IF NOT EXISTS maplookup.mailboxes (
+    domain text NOT NULL,
+    local_part text NOT NULL,  -- '' is the catch-all mailbox @domain
+    domain_kind text NOT NULL GENERATED ALWAYS AS ('mailbox') STORED,
+    path text NOT NULL,        -- relative to virtual_mailbox_base; trailing '/' = Maildir
+    uid integer CHECK (uid > 0),
+    gid integer CHECK (gid > 0),
+    enabled boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain, local_part),
+    CONSTRAINT mailbox_in_mailbox_domain FOREIGN KEY (domain, domain_kind)
+        REFERENCES maplookup.domains (name, kind) ON UPDATE RESTRICT ON DELETE RESTRICT,
+    CONSTRAINT mailbox_local_part_folded CHECK (local_part = lower(local_part)),
+    CONSTRAINT mailbox_local_part_syntax CHECK (
+        local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
+    -- virtual(8) resolves the path below virtual_mailbox_base: keep it there.
+    CONSTRAINT mailbox_path_relative CHECK (
+        path <> '' AND path !~ '^/' AND path !~ '(^|/)\.\.(/|$)'
+        AND path !~ '[[:cntrl:]]' AND length(path) <= 1024)
+);
+
+-- Aliases (virtual_alias_maps) in any hosted domain.  targets is a list of addresses; a
+-- target '@other.tld' keeps the local part, as Postfix does for hash: tables
+-- (src/global/mail_addr_map.c).
+CREATE TABLE IF NOT EXISTS maplookup.aliases (
+    domain text NOT NULL REFERENCES maplookup.domains (name)
+        ON UPDATE RESTRICT ON DELETE RESTRICT,
+    local_part text NOT NULL,  -- '' is the catch-all alias @domain
+    targets text[] NOT NULL,
+    enabled boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain, local_part),
+    CONSTRAINT alias_local_part_folded CHECK (local_part = lower(local_part)),
+    CONSTRAINT alias_local_part_syntax CHECK (
+        local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
+    CONSTRAINT alias_has_targets CHECK (
+        cardinality(targets) > 0 AND array_position(targets, NULL) IS NULL),
+    -- Postfix reads the answer as a comma-separated list: a target may hold no separator.
+    CONSTRAINT alias_targets_syntax CHECK (
+        array_to_string(targets, ',') !~ '[[:space:][:cntrl:]]'
+        AND array_to_string(targets, E'\n') ~ '^[^,\n]*@[^,\n@]+(\n[^,\n]*@[^,\n@]+)*$')
+);
+
+-- ---------------------------------------------------------------------------------------
+-- Lookup functions.  Each takes the key as Postfix sends it to a socketmap (the full address,
+-- any case: socketmap tables are pattern tables, src/global/dict_sockmap.c, so Postfix sends no
+-- fallback keys) and returns the answer or NULL for "not found".  They do the fallbacks a
+-- hash: table gets from src/global/mail_addr_find.c themselves.  pgsql: tables, which do get
+-- fallback keys, find the full key first, so they see the same answers.
+-- ---------------------------------------------------------------------------------------
+
+-- Split a key at its last '@' and the local part at its first recipient delimiter, the way
+-- src/global/split_addr.c does: never split postmaster/mailer-daemon/double-bounce, nor
+-- owner-*/*-request when '-' is a delimiter, nor when the local part would be empty.
+-- Returns no row for a key that is not an address.
+CREATE OR REPLACE FUNCTION maplookup.split_address(
+    key text, delimiter text,
+    OUT local_part text, OUT domain text, OUT base_part text, OUT extension text)
+RETURNS SETOF record
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    folded text := lower(key);
+    at_pos integer;
+    cut integer := 0;
+    pos integer;
+    i integer;
+BEGIN
+    at_pos := length(folded) - strpos(reverse(folded), '@') + 1;
+    IF strpos(folded, '@') = 0 THEN
+        RETURN;
+    END IF;
+    local_part := left(folded, at_pos - 1);
+    domain := substr(folded, at_pos + 1);
+    IF domain = '' THEN
+        RETURN;
+    END IF;
+    IF coalesce(delimiter, '') <> '' AND local_part <> ''
+       AND local_part NOT IN ('postmaster', 'mailer-daemon', 'double-bounce')
+       AND NOT (strpos(delimiter, '-') > 0
+                AND (local_part LIKE 'owner-%' OR local_part LIKE '%-request')) THEN
+        FOR i IN 1 .. length(delimiter) LOOP
+            pos := strpos(local_part, substr(delimiter, i, 1));
+            IF pos > 0 AND (cut = 0 OR pos < cut) THEN
+                cut := pos;
+            END IF;
+        END LOOP;
+    END IF;
+    IF cut > 1 THEN
+        base_part := left(local_part, cut - 1);
+        extension := substr(local_part, cut);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- virtual_mailbox_domains
+CREATE OR REPLACE FUNCTION maplookup.domains(key text)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT d.name FROM maplookup.domains d
+    WHERE d.name = lower(key) AND d.kind = 'mailbox' AND d.enabled
+$$;
+
+-- virtual_alias_domains (forwarding-only and mirror domains)
+CREATE OR REPLACE FUNCTION maplookup.alias_domains(key text)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT d.name FROM maplookup.domains d
+    WHERE d.name = lower(key) AND d.kind = 'alias' AND d.enabled
+$$;
+
+-- The enabled mailbox an address delivers to: exact, then without extension, then the
+-- catch-all (the order of src/global/mail_addr_find.c), with uid/gid resolved against the
+-- domain default.  exact_only leaves out the catch-all.
+CREATE OR REPLACE FUNCTION maplookup.find_mailbox(
+    key text, delimiter text, include_catchall boolean DEFAULT true,
+    OUT path text, OUT uid integer, OUT gid integer, OUT is_catchall boolean)
+RETURNS SETOF record
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT m.path, coalesce(m.uid, d.default_uid), coalesce(m.gid, d.default_gid),
+           m.local_part = ''
+    FROM maplookup.split_address(key, delimiter) a
+    JOIN maplookup.domains d ON d.name = a.domain AND d.kind = 'mailbox' AND d.enabled
+    JOIN maplookup.mailboxes m ON m.domain = d.name AND m.enabled
+        AND (m.local_part = a.local_part
+             OR m.local_part = a.base_part
+             OR (include_catchall AND m.local_part = ''))
+    ORDER BY CASE m.local_part WHEN a.local_part THEN 0 WHEN a.base_part THEN 1 ELSE 2 END
+    LIMIT 1
+$$;
+
+-- virtual_mailbox_maps
+CREATE OR REPLACE FUNCTION maplookup.vmailbox(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT f.path FROM maplookup.find_mailbox(key, delimiter) f
+$$;
+
+-- virtual_uid_maps: the mailbox's own uid, else the domain default, else default_uid.
+CREATE OR REPLACE FUNCTION maplookup.uid(
+    key text, delimiter text DEFAULT '+', default_uid integer DEFAULT NULL)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(f.uid, default_uid)::text FROM maplookup.find_mailbox(key, delimiter) f
+$$;
+
+-- virtual_gid_maps: the mailbox's own gid, else the domain default, else default_gid.
+CREATE OR REPLACE FUNCTION maplookup.gid(
+    key text, delimiter text DEFAULT '+', default_gid integer DEFAULT NULL)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(f.gid, default_gid)::text FROM maplookup.find_mailbox(key, delimiter) f
+$$;
+
+-- Rewrite alias targets the way src/global/mail_addr_map.c does: a target '@other' becomes
+-- <user>@other, where <user> is the local part that matched; then, when the match needed the
+-- extension stripped, the unmatched extension is inserted before the last '@' of every target
+-- (src/global/mail_addr_crunch.c), so user+ext@d -> a+ext@x and, for '@other', user+ext@other.  Returns the comma-separated list Postfix expects.
+CREATE OR REPLACE FUNCTION maplookup.expand_targets(
+    targets text[], local_part text, extension text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT string_agg(
+        CASE WHEN extension IS NULL THEN full_target
+             ELSE regexp_replace(full_target, '@([^@]*)$', extension || '@\1')
+        END, ',' ORDER BY n)
+    FROM unnest(targets) WITH ORDINALITY AS u(t, n),
+         LATERAL (SELECT CASE WHEN left(t, 1) = '@' THEN local_part || t ELSE t END)
+             AS f(full_target)
+$$;
+
+-- virtual_alias_maps, in this order (DESIGN.md section 3):
+--   1. alias of the exact address;
+--   2. alias of the address without extension, extension carried onto each target;
+--   3. in a mirror domain, the same address in the target domain, if that resolves there;
+--   4. NOTFOUND if the address is a real mailbox (a catch-all never swallows a mailbox);
+--   5. the catch-all alias of the domain.
+CREATE OR REPLACE FUNCTION maplookup.virtual(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    a record;
+    dom record;
+    found_targets text[];
+    mirrored text;
+BEGIN
+    SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT d.kind, d.alias_of INTO dom
+    FROM maplookup.domains d WHERE d.name = a.domain AND d.enabled;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    IF a.local_part <> '' THEN
+        SELECT al.targets INTO found_targets FROM maplookup.aliases al
+        WHERE al.domain = a.domain AND al.local_part = a.local_part AND al.enabled;
+        IF FOUND THEN
+            RETURN maplookup.expand_targets(found_targets, a.local_part, NULL);
+        END IF;
+        IF a.base_part IS NOT NULL THEN
+            SELECT al.targets INTO found_targets FROM maplookup.aliases al
+            WHERE al.domain = a.domain AND al.local_part = a.base_part AND al.enabled;
+            IF FOUND THEN
+                RETURN maplookup.expand_targets(found_targets, a.base_part, a.extension);
+            END IF;
+        END IF;
+    END IF;
+
+    IF dom.alias_of IS NOT NULL THEN
+        -- Answer only for addresses that exist in the target domain, so that smtpd rejects
+        -- unknown users of a mirror domain at RCPT instead of accepting and bouncing later.
+        mirrored := a.local_part || '@' || dom.alias_of;
+        IF a.local_part <> ''
+           AND (EXISTS (SELECT 1 FROM maplookup.find_mailbox(mirrored, delimiter))
+                OR maplookup.virtual(mirrored, delimiter) IS NOT NULL) THEN
+            RETURN mirrored;
+        END IF;
+        IF a.local_part = '' THEN
+            RETURN mirrored;
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    IF a.local_part <> '' AND EXISTS (
+        SELECT 1 FROM maplookup.find_mailbox(key, delimiter, false)) THEN
+        RETURN NULL;
+    END IF;
+
+    SELECT al.targets INTO found_targets FROM maplookup.aliases al
+    WHERE al.domain = a.domain AND al.local_part = '' AND al.enabled;
+    IF FOUND THEN
+        RETURN maplookup.expand_targets(found_targets, a.local_part, NULL);
+    END IF;
+    RETURN NULL;
+END
+$$;
