@@ -168,6 +168,13 @@ class AnswerCache:
             self._entries.popitem(last=False)
             self.counters.evictions += 1
 
+    def reconfigure(self, settings: CacheSettings) -> None:
+        """New bounds and TTLs (reload); a smaller bound evicts at once."""
+        self.settings = settings
+        while len(self._entries) > settings.max_entries:
+            self._entries.popitem(last=False)
+            self.counters.evictions += 1
+
     def invalidate_domains(self, domains: Iterable[str]) -> None:
         generations = self._domain_generations
         for domain in domains:

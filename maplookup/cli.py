@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import admin, cli_check, cli_postfix
+from maplookup import admin, cli_check, cli_postfix, cli_trace
 from maplookup.cli_common import (
     EXIT_NOTFOUND,
     EXIT_OK,
@@ -30,7 +30,7 @@ from maplookup.cli_common import (
     print_table,
     with_connection,
 )
-from maplookup.config import HostPort
+from maplookup.config import HostPort, Settings, load_settings
 from maplookup.maps import MapName
 from maplookup.protocol import Status
 
@@ -188,7 +188,13 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from maplookup.serve_main import run_serve
 
-    return run_serve(load(args, _serve_overrides(args)), demo=args.demo)
+    overrides = _serve_overrides(args)
+
+    def reload_settings() -> Settings:
+        # SIGHUP: the file and environment again, with the same command-line flags on top.
+        return load_settings(args.config, overrides)
+
+    return run_serve(load(args, overrides), demo=args.demo, reload_settings=reload_settings)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -365,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     cli_postfix.add_commands(commands)
     cli_check.add_commands(commands)
+    cli_trace.add_commands(commands)
     return parser
 
 

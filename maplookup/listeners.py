@@ -31,6 +31,32 @@ class ListenError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One configured endpoint; equal specs mean "the same listener" across reloads."""
+
+    map_name: MapName | None  # None: socketmap; a map: tcp_table for that map
+    tcp: HostPort | None = None
+    unix_path: Path | None = None
+    unix_mode: int = 0o660
+    unix_group: str | None = None
+
+
+def listener_specs(settings: ListenSettings) -> list[ListenerSpec]:
+    specs = [ListenerSpec(None, tcp=endpoint) for endpoint in settings.socketmap]
+    if settings.socketmap_unix is not None:
+        specs.append(
+            ListenerSpec(
+                None,
+                unix_path=settings.socketmap_unix,
+                unix_mode=settings.socketmap_unix_mode,
+                unix_group=settings.socketmap_unix_group,
+            )
+        )
+    specs += [ListenerSpec(m, tcp=endpoint) for m, endpoint in settings.tcp_table.items()]
+    return specs
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class BoundListener:
     """An open listening socket and what it serves.
 
@@ -41,6 +67,7 @@ class BoundListener:
     listener: trio.SocketListener
     map_name: MapName | None
     description: str
+    spec: ListenerSpec
     unix_path: Path | None = None
 
     @property
@@ -53,7 +80,9 @@ class BoundListener:
         return int(address[1])
 
 
-async def _bind_tcp(endpoint: HostPort, map_name: MapName | None) -> list[BoundListener]:
+async def _bind_tcp(spec: ListenerSpec) -> list[BoundListener]:
+    endpoint, map_name = spec.tcp, spec.map_name
+    assert endpoint is not None
     kind = "socketmap" if map_name is None else f"tcp_table {map_name.value}"
     try:
         listeners = await trio.open_tcp_listeners(
@@ -65,7 +94,7 @@ async def _bind_tcp(endpoint: HostPort, map_name: MapName | None) -> list[BoundL
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        result.append(BoundListener(listener, map_name, f"{kind} on {shown}"))
+        result.append(BoundListener(listener, map_name, f"{kind} on {shown}", spec))
     return result
 
 
@@ -91,7 +120,9 @@ def _remove_stale_socket(path: Path) -> None:
     raise ListenError(f"another server is already listening on {path}")
 
 
-async def _bind_unix(path: Path, mode: int, group: str | None) -> BoundListener:
+async def _bind_unix(spec: ListenerSpec) -> BoundListener:
+    path, mode, group = spec.unix_path, spec.unix_mode, spec.unix_group
+    assert path is not None
     _remove_stale_socket(path)
     gid = -1
     if group is not None:
@@ -110,25 +141,22 @@ async def _bind_unix(path: Path, mode: int, group: str | None) -> BoundListener:
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on unix socket {path}: {exc.strerror}") from exc
-    return BoundListener(trio.SocketListener(sock), None, f"socketmap on unix:{path}", path)
+    return BoundListener(trio.SocketListener(sock), None, f"socketmap on unix:{path}", spec, path)
+
+
+async def bind_spec(spec: ListenerSpec) -> list[BoundListener]:
+    """Open the listener(s) of one endpoint (a host name may resolve to several addresses)."""
+    if spec.unix_path is not None:
+        return [await _bind_unix(spec)]
+    return await _bind_tcp(spec)
 
 
 async def bind_all(settings: ListenSettings) -> list[BoundListener]:
     """Open every configured listener, or none: on error, close what was opened and raise."""
     bound: list[BoundListener] = []
     try:
-        for endpoint in settings.socketmap:
-            bound.extend(await _bind_tcp(endpoint, None))
-        if settings.socketmap_unix is not None:
-            bound.append(
-                await _bind_unix(
-                    settings.socketmap_unix,
-                    settings.socketmap_unix_mode,
-                    settings.socketmap_unix_group,
-                )
-            )
-        for map_name, endpoint in settings.tcp_table.items():
-            bound.extend(await _bind_tcp(endpoint, map_name))
+        for spec in listener_specs(settings):
+            bound.extend(await bind_spec(spec))
     except BaseException:
         await close_all(bound)
         raise

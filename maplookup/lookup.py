@@ -39,10 +39,10 @@ class DatabaseSource:
 
     def __init__(self, database: ValueSource, settings: LookupSettings) -> None:
         self._database = database
-        self._settings = settings
+        self.settings = settings  # replaced on reload
 
     async def fetch(self, map_name: MapName, key: str) -> str | None:
-        query, args = query_for(map_name, key, self._settings)
+        query, args = query_for(map_name, key, self.settings)
         return await self._database.fetch_value(query, args)
 
 

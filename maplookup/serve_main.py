@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 
 import asyncpg
 import trio
@@ -44,7 +46,12 @@ async def _prepare_database(dsn: str, *, apply_schema: bool, demo: bool) -> None
         await conn.close()
 
 
-def run_serve(settings: Settings, *, demo: bool = False) -> int:
+def run_serve(
+    settings: Settings,
+    *,
+    demo: bool = False,
+    reload_settings: Callable[[], Settings] | None = None,
+) -> int:
     """Run ``maplookup serve`` to completion; returns the process exit code."""
     configure_logging(settings.log_level)
     with ExitStack() as stack:
@@ -75,7 +82,7 @@ def run_serve(settings: Settings, *, demo: bool = False) -> int:
                 log.error("cannot prepare the database: %s", exc)
                 return 1
         try:
-            trio.run(serve, settings, dsn)
+            trio.run(partial(serve, settings, dsn, reload_settings=reload_settings))
         except (StartupError, ListenError) as exc:
             log.error("%s", exc)
             return 1

@@ -72,31 +72,75 @@ class Server:
     ) -> None:
         self._answerer = answerer
         self._limits = limits
-        self._listeners = listeners
+        self._listeners = list(listeners)
+        self._accept_scopes: dict[int, trio.CancelScope] = {}
+        self._accept_loops: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
         self._draining = False
         self._accepting = trio.CancelScope()
         self._idle_scopes: set[trio.CancelScope] = set()
         self.counters = ServerCounters()
 
+    @property
+    def limits(self) -> LimitSettings:
+        return self._limits
+
+    def set_limits(self, limits: LimitSettings) -> None:
+        """Apply new limits (reload): new connections and the next request of each open one."""
+        self._limits = limits
+
+    @property
+    def listeners(self) -> list[BoundListener]:
+        return list(self._listeners)
+
     def _protocol_factory(self, bound: BoundListener) -> Callable[[], WireProtocol]:
-        max_request_bytes = self._limits.max_request_bytes
+        limits = self  # read the limit when the connection starts, so a reload applies
+
         if bound.map_name is None:
-            return lambda: SocketmapProtocol(max_request_bytes=max_request_bytes)
+            return lambda: SocketmapProtocol(max_request_bytes=limits.limits.max_request_bytes)
         wire_name = bound.map_name.value.encode()
-        return lambda: TcpTableProtocol(wire_name, max_request_bytes=max_request_bytes)
+        return lambda: TcpTableProtocol(
+            wire_name, max_request_bytes=limits.limits.max_request_bytes
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve until ``drain()``; then wait for in-flight requests, bounded."""
         async with trio.open_nursery() as connections:
+            self._connections = connections
             with self._accepting:
                 async with trio.open_nursery() as accept_loops:
+                    self._accept_loops = accept_loops
+                    # Keeps the nursery open even when a reload removes every listener.
+                    accept_loops.start_soon(trio.sleep_forever)
                     for bound in self._listeners:
-                        accept_loops.start_soon(
-                            self._accept_loop, bound, self._protocol_factory(bound), connections
-                        )
+                        self._start_accept_loop(bound)
                     task_status.started()
             # Draining: no more accepts; connections finish what they are answering.
             connections.cancel_scope.deadline = trio.current_time() + self._limits.drain_timeout_s
+
+    def _start_accept_loop(self, bound: BoundListener) -> None:
+        if self._accept_loops is None or self._connections is None:
+            raise RuntimeError("listeners can be added only while the server runs")
+        scope = trio.CancelScope()
+        self._accept_scopes[id(bound)] = scope
+        self._accept_loops.start_soon(
+            self._accept_loop, bound, self._protocol_factory(bound), self._connections, scope
+        )
+
+    def add_listener(self, bound: BoundListener) -> None:
+        """Start accepting on a newly bound listener (reload)."""
+        self._listeners.append(bound)
+        self._start_accept_loop(bound)
+
+    def remove_listener(self, bound: BoundListener) -> None:
+        """Stop accepting on a listener (reload); its established connections carry on.
+
+        The caller closes the listener afterwards.
+        """
+        self._listeners.remove(bound)
+        scope = self._accept_scopes.pop(id(bound), None)
+        if scope is not None:
+            scope.cancel()
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests be answered, close idle connections."""
@@ -112,10 +156,22 @@ class Server:
         bound: BoundListener,
         make_protocol: Callable[[], WireProtocol],
         connections: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            await self._accept_until_cancelled(bound, make_protocol, connections)
+
+    async def _accept_until_cancelled(
+        self,
+        bound: BoundListener,
+        make_protocol: Callable[[], WireProtocol],
+        connections: trio.Nursery,
     ) -> None:
         while True:
             try:
                 stream = await bound.listener.accept()
+            except trio.ClosedResourceError:
+                return  # removed by a reload and closed
             except OSError as exc:
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
@@ -127,12 +183,13 @@ class Server:
                 )
                 await trio.sleep(_ACCEPT_RETRY_S)
                 continue
-            if self.counters.connections_open >= self._limits.max_connections:
+            limits = self._limits
+            if self.counters.connections_open >= limits.max_connections:
                 self.counters.connections_rejected += 1
                 if self.counters.connections_rejected % 100 == 1:
                     log.warning(
                         "max_connections=%d reached; refusing new connections (%d refused so far)",
-                        self._limits.max_connections,
+                        limits.max_connections,
                         self.counters.connections_rejected,
                     )
                 await trio.aclose_forcefully(stream)
@@ -161,8 +218,8 @@ class Server:
             await trio.aclose_forcefully(stream)
 
     async def _converse(self, stream: trio.SocketStream, protocol: WireProtocol) -> None:
-        limits = self._limits
         while True:
+            limits = self._limits  # re-read each round: a reload applies to open connections
             event = protocol.next_event()
             if event is NEED_DATA:
                 if not protocol.in_message:

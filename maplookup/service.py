@@ -3,6 +3,9 @@
 Start-up order matters for mail: listeners are bound only once the database layer exists, and
 a database that is down at start-up does not stop the server: it answers TEMP (Postfix defers)
 until PostgreSQL is back, which is what a mail admin wants at 3 a.m. after a reboot race.
+
+Signals: SIGTERM/SIGINT drain and stop; SIGHUP re-reads the configuration and applies what can
+change live (see ``Service.reload``), keeping every established connection.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ import trio
 from maplookup import schema
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.changes import ChangeListener, ListenerSettings
-from maplookup.config import Settings
+from maplookup.config import ConfigError, Settings
 from maplookup.db import Database, DatabaseError, PoolSettings, open_database
-from maplookup.listeners import BoundListener, bind_all, close_all
+from maplookup.listeners import (
+    BoundListener,
+    ListenError,
+    bind_all,
+    bind_spec,
+    close_all,
+    listener_specs,
+)
 from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.server import Server
@@ -33,13 +43,17 @@ class StartupError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """The parts of a running service, for tests and (later) metrics."""
+    """The parts of a running service, for tests and metrics."""
 
+    service: Service
     server: Server
     lookup: Lookup
     cache: AnswerCache | None
     listener: ChangeListener | None
-    listeners: list[BoundListener]
+
+    @property
+    def listeners(self) -> list[BoundListener]:
+        return self.server.listeners
 
 
 def cache_settings(settings: Settings) -> CacheSettings:
@@ -77,57 +91,192 @@ async def _check_schema(database: Database) -> None:
         raise StartupError(str(exc)) from exc
 
 
+class Service:
+    """One running maplookup: database, cache, change listener, server; reloadable."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._dsn = dsn
+        self._reload_settings = reload_settings
+        self._running: Running | None = None
+        self._source: DatabaseSource | None = None
+        self.reloads = 0
+        self.rejected_reloads = 0
+
+    async def run(
+        self,
+        *,
+        on_ready: Callable[[list[BoundListener]], None] | None = None,
+        task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until SIGTERM/SIGINT (or ``drain()``), then drain and return."""
+        settings = self.settings
+        pool_settings = PoolSettings(
+            dsn=self._dsn,
+            pool_max_connections=settings.database.pool_max_connections,
+            query_timeout_s=settings.database.query_timeout_s,
+            connect_timeout_s=settings.database.connect_timeout_s,
+        )
+        async with open_database(pool_settings) as database:
+            await _check_schema(database)
+            self._source = DatabaseSource(database, lookup_settings(settings))
+            source: AnswerSource = self._source
+            cache: AnswerCache | None = None
+            listener: ChangeListener | None = None
+            if settings.cache.max_entries > 0:
+                cache = AnswerCache(cache_settings(settings))
+                source = CachingSource(source, cache)
+                listener = ChangeListener(
+                    ListenerSettings(
+                        dsn=self._dsn,
+                        connect_timeout_s=settings.database.connect_timeout_s,
+                        keepalive_s=settings.cache.listen_keepalive_s,
+                    ),
+                    invalidate=cache.invalidate_domains,
+                    flush=cache.flush,
+                    set_live=cache.set_live,
+                )
+            else:
+                log.info("cache off: every lookup queries PostgreSQL")
+            lookup = Lookup(source)
+            server = Server(lookup, settings.limits, await bind_all(settings.listen))
+            running = Running(self, server, lookup, cache, listener)
+            self._running = running
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._handle_signals)
+                    if listener is not None:
+                        await nursery.start(listener.run, database.bridge)
+                    await nursery.start(_run_until_drained, server, nursery.cancel_scope)
+                    for item in server.listeners:
+                        log.info("listening: %s", item.description)
+                    if on_ready is not None:
+                        on_ready(server.listeners)
+                    task_status.started(running)
+            finally:
+                await close_all(server.listeners)
+        log.info("stopped")
+
+    def drain(self) -> None:
+        if self._running is not None:
+            log.info("draining (up to %s s)", self.settings.limits.drain_timeout_s)
+            self._running.server.drain()
+
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP received: reloading the configuration")
+                    await self.reload()
+                    continue
+                log.info("%s received", signal.Signals(signum).name)
+                self.drain()
+                return
+
+    async def reload(self) -> bool:
+        """Re-read the configuration and apply it live; False (old one kept) if it is unusable.
+
+        Applied live: listeners added and removed (established connections stay), limits,
+        cache size and TTLs, the recipient delimiter and default ids (the cache is flushed),
+        the log level.  Database, pool and embedded settings, and turning the cache on or off,
+        need a restart: they are reported and left as they are.
+        """
+        if self._reload_settings is None or self._running is None:
+            log.warning("reload: nothing to reload from")
+            return False
+        try:
+            new = self._reload_settings()
+        except ConfigError as exc:
+            self.rejected_reloads += 1
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return False
+        try:
+            changes = await self._apply(new)
+        except ListenError as exc:
+            self.rejected_reloads += 1
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return False
+        self.reloads += 1
+        log.info("configuration reloaded: %s", ", ".join(changes) or "nothing changed")
+        return True
+
+    async def _apply(self, new: Settings) -> list[str]:
+        assert self._running is not None
+        assert self._source is not None
+        old, server, cache = self.settings, self._running.server, self._running.cache
+        changes: list[str] = []
+
+        # Listeners first: binding can fail, and then nothing at all may change.
+        wanted = listener_specs(new.listen)
+        if not wanted:
+            raise ListenError("nothing to listen on: configure socketmap or tcp_table")
+        current = {b.spec for b in server.listeners}
+        added: list[BoundListener] = []
+        try:
+            for spec in wanted:
+                if spec not in current:
+                    added.extend(await bind_spec(spec))
+        except BaseException:
+            await close_all(added)
+            raise
+        for bound in added:
+            server.add_listener(bound)
+            changes.append(f"listening on {bound.description}")
+        for bound in server.listeners:
+            if bound.spec not in wanted:
+                server.remove_listener(bound)
+                await close_all([bound])
+                changes.append(f"stopped listening on {bound.description}")
+
+        if new.limits != old.limits:
+            server.set_limits(new.limits)
+            changes.append("limits")
+        if cache is not None and new.cache != old.cache and new.cache.max_entries > 0:
+            cache.reconfigure(cache_settings(new))
+            changes.append("cache settings")
+        if new.lookup != old.lookup:
+            self._source.settings = lookup_settings(new)
+            if cache is not None:
+                cache.flush()
+            changes.append("lookup settings (cache flushed)")
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+            changes.append(f"log level {new.log_level}")
+        restart = [
+            name
+            for name, differs in (
+                ("database", new.database != old.database),
+                ("embedded", new.embedded != old.embedded),
+                ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),
+                (
+                    "listen_keepalive_s",
+                    new.cache.listen_keepalive_s != old.cache.listen_keepalive_s,
+                ),
+            )
+            if differs
+        ]
+        if restart:
+            log.warning("reload: %s changed; these take effect at the next restart", restart)
+        self.settings = new.model_copy(update={"database": old.database, "embedded": old.embedded})
+        return changes
+
+
 async def serve(
     settings: Settings,
     dsn: str,
     *,
+    reload_settings: Callable[[], Settings] | None = None,
     on_ready: Callable[[list[BoundListener]], None] | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or cancellation), then drain and return."""
-    pool_settings = PoolSettings(
-        dsn=dsn,
-        pool_max_connections=settings.database.pool_max_connections,
-        query_timeout_s=settings.database.query_timeout_s,
-        connect_timeout_s=settings.database.connect_timeout_s,
-    )
-    async with open_database(pool_settings) as database:
-        await _check_schema(database)
-        source: AnswerSource = DatabaseSource(database, lookup_settings(settings))
-        cache: AnswerCache | None = None
-        listener: ChangeListener | None = None
-        if settings.cache.max_entries > 0:
-            cache = AnswerCache(cache_settings(settings))
-            source = CachingSource(source, cache)
-            listener = ChangeListener(
-                ListenerSettings(
-                    dsn=dsn,
-                    connect_timeout_s=settings.database.connect_timeout_s,
-                    keepalive_s=settings.cache.listen_keepalive_s,
-                ),
-                invalidate=cache.invalidate_domains,
-                flush=cache.flush,
-                set_live=cache.set_live,
-            )
-        else:
-            log.info("cache off: every lookup queries PostgreSQL")
-        lookup = Lookup(source)
-        bound = await bind_all(settings.listen)
-        try:
-            server = Server(lookup, settings.limits, bound)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain_on_signal, server, settings.limits.drain_timeout_s)
-                if listener is not None:
-                    await nursery.start(listener.run, database.bridge)
-                await nursery.start(_run_until_drained, server, nursery.cancel_scope)
-                for item in bound:
-                    log.info("listening: %s", item.description)
-                if on_ready is not None:
-                    on_ready(bound)
-                task_status.started(Running(server, lookup, cache, listener, bound))
-        finally:
-            await close_all(bound)
-    log.info("stopped")
+    """Run a Service until SIGTERM/SIGINT (or its ``drain()``)."""
+    service = Service(settings, dsn, reload_settings)
+    await service.run(on_ready=on_ready, task_status=task_status)
 
 
 async def _run_until_drained(
@@ -139,13 +288,3 @@ async def _run_until_drained(
     """Run the server; once it has drained, stop the tasks that watch for signals."""
     await server.run(task_status=task_status)
     watchers.cancel()
-
-
-async def _drain_on_signal(server: Server, drain_timeout_s: float) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info(
-                "%s received: draining (up to %s s)", signal.Signals(signum).name, drain_timeout_s
-            )
-            server.drain()
-            return

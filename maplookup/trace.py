@@ -1,0 +1,413 @@
+"""How Postfix will route one address through maplookup's maps: the question admins ask most.
+
+Three Postfix stages are modelled, each after the source that decides it:
+
+1. cleanup(8)'s virtual alias expansion, ``src/cleanup/cleanup_map1n.c``, step by step: the
+   address vector is rewritten in place; a lookup result replaces its address with the first
+   result and appends the others at the end (so the left branch is followed first); an address
+   that appears in its own expansion is remembered (a case-folded ``been_here`` table) and kept
+   as a final recipient wherever it turns up afterwards; a NOTFOUND address is final; the
+   result is written once per address (``src/cleanup/cleanup_out_recipient.c``).  The
+   limits are ``virtual_alias_recursion_limit`` (lookups along one left branch),
+   ``virtual_alias_expansion_limit`` (addresses in the vector) and
+   ``virtual_alias_address_length_limit`` (length of one result), all 1000 by default
+   (postconf(5)).  Hitting any of them refuses the whole message with
+   "451 4.6.0 Alias expansion error".  A loop without such a self-reference (a -> b -> a)
+   repeats until one of those limits: it is reported as a loop as soon as an address comes
+   back to an ancestor with no self-referencing address on the way, because from there the
+   same lookups repeat for ever.
+2. trivial-rewrite's address classes, ``src/trivial-rewrite/resolve.c``: a final address in a
+   virtual alias domain goes to the error transport ("User unknown in virtual alias table"),
+   one in a virtual mailbox domain to virtual(8), anything else off-host (relayed).
+3. virtual(8), ``src/virtual/mailbox.c`` and ``recipient.c``: no mailbox path means a bounce
+   ("unknown user", 5.1.1); a missing uid or gid, a uid below ``virtual_minimum_uid`` or a gid
+   that is not positive defers the mail ("4.3.5 mail system configuration error").
+
+Every answer comes from the statements the server runs (``maps.query_for`` and ``fold_key``),
+so the trace sees exactly what Postfix gets, inside one REPEATABLE READ, READ ONLY transaction
+(under READ COMMITTED each statement would take a new snapshot).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from maplookup.maps import LookupSettings, MapName, fold_key, query_for
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixSettings:
+    """Postfix parameters the trace depends on, with Postfix's defaults (postconf(5))."""
+
+    virtual_alias_recursion_limit: int = 1000
+    virtual_alias_expansion_limit: int = 1000
+    virtual_alias_address_length_limit: int = 1000
+    virtual_minimum_uid: int = 100
+
+
+# Not a Postfix limit: a guard so that a pathological data set cannot make the trace itself
+# run away (Postfix's own limits allow up to about recursion x expansion = 10^6 addresses).
+MAX_TRACE_ADDRESSES = 100_000
+
+
+class DomainClass(enum.StrEnum):
+    """trivial-rewrite's address class of a domain (src/trivial-rewrite/resolve.c)."""
+
+    VIRTUAL_MAILBOX = "virtual_mailbox"  # virtual_mailbox_domains: delivered by virtual(8)
+    VIRTUAL_ALIAS = "virtual_alias"  # virtual_alias_domains: must be aliased, else unknown
+    REMOTE = "remote"  # neither: delivered off-host (relayed)
+
+
+class Verdict(enum.StrEnum):
+    DELIVERED = "delivered"  # into a mailbox here
+    RELAYED = "relayed"  # sent on to another host
+    REJECTED = "rejected"  # 5.1.1 at RCPT, or a bounce after alias expansion
+    DEFERRED = "deferred"  # 4.3.5: stays in the queue
+
+
+class NodeKind(enum.StrEnum):
+    ALIAS = "alias"  # virtual_alias_maps answered: replaced by its children
+    FINAL = "final"  # virtual_alias_maps said NOTFOUND: a final recipient
+    SELF = "self"  # expanded into itself earlier: kept as a final recipient, not looked up
+    LOOP = "loop"  # back to an ancestor: the expansion would never end
+    UNREACHED = "unreached"  # not expanded: the expansion stopped with an error first
+
+
+class ErrorKind(enum.StrEnum):
+    LOOP = "loop"
+    RECURSION_LIMIT = "virtual_alias_recursion_limit"
+    EXPANSION_LIMIT = "virtual_alias_expansion_limit"
+    ADDRESS_LENGTH_LIMIT = "virtual_alias_address_length_limit"
+    TRACE_LIMIT = "trace_limit"  # this tool gave up; not something Postfix does
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What happens to one final recipient."""
+
+    domain: str
+    domain_class: DomainClass
+    verdict: Verdict
+    reason: str  # one line, with the status Postfix would give
+    mailbox: str | None = None  # relative to virtual_mailbox_base; trailing '/' = Maildir
+    uid: str | None = None
+    gid: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class AliasNode:
+    """One address in the expansion tree."""
+
+    address: str
+    kind: NodeKind = NodeKind.UNREACHED
+    virtual: str | None = None  # the virtual_alias_maps answer, for ALIAS nodes
+    children: list[AliasNode] = field(default_factory=list)
+    delivery: Delivery | None = None  # for FINAL and SELF nodes
+    # A final address already written once: cleanup_out_recipient.c drops it (case-folded).
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExpansionError:
+    """Why cleanup(8) would refuse the whole message (451 4.6.0 Alias expansion error)."""
+
+    kind: ErrorKind
+    address: str  # the address being expanded when it happened
+    message: str
+    path: tuple[str, ...] = ()  # for a loop: from the ancestor back to itself
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    address: str
+    domain: str
+    domain_class: DomainClass
+    tree: AliasNode
+    # Final recipients in the order cleanup(8) writes them, each address once.
+    recipients: tuple[AliasNode, ...]
+    error: ExpansionError | None
+    settings: LookupSettings
+    postfix: PostfixSettings
+
+    @property
+    def ok(self) -> bool:
+        """True when every final recipient is delivered here or relayed."""
+        return self.error is None and all(
+            r.delivery is not None and r.delivery.verdict in (Verdict.DELIVERED, Verdict.RELAYED)
+            for r in self.recipients
+        )
+
+    def counts(self) -> dict[Verdict, int]:
+        counts = dict.fromkeys(Verdict, 0)
+        for node in self.recipients:
+            if node.delivery is not None:
+                counts[node.delivery.verdict] += 1
+        return counts
+
+
+class TraceInputError(ValueError):
+    """The address cannot be traced (bad usage)."""
+
+
+def parse_trace_address(text: str) -> str:
+    """``user@domain`` as given (``<...>`` allowed), or TraceInputError."""
+    address = text.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TraceInputError(f"address is not valid UTF-8: {text!r}") from None
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise TraceInputError(f"expected an address user@domain, got {text!r}")
+    return address
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _atol(text: str) -> int:
+    """C's atol(), as virtual(8) reads uid and gid answers: leading digits, else 0."""
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+class _Tracer:
+    def __init__(
+        self, conn: asyncpg.Connection, settings: LookupSettings, postfix: PostfixSettings
+    ) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._postfix = postfix
+        self._answers: dict[tuple[MapName, str], str | None] = {}
+        self._deliveries: dict[tuple[str, bool], Delivery] = {}
+        self._parents: dict[int, AliasNode] = {}
+
+    async def lookup(self, map_name: MapName, key: str) -> str | None:
+        """What the server answers: None for NOTFOUND.  Same snapshot, so memoised."""
+        folded = fold_key(map_name, key.encode("utf-8"))
+        if folded is None:
+            return None
+        if (map_name, folded) not in self._answers:
+            query, args = query_for(map_name, folded, self._settings)
+            value = await self._conn.fetchval(query, *args)
+            # The server answers NOTFOUND for NULL and for an empty string (lookup.py).
+            self._answers[map_name, folded] = str(value) if value else None
+        return self._answers[map_name, folded]
+
+    async def classify(self, domain: str) -> DomainClass:
+        # resolve.c tests virtual_alias_domains first, then virtual_mailbox_domains.
+        if await self.lookup(MapName.ALIAS_DOMAINS, domain) is not None:
+            return DomainClass.VIRTUAL_ALIAS
+        if await self.lookup(MapName.DOMAINS, domain) is not None:
+            return DomainClass.VIRTUAL_MAILBOX
+        return DomainClass.REMOTE
+
+    # -- cleanup(8): src/cleanup/cleanup_map1n.c --------------------------------------------
+
+    async def expand(self, root: AliasNode) -> tuple[list[AliasNode], ExpansionError | None]:
+        """Run cleanup_map1n_internal() over ``root``; returns the address vector and error."""
+        limits = self._postfix
+        vector = [root]
+        been_here: set[str] = set()  # BH_FLAG_FOLD: compared case-folded
+        nodes = 1
+        arg = 0
+        while arg < len(vector):
+            if len(vector) > limits.virtual_alias_expansion_limit:
+                return vector, ExpansionError(
+                    ErrorKind.EXPANSION_LIMIT,
+                    root.address,
+                    f"more than {limits.virtual_alias_expansion_limit} addresses "
+                    "(virtual_alias_expansion_limit)",
+                )
+            node = vector[arg]
+            count = 0
+            while True:
+                folded = node.address.lower()
+                if folded in been_here:
+                    node.kind = NodeKind.SELF
+                    break
+                if count >= limits.virtual_alias_recursion_limit:
+                    return vector, ExpansionError(
+                        ErrorKind.RECURSION_LIMIT,
+                        node.address,
+                        f"nesting deeper than {limits.virtual_alias_recursion_limit} "
+                        "(virtual_alias_recursion_limit)",
+                    )
+                loop = self._loop_path(node, been_here)
+                if loop:
+                    node.kind = NodeKind.LOOP
+                    return vector, ExpansionError(
+                        ErrorKind.LOOP,
+                        node.address,
+                        "alias loop: " + " -> ".join(loop),
+                        tuple(loop),
+                    )
+                answer = await self.lookup(MapName.VIRTUAL, node.address)
+                # mail_addr_map() splits the answer as an address list; the schema allows
+                # no white space in targets, so splitting on ',' is the same thing.
+                targets = [t.strip() for t in (answer or "").split(",") if t.strip()]
+                if not targets:
+                    node.kind = NodeKind.FINAL
+                    break
+                node.kind = NodeKind.ALIAS
+                node.virtual = answer
+                for i, target in enumerate(targets):
+                    if len(target) > limits.virtual_alias_address_length_limit:
+                        return vector, ExpansionError(
+                            ErrorKind.ADDRESS_LENGTH_LIMIT,
+                            node.address,
+                            f"a result longer than {limits.virtual_alias_address_length_limit}"
+                            " characters (virtual_alias_address_length_limit)",
+                        )
+                    child = AliasNode(target)
+                    node.children.append(child)
+                    self._parents[id(child)] = node
+                    if i == 0:
+                        vector[arg] = child
+                    else:
+                        vector.append(child)
+                    # "Allow an address to expand into itself once."
+                    if target.lower() == folded:
+                        been_here.add(folded)
+                nodes += len(targets)
+                if nodes > MAX_TRACE_ADDRESSES:
+                    return vector, ExpansionError(
+                        ErrorKind.TRACE_LIMIT,
+                        node.address,
+                        f"trace stopped after {MAX_TRACE_ADDRESSES} addresses (a limit of "
+                        "this tool, not of Postfix)",
+                    )
+                node = vector[arg]
+                count += 1
+            arg += 1
+        return vector, None
+
+    def _loop_path(self, node: AliasNode, been_here: set[str]) -> list[str]:
+        """The cycle if ``node`` repeats an ancestor and nothing on the way stops it.
+
+        Every ancestor has been looked up already, so each one that expands into itself is in
+        ``been_here`` by now.  Without one on the cycle, the same lookups come round again
+        and again until a limit refuses the message: report that now, as a loop.
+        """
+        folded = node.address.lower()
+        path = [node.address]
+        parent = self._parents.get(id(node))
+        while parent is not None:
+            path.append(parent.address)
+            if parent.address.lower() == folded:
+                cycle = path[::-1]
+                if not any(a.lower() in been_here for a in cycle):
+                    return cycle
+                return []
+            parent = self._parents.get(id(parent))
+        return []
+
+    # -- trivial-rewrite and virtual(8) ------------------------------------------------------
+
+    async def deliver(self, address: str, *, at_rcpt: bool) -> Delivery:
+        """The fate of one final recipient; ``at_rcpt``: it is the address smtpd checks."""
+        key = (address.lower(), at_rcpt)
+        if key not in self._deliveries:
+            self._deliveries[key] = await self._deliver(address, at_rcpt)
+        return self._deliveries[key]
+
+    async def _deliver(self, address: str, at_rcpt: bool) -> Delivery:
+        domain = _domain_of(address)
+        domain_class = await self.classify(domain)
+        if domain_class is DomainClass.REMOTE:
+            reason = f"relayed to {domain} (not delivered here"
+            if at_rcpt:
+                reason += "; smtpd accepts it only from clients allowed to relay"
+            return Delivery(domain, domain_class, Verdict.RELAYED, reason + ")")
+        if domain_class is DomainClass.VIRTUAL_ALIAS:
+            # resolve.c sends it to the error transport; smtpd rejects it at RCPT already.
+            reason = "User unknown in virtual alias table " + (
+                "(550 5.1.1 at RCPT)" if at_rcpt else "(5.1.1, bounced after alias expansion)"
+            )
+            return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+        mailbox = await self.lookup(MapName.VMAILBOX, address)
+        if mailbox is None:
+            reason = (
+                "User unknown in virtual mailbox table (550 5.1.1 at RCPT)"
+                if at_rcpt
+                else "unknown user (5.1.1, bounced by virtual(8))"
+            )
+            return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+        uid = await self.lookup(MapName.UID, address)
+        gid = await self.lookup(MapName.GID, address)
+        problems = []
+        if uid is None:
+            problems.append("no uid in virtual_uid_maps")
+        elif _atol(uid) < self._postfix.virtual_minimum_uid:
+            problems.append(
+                f"bad uid {uid}: below virtual_minimum_uid {self._postfix.virtual_minimum_uid}"
+            )
+        if gid is None:
+            problems.append("no gid in virtual_gid_maps")
+        elif _atol(gid) <= 0:
+            problems.append(f"bad gid {gid}")
+        if problems:
+            reason = ", ".join(problems) + " (4.3.5 mail system configuration error, virtual(8))"
+            return Delivery(domain, domain_class, Verdict.DEFERRED, reason, mailbox, uid, gid)
+        kind = "Maildir" if mailbox.endswith("/") else "mbox file"
+        return Delivery(
+            domain, domain_class, Verdict.DELIVERED, f"delivered to {kind}", mailbox, uid, gid
+        )
+
+
+async def trace_address(
+    conn: asyncpg.Connection,
+    address: str,
+    settings: LookupSettings,
+    postfix: PostfixSettings | None = None,
+) -> TraceResult:
+    """Follow ``address`` through the maps as Postfix would; read-only, one snapshot.
+
+    Raises TraceInputError for something that is not ``user@domain``.  Runs in its own
+    REPEATABLE READ, READ ONLY transaction, or in the caller's transaction if one is open.
+    """
+    address = parse_trace_address(address)
+    postfix = postfix or PostfixSettings()
+    if conn.is_in_transaction():
+        return await _trace(conn, address, settings, postfix)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _trace(conn, address, settings, postfix)
+
+
+async def _trace(
+    conn: asyncpg.Connection, address: str, settings: LookupSettings, postfix: PostfixSettings
+) -> TraceResult:
+    tracer = _Tracer(conn, settings, postfix)
+    domain = _domain_of(address)
+    domain_class = await tracer.classify(domain)
+    root = AliasNode(address)
+    vector, error = await tracer.expand(root)
+    recipients: list[AliasNode] = []
+    written: set[str] = set()
+    for node in vector:
+        if node.kind not in (NodeKind.FINAL, NodeKind.SELF):
+            continue
+        node.delivery = await tracer.deliver(node.address, at_rcpt=node is root)
+        # cleanup_out_recipient.c writes each expanded address once (been_here, BH_FLAG_FOLD).
+        if node.address.lower() in written:
+            node.duplicate = True
+        else:
+            written.add(node.address.lower())
+            recipients.append(node)
+    return TraceResult(
+        address=address,
+        domain=domain,
+        domain_class=domain_class,
+        tree=root,
+        recipients=tuple(recipients),
+        error=error,
+        settings=settings,
+        postfix=postfix,
+    )
