@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import admin, cli_check, cli_postfix, cli_trace
+from maplookup import admin, cli_check, cli_postfix, cli_trace, cli_transfer
 from maplookup.cli_common import (
     EXIT_NOTFOUND,
     EXIT_OK,
@@ -182,6 +182,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["log_level"] = args.log_level
     if args.no_cache:
         overrides["cache"] = {"max_entries": 0}
+    if args.metrics:
+        overrides["metrics"] = {"listen": args.metrics}
     return overrides
 
 
@@ -237,6 +239,11 @@ def _add_serve_command(commands: Any) -> None:
         "--default-gid", type=int, help="gid when neither mailbox nor domain has one"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz over HTTP here (default: off)",
+    )
     serve.add_argument(
         "--no-cache",
         action="store_true",
@@ -372,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_postfix.add_commands(commands)
     cli_check.add_commands(commands)
     cli_trace.add_commands(commands)
+    cli_transfer.add_commands(commands)
     return parser
 
 

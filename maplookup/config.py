@@ -139,6 +139,17 @@ class LookupConfig(_Model):
         return value
 
 
+class MetricsConfig(_Model):
+    """Prometheus /metrics and /healthz over HTTP.  Off unless ``listen`` is set."""
+
+    listen: HostPort | None = None  # e.g. "127.0.0.1:9100"; keep it off the public network
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _parse_listen(cls, value: object) -> object:
+        return _coerce_host_port(value)
+
+
 class CacheConfig(_Model):
     """The answer cache (DESIGN.md section 5).  ``max_entries = 0`` turns it off."""
 
@@ -170,8 +181,21 @@ class Settings(_Model):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     lookup: LookupConfig = Field(default_factory=LookupConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     log_level: str = "info"
+    # text (for people), logfmt or json (for log collectors).
+    log_format: str = "text"
+    # Fraction of lookups logged with map, key, result and duration (0 = none).  Keys are
+    # mail addresses: turning this on writes them to the log.
+    query_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value.lower() not in ("text", "logfmt", "json"):
+            raise ValueError("log_format is one of text, logfmt, json")
+        return value.lower()
 
     @field_validator("log_level")
     @classmethod
@@ -197,8 +221,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             section, _, field = rest.partition("__")
             if section in Settings.model_fields:
                 result.setdefault(section, {})[field] = value
-        elif rest == "log_level":
-            result["log_level"] = value
+        elif rest in ("log_level", "log_format", "query_log_sample_rate"):
+            result[rest] = value
     return result
 
 

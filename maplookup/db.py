@@ -150,6 +150,11 @@ class Database:
         """The asyncio thread, for other asyncpg work (the change listener)."""
         return self._bridge
 
+    def pool_state(self) -> tuple[int, int, int]:
+        """(open connections, idle connections, maximum); read across threads, approximate."""
+        pool = self._pool
+        return pool.get_size(), pool.get_idle_size(), pool.get_max_size()
+
     async def _fetch_value_in_loop(self, query: str, args: tuple[object, ...]) -> object:
         try:
             async with asyncio.timeout(self._settings.query_timeout_s):

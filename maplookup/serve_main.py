@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
@@ -22,17 +21,11 @@ from maplookup.config import Settings
 from maplookup.demo import load_demo_data
 from maplookup.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_state_dir
 from maplookup.listeners import ListenError
+from maplookup.logsetup import configure_logging
+from maplookup.sdnotify import SystemdNotifier
 from maplookup.service import StartupError, serve
 
 log = logging.getLogger("maplookup")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _prepare_database(dsn: str, *, apply_schema: bool, demo: bool) -> None:
@@ -53,7 +46,10 @@ def run_serve(
     reload_settings: Callable[[], Settings] | None = None,
 ) -> int:
     """Run ``maplookup serve`` to completion; returns the process exit code."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    # Read NOTIFY_SOCKET now and take it out of the environment, so that the embedded
+    # PostgreSQL (a child process) does not announce itself to systemd as us.
+    notifier = SystemdNotifier(unset_environment=True)
     with ExitStack() as stack:
         if settings.database.dsn is not None:
             dsn = settings.database.dsn.get_secret_value()
@@ -82,7 +78,9 @@ def run_serve(
                 log.error("cannot prepare the database: %s", exc)
                 return 1
         try:
-            trio.run(partial(serve, settings, dsn, reload_settings=reload_settings))
+            trio.run(
+                partial(serve, settings, dsn, reload_settings=reload_settings, notifier=notifier)
+            )
         except (StartupError, ListenError) as exc:
             log.error("%s", exc)
             return 1

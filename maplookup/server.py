@@ -18,6 +18,7 @@ import trio
 
 from maplookup.config import LimitSettings
 from maplookup.listeners import BoundListener
+from maplookup.logsetup import RateLimitedLogger, fields
 from maplookup.protocol import (
     CLOSED,
     NEED_DATA,
@@ -80,6 +81,9 @@ class Server:
         self._accepting = trio.CancelScope()
         self._idle_scopes: set[trio.CancelScope] = set()
         self.counters = ServerCounters()
+        # One line per connection error, but a flood of them (a broken or hostile client
+        # reconnecting) becomes a few lines and a count.
+        self._connection_log = RateLimitedLogger(log)
 
     @property
     def limits(self) -> LimitSettings:
@@ -112,6 +116,7 @@ class Server:
                     self._accept_loops = accept_loops
                     # Keeps the nursery open even when a reload removes every listener.
                     accept_loops.start_soon(trio.sleep_forever)
+                    accept_loops.start_soon(self._connection_log.run_flusher)
                     for bound in self._listeners:
                         self._start_accept_loop(bound)
                     task_status.started()
@@ -205,11 +210,14 @@ class Server:
             await self._converse(stream, protocol)
         except RemoteProtocolError as exc:
             self.counters.protocol_errors += 1
-            log.warning(
+            peer = _peer(stream)
+            self._connection_log.warning(
                 "closing %s connection from %s: %s",
                 bound.protocol_name,
-                _peer(stream),
+                peer,
                 exc.reason,
+                key="protocol-error",
+                extra=fields(peer=peer, listener=bound.description),
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -234,10 +242,11 @@ class Server:
                         protocol.receive_data(data)
                         continue
                     self.counters.read_timeouts += 1
-                    log.info(
+                    self._connection_log.info(
                         "closing connection from %s: request not completed within %s s",
                         _peer(stream),
                         limits.read_timeout_s,
+                        key="read-timeout",
                     )
                     return
                 protocol.receive_data(data)
@@ -250,10 +259,11 @@ class Server:
                 with trio.move_on_after(limits.write_timeout_s) as scope:
                     await stream.send_all(protocol.send(reply))
                 if scope.cancelled_caught:
-                    log.info(
+                    self._connection_log.info(
                         "closing connection from %s: reply not read within %s s",
                         _peer(stream),
                         limits.write_timeout_s,
+                        key="write-timeout",
                     )
                     return
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import trio
 
-from maplookup import schema
+from maplookup import __version__, schema
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.changes import ChangeListener, ListenerSettings
-from maplookup.config import ConfigError, Settings
+from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import Database, DatabaseError, PoolSettings, open_database
+from maplookup.http_admin import open_admin_listeners, serve_admin_http
 from maplookup.listeners import (
     BoundListener,
     ListenError,
@@ -30,8 +31,19 @@ from maplookup.listeners import (
     close_all,
     listener_specs,
 )
+from maplookup.logsetup import QueryLog, configure_logging
 from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
+from maplookup.metrics import (
+    DatabaseStats,
+    LookupStats,
+    MaplookupCollector,
+    TimedAnswerer,
+    TimedValueSource,
+    make_registry,
+    render,
+)
+from maplookup.sdnotify import SystemdNotifier
 from maplookup.server import Server
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,9 @@ class Running:
     lookup: Lookup
     cache: AnswerCache | None
     listener: ChangeListener | None
+    lookup_stats: LookupStats
+    database_stats: DatabaseStats
+    collector: MaplookupCollector
 
     @property
     def listeners(self) -> list[BoundListener]:
@@ -91,6 +106,14 @@ async def _check_schema(database: Database) -> None:
         raise StartupError(str(exc)) from exc
 
 
+# /healthz must answer well within a monitoring system's own timeout.
+HEALTH_DATABASE_TIMEOUT_S = 2.0
+
+
+def _query_log(sample_rate: float) -> QueryLog:
+    return QueryLog(sample_rate, logging.getLogger("maplookup.queries"))
+
+
 class Service:
     """One running maplookup: database, cache, change listener, server; reloadable."""
 
@@ -99,8 +122,10 @@ class Service:
         settings: Settings,
         dsn: str,
         reload_settings: Callable[[], Settings] | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
+        self._notifier = notifier or SystemdNotifier(environ={})
         self._dsn = dsn
         self._reload_settings = reload_settings
         self._running: Running | None = None
@@ -124,7 +149,10 @@ class Service:
         )
         async with open_database(pool_settings) as database:
             await _check_schema(database)
-            self._source = DatabaseSource(database, lookup_settings(settings))
+            lookup_stats, database_stats = LookupStats(), DatabaseStats()
+            self._source = DatabaseSource(
+                TimedValueSource(database, database_stats), lookup_settings(settings)
+            )
             source: AnswerSource = self._source
             cache: AnswerCache | None = None
             listener: ChangeListener | None = None
@@ -144,25 +172,82 @@ class Service:
             else:
                 log.info("cache off: every lookup queries PostgreSQL")
             lookup = Lookup(source)
-            server = Server(lookup, settings.limits, await bind_all(settings.listen))
-            running = Running(self, server, lookup, cache, listener)
+            self._answerer = TimedAnswerer(
+                lookup, lookup_stats, query_log=_query_log(settings.query_log_sample_rate)
+            )
+            server = Server(self._answerer, settings.limits, await bind_all(settings.listen))
+            collector = MaplookupCollector(
+                lookups=lookup_stats,
+                database=database_stats,
+                server=server.counters,
+                cache=cache,
+                listener=listener,
+                pool_state=database.pool_state,
+                info={"version": __version__},
+            )
+            running = Running(
+                self, server, lookup, cache, listener, lookup_stats, database_stats, collector
+            )
             self._running = running
+            self._database = database
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._handle_signals)
                     if listener is not None:
                         await nursery.start(listener.run, database.bridge)
                     await nursery.start(_run_until_drained, server, nursery.cancel_scope)
+                    if settings.metrics.listen is not None:
+                        await self._start_metrics(nursery, settings.metrics.listen, collector)
                     for item in server.listeners:
                         log.info("listening: %s", item.description)
                     if on_ready is not None:
                         on_ready(server.listeners)
+                    await nursery.start(self._notifier.run_watchdog)
+                    self._notifier.ready(status=self._status_line())
                     task_status.started(running)
             finally:
                 await close_all(server.listeners)
         log.info("stopped")
 
+    async def _start_metrics(
+        self, nursery: trio.Nursery, endpoint: HostPort, collector: MaplookupCollector
+    ) -> None:
+        registry = make_registry(collector)
+        try:
+            admin_listeners = await open_admin_listeners(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen for metrics on {endpoint}: {exc.strerror}") from exc
+        await nursery.start(
+            serve_admin_http, admin_listeners, lambda: render(registry), self.health
+        )
+        log.info("metrics and health on http://%s/metrics and /healthz", endpoint)
+
+    async def health(self) -> tuple[bool, dict[str, object]]:
+        """Healthy: PostgreSQL answers, and (with the cache on) change notifications are live."""
+        details: dict[str, object] = {}
+        healthy = True
+        try:
+            with trio.fail_after(HEALTH_DATABASE_TIMEOUT_S):
+                await self._database.ping()
+            details["database"] = "ok"
+        except (DatabaseError, trio.TooSlowError) as exc:
+            healthy = False
+            details["database"] = f"unreachable: {exc or 'timeout'}"
+        running = self._running
+        if running is not None and running.listener is not None:
+            live = running.listener.live
+            details["notifications"] = "live" if live else "down"
+            healthy = healthy and live
+        else:
+            details["notifications"] = "off (no cache)"
+        return healthy, details
+
+    def _status_line(self) -> str:
+        assert self._running is not None
+        return "serving on " + ", ".join(b.description for b in self._running.server.listeners)
+
     def drain(self) -> None:
+        self._notifier.stopping()
         if self._running is not None:
             log.info("draining (up to %s s)", self.settings.limits.drain_timeout_s)
             self._running.server.drain()
@@ -172,7 +257,9 @@ class Service:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP received: reloading the configuration")
+                    self._notifier.reloading()
                     await self.reload()
+                    self._notifier.ready(status=self._status_line())
                     continue
                 log.info("%s received", signal.Signals(signum).name)
                 self.drain()
@@ -244,13 +331,17 @@ class Service:
             if cache is not None:
                 cache.flush()
             changes.append("lookup settings (cache flushed)")
-        if new.log_level != old.log_level:
-            logging.getLogger().setLevel(new.log_level.upper())
-            changes.append(f"log level {new.log_level}")
+        if new.query_log_sample_rate != old.query_log_sample_rate:
+            self._answerer.query_log = _query_log(new.query_log_sample_rate)
+            changes.append(f"query log sample rate {new.query_log_sample_rate}")
+        if new.log_level != old.log_level or new.log_format != old.log_format:
+            configure_logging(new.log_level, new.log_format)
+            changes.append(f"logging {new.log_level}/{new.log_format}")
         restart = [
             name
             for name, differs in (
                 ("database", new.database != old.database),
+                ("metrics", new.metrics != old.metrics),
                 ("embedded", new.embedded != old.embedded),
                 ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),
                 (
@@ -271,11 +362,12 @@ async def serve(
     dsn: str,
     *,
     reload_settings: Callable[[], Settings] | None = None,
+    notifier: SystemdNotifier | None = None,
     on_ready: Callable[[list[BoundListener]], None] | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a Service until SIGTERM/SIGINT (or its ``drain()``)."""
-    service = Service(settings, dsn, reload_settings)
+    service = Service(settings, dsn, reload_settings, notifier)
     await service.run(on_ready=on_ready, task_status=task_status)
 
 

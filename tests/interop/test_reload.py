@@ -7,6 +7,7 @@ sent: a listener is added, limits change, an invalid file is rejected, a listene
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -184,6 +185,44 @@ def test_stop_signals_exit_zero(
         process.send_signal(getattr(signal, signal_name))
         assert process.wait(timeout=30) == 0
     finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_systemd_notifications(make_database: Callable[[], str], tmp_path: Path) -> None:
+    """READY=1 once listening, RELOADING=1 then READY=1 around SIGHUP, STOPPING=1 at the end."""
+    dsn = make_database()
+    port = free_port()
+    config = tmp_path / "maplookup.toml"
+    config.write_text(config_text(dsn, [port]))
+    notify_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify_path))
+    receiver.settimeout(20)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "maplookup", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+    )
+    messages: list[str] = []
+
+    def next_message() -> str:
+        messages.append(receiver.recv(4096).decode())
+        return messages[-1]
+
+    try:
+        assert "READY=1" in next_message()
+        assert accepts(port)
+        process.send_signal(signal.SIGHUP)
+        assert "RELOADING=1" in next_message()
+        assert "READY=1" in next_message()
+        process.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in next_message()
+        assert process.wait(timeout=30) == 0
+    finally:
+        receiver.close()
         if process.poll() is None:
             process.kill()
             process.wait()
