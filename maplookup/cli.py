@@ -184,6 +184,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["cache"] = {"max_entries": 0}
     if args.metrics:
         overrides["metrics"] = {"listen": args.metrics}
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     return overrides
 
 
@@ -239,6 +241,12 @@ def _add_serve_command(commands: Any) -> None:
         "--default-gid", type=int, help="gid when neither mailbox nor domain has one"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the ports (SO_REUSEPORT); one per core (default 1)",
+    )
     serve.add_argument(
         "--metrics",
         metavar="HOST:PORT",

@@ -183,6 +183,9 @@ class Settings(_Model):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    # Processes answering lookups: one per core is the usual choice.  Each has its own cache
+    # (kept coherent by its own LISTEN) and database pool (pool_max_connections each).
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     log_level: str = "info"
     # text (for people), logfmt or json (for log collectors).
     log_format: str = "text"
@@ -221,7 +224,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             section, _, field = rest.partition("__")
             if section in Settings.model_fields:
                 result.setdefault(section, {})[field] = value
-        elif rest in ("log_level", "log_format", "query_log_sample_rate"):
+        elif rest in ("log_level", "log_format", "query_log_sample_rate", "workers"):
             result[rest] = value
     return result
 

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,20 +81,51 @@ class BoundListener:
         return int(address[1])
 
 
-async def _bind_tcp(spec: ListenerSpec) -> list[BoundListener]:
+def _open_tcp_sockets(endpoint: HostPort, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets for every address ``endpoint.host`` resolves to.
+
+    ``reuse_port`` sets SO_REUSEPORT, so that several worker processes can each bind the same
+    port and the kernel spreads connections across them.
+    """
+    infos = socket.getaddrinfo(
+        endpoint.host or None,
+        endpoint.port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG,
+    )
+    opened: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            opened.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
+def _bind_tcp(spec: ListenerSpec, reuse_port: bool) -> list[BoundListener]:
     endpoint, map_name = spec.tcp, spec.map_name
     assert endpoint is not None
     kind = "socketmap" if map_name is None else f"tcp_table {map_name.value}"
     try:
-        listeners = await trio.open_tcp_listeners(
-            endpoint.port, host=endpoint.host, backlog=LISTEN_BACKLOG
-        )
+        sockets = _open_tcp_sockets(endpoint, reuse_port)
     except OSError as exc:
         raise ListenError(f"cannot listen on {endpoint} for {kind}: {exc.strerror}") from exc
     result = []
-    for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         result.append(BoundListener(listener, map_name, f"{kind} on {shown}", spec))
     return result
 
@@ -120,7 +152,8 @@ def _remove_stale_socket(path: Path) -> None:
     raise ListenError(f"another server is already listening on {path}")
 
 
-async def _bind_unix(spec: ListenerSpec) -> BoundListener:
+def open_unix_socket(spec: ListenerSpec) -> socket.socket:
+    """A listening unix socket with the configured mode and group (replacing a stale one)."""
     path, mode, group = spec.unix_path, spec.unix_mode, spec.unix_group
     assert path is not None
     _remove_stale_socket(path)
@@ -130,33 +163,57 @@ async def _bind_unix(spec: ListenerSpec) -> BoundListener:
             gid = grp.getgrnam(group).gr_gid
         except KeyError as exc:
             raise ListenError(f"socketmap_unix_group: no group named {group!r}") from exc
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(str(path))
+        sock.bind(str(path))
         # No client can connect before listen(), so setting mode and group here has no race.
         os.chmod(path, mode)
         if gid != -1:
             os.chown(path, -1, gid)
         sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on unix socket {path}: {exc.strerror}") from exc
-    return BoundListener(trio.SocketListener(sock), None, f"socketmap on unix:{path}", spec, path)
+    return sock
 
 
-async def bind_spec(spec: ListenerSpec) -> list[BoundListener]:
-    """Open the listener(s) of one endpoint (a host name may resolve to several addresses)."""
+def _wrap_unix(spec: ListenerSpec, sock: socket.socket, owned: bool) -> BoundListener:
+    """``owned``: this process created the socket file and removes it when it closes."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    description = f"socketmap on unix:{spec.unix_path}"
+    return BoundListener(listener, None, description, spec, spec.unix_path if owned else None)
+
+
+async def bind_spec(
+    spec: ListenerSpec,
+    *,
+    reuse_port: bool = False,
+    inherited: Mapping[ListenerSpec, socket.socket] | None = None,
+) -> list[BoundListener]:
+    """Open the listener(s) of one endpoint (a host name may resolve to several addresses).
+
+    ``inherited`` holds sockets a parent process opened (unix sockets, with workers), which
+    are used as they are instead of binding again.
+    """
+    if inherited and spec in inherited:
+        return [_wrap_unix(spec, inherited[spec], owned=False)]
     if spec.unix_path is not None:
-        return [await _bind_unix(spec)]
-    return await _bind_tcp(spec)
+        return [_wrap_unix(spec, open_unix_socket(spec), owned=True)]
+    return _bind_tcp(spec, reuse_port)
 
 
-async def bind_all(settings: ListenSettings) -> list[BoundListener]:
+async def bind_all(
+    settings: ListenSettings,
+    *,
+    reuse_port: bool = False,
+    inherited: Mapping[ListenerSpec, socket.socket] | None = None,
+) -> list[BoundListener]:
     """Open every configured listener, or none: on error, close what was opened and raise."""
     bound: list[BoundListener] = []
     try:
         for spec in listener_specs(settings):
-            bound.extend(await bind_spec(spec))
+            bound.extend(await bind_spec(spec, reuse_port=reuse_port, inherited=inherited))
     except BaseException:
         await close_all(bound)
         raise

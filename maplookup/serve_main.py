@@ -16,7 +16,7 @@ from functools import partial
 import asyncpg
 import trio
 
-from maplookup import admin
+from maplookup import admin, workers
 from maplookup.config import Settings
 from maplookup.demo import load_demo_data
 from maplookup.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_state_dir
@@ -77,6 +77,8 @@ def run_serve(
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.error("cannot prepare the database: %s", exc)
                 return 1
+        if settings.workers > 1:
+            return _run_workers(settings, dsn, reload_settings, notifier)
         try:
             trio.run(
                 partial(serve, settings, dsn, reload_settings=reload_settings, notifier=notifier)
@@ -85,3 +87,58 @@ def run_serve(
             log.error("%s", exc)
             return 1
     return 0
+
+
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker 0 serves /metrics (its own counters); the others do not bind that port."""
+    if index == 0:
+        return settings
+    return settings.model_copy(
+        update={"metrics": settings.metrics.model_copy(update={"listen": None})}
+    )
+
+
+def _run_workers(
+    settings: Settings,
+    dsn: str,
+    reload_settings: Callable[[], Settings] | None,
+    notifier: SystemdNotifier,
+) -> int:
+    try:
+        workers.validate(settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
+
+    def run_worker(context: workers.WorkerContext) -> int:
+        index = context.index
+        reload = None
+        if reload_settings is not None:
+            reload_all = reload_settings
+
+            def reload() -> Settings:
+                return _worker_settings(reload_all(), index)
+
+        try:
+            trio.run(
+                partial(
+                    serve,
+                    _worker_settings(settings, index),
+                    dsn,
+                    reload_settings=reload,
+                    on_ready=lambda _listeners: context.announce_ready(),
+                    reuse_port=True,
+                    inherited=context.inherited,
+                )
+            )
+        except (StartupError, ListenError) as exc:
+            log.error("worker %d: %s", index, exc)
+            return 1
+        return 0
+
+    log.info("starting %d workers", settings.workers)
+    try:
+        return workers.Supervisor(settings, run_worker, notifier).run()
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 1

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -26,6 +28,7 @@ from maplookup.http_admin import open_admin_listeners, serve_admin_http
 from maplookup.listeners import (
     BoundListener,
     ListenError,
+    ListenerSpec,
     bind_all,
     bind_spec,
     close_all,
@@ -123,8 +126,13 @@ class Service:
         dsn: str,
         reload_settings: Callable[[], Settings] | None = None,
         notifier: SystemdNotifier | None = None,
+        *,
+        reuse_port: bool = False,
+        inherited: Mapping[ListenerSpec, socket.socket] | None = None,
     ) -> None:
         self.settings = settings
+        # With several workers: TCP ports are shared (SO_REUSEPORT), unix sockets inherited.
+        self._bind_options: dict[str, Any] = {"reuse_port": reuse_port, "inherited": inherited}
         self._notifier = notifier or SystemdNotifier(environ={})
         self._dsn = dsn
         self._reload_settings = reload_settings
@@ -175,7 +183,11 @@ class Service:
             self._answerer = TimedAnswerer(
                 lookup, lookup_stats, query_log=_query_log(settings.query_log_sample_rate)
             )
-            server = Server(self._answerer, settings.limits, await bind_all(settings.listen))
+            server = Server(
+                self._answerer,
+                settings.limits,
+                await bind_all(settings.listen, **self._bind_options),
+            )
             collector = MaplookupCollector(
                 lookups=lookup_stats,
                 database=database_stats,
@@ -307,7 +319,7 @@ class Service:
         try:
             for spec in wanted:
                 if spec not in current:
-                    added.extend(await bind_spec(spec))
+                    added.extend(await bind_spec(spec, **self._bind_options))
         except BaseException:
             await close_all(added)
             raise
@@ -364,10 +376,14 @@ async def serve(
     reload_settings: Callable[[], Settings] | None = None,
     notifier: SystemdNotifier | None = None,
     on_ready: Callable[[list[BoundListener]], None] | None = None,
+    reuse_port: bool = False,
+    inherited: Mapping[ListenerSpec, socket.socket] | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a Service until SIGTERM/SIGINT (or its ``drain()``)."""
-    service = Service(settings, dsn, reload_settings, notifier)
+    service = Service(
+        settings, dsn, reload_settings, notifier, reuse_port=reuse_port, inherited=inherited
+    )
     await service.run(on_ready=on_ready, task_status=task_status)
 
 
