@@ -14,6 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from maplookup.maps import MapName
@@ -64,6 +66,15 @@ class HostPort(_Model):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 def _coerce_host_port(value: object) -> object:
     return HostPort.parse(value) if isinstance(value, str) else value
 
@@ -78,6 +89,25 @@ class ListenSettings(_Model):
     socketmap_unix_group: str | None = None
     # tcp_table carries no map name: one listener per map (tcp_table(5)).
     tcp_table: dict[MapName, HostPort] = Field(default_factory=dict)
+    # Clients allowed to connect over TCP (CIDR).  Loopback is always allowed.  Binding a
+    # non-loopback address needs this list, or allow_any_client = true: the maps name every
+    # mailbox and alias, which is not for the whole network to read.
+    allowed_clients: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    allow_any_client: bool = False
+
+    @model_validator(mode="after")
+    def _exposure_is_deliberate(self) -> ListenSettings:
+        exposed = [
+            str(e)
+            for e in [*self.socketmap, *self.tcp_table.values()]
+            if not _is_loopback_host(e.host)
+        ]
+        if exposed and not self.allowed_clients and not self.allow_any_client:
+            raise ValueError(
+                f"listening on {', '.join(exposed)} exposes the maps beyond this host: set "
+                "allowed_clients (CIDR list) or allow_any_client = true"
+            )
+        return self
 
     @field_validator("socketmap", mode="before")
     @classmethod
@@ -117,6 +147,9 @@ class DatabaseSettings(_Model):
     """PostgreSQL access.  No dsn: the embedded private cluster is used."""
 
     dsn: SecretStr | None = None
+    # A file holding the DSN (first line), readable only by the service: keeps the password
+    # out of the config file, the environment and `ps` output.  Overrides dsn.
+    dsn_file: Path | None = None
     # Below Postfix's 100 s client timeout, so Postfix gets TEMP rather than a timeout.
     query_timeout_s: PositiveFloat = 5.0
     connect_timeout_s: PositiveFloat = 5.0
@@ -193,6 +226,11 @@ class Settings(_Model):
     # mail addresses: turning this on writes them to the log.
     query_log_sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
+    # Started as root: switch to this user (and its groups) once the listeners are bound.
+    user: str | None = None
+    # Started as root without `user`: refuse, unless this is true.
+    allow_root: bool = False
+
     @field_validator("log_format")
     @classmethod
     def _known_format(cls, value: str) -> str:
@@ -224,7 +262,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             section, _, field = rest.partition("__")
             if section in Settings.model_fields:
                 result.setdefault(section, {})[field] = value
-        elif rest in ("log_level", "log_format", "query_log_sample_rate", "workers"):
+        elif rest in (
+            "log_level",
+            "log_format",
+            "query_log_sample_rate",
+            "workers",
+            "user",
+            "allow_root",
+        ):
             result[rest] = value
     return result
 
@@ -256,10 +301,26 @@ def load_settings(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     data = _merge(data, overrides or {})
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         text = config_file.read_text(encoding="utf-8") if config_file else ""
         raise ConfigError(_describe(exc, config_file, text)) from exc
+    return _read_dsn_file(settings)
+
+
+def _read_dsn_file(settings: Settings) -> Settings:
+    path = settings.database.dsn_file
+    if path is None:
+        return settings
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError([f"database.dsn_file: cannot read {path}: {exc.strerror}"]) from exc
+    dsn = lines[0].strip() if lines else ""
+    if not dsn:
+        raise ConfigError([f"database.dsn_file: {path} is empty"])
+    database = settings.database.model_copy(update={"dsn": SecretStr(dsn)})
+    return settings.model_copy(update={"database": database})
 
 
 def _describe(exc: ValidationError, config_file: Path | None, text: str) -> list[str]:

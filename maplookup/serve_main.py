@@ -19,9 +19,15 @@ import trio
 from maplookup import admin, workers
 from maplookup.config import Settings
 from maplookup.demo import load_demo_data
-from maplookup.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_state_dir
+from maplookup.embedded import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    default_state_dir,
+    loopback_dsn,
+)
 from maplookup.listeners import ListenError
 from maplookup.logsetup import configure_logging
+from maplookup.privileges import PrivilegeError, check_not_root
 from maplookup.sdnotify import SystemdNotifier
 from maplookup.service import StartupError, serve
 
@@ -50,6 +56,12 @@ def run_serve(
     # Read NOTIFY_SOCKET now and take it out of the environment, so that the embedded
     # PostgreSQL (a child process) does not announce itself to systemd as us.
     notifier = SystemdNotifier(unset_environment=True)
+    try:
+        # The demo is for trying maplookup out, often as root on a fresh machine.
+        check_not_root(settings.user, settings.allow_root or demo)
+    except PrivilegeError as exc:
+        log.error("%s", exc)
+        return 1
     with ExitStack() as stack:
         if settings.database.dsn is not None:
             dsn = settings.database.dsn.get_secret_value()
@@ -70,6 +82,9 @@ def run_serve(
                 return 1
             stack.callback(cluster.stop)
             log.info("embedded PostgreSQL ready: %s", dsn)
+            if settings.user is not None:
+                # Its socket directory belongs to the cluster's own user: use loopback TCP.
+                dsn = loopback_dsn(dsn)
             embedded = True
         if embedded or demo:
             try:

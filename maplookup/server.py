@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Protocol
 
 import trio
@@ -60,6 +61,7 @@ class ServerCounters:
     connections_open: int = 0
     connections_accepted: int = 0
     connections_rejected: int = 0
+    connections_refused: int = 0  # not in allowed_clients
     protocol_errors: int = 0
     read_timeouts: int = 0
     requests: int = 0
@@ -69,8 +71,13 @@ class Server:
     """Serves lookups on already-bound listeners until drained."""
 
     def __init__(
-        self, answerer: Answerer, limits: LimitSettings, listeners: list[BoundListener]
+        self,
+        answerer: Answerer,
+        limits: LimitSettings,
+        listeners: list[BoundListener],
+        allowed_clients: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
+        self.allowed_clients = list(allowed_clients)  # replaced on reload
         self._answerer = answerer
         self._limits = limits
         self._listeners = list(listeners)
@@ -189,6 +196,17 @@ class Server:
                 await trio.sleep(_ACCEPT_RETRY_S)
                 continue
             limits = self._limits
+            if self.allowed_clients and not self._client_allowed(stream):
+                self.counters.connections_refused += 1
+                peer = _peer(stream)
+                self._connection_log.warning(
+                    "refusing connection from %s: not in allowed_clients",
+                    peer,
+                    key="acl",
+                    extra=fields(peer=peer),
+                )
+                await trio.aclose_forcefully(stream)
+                continue
             if self.counters.connections_open >= limits.max_connections:
                 self.counters.connections_rejected += 1
                 if self.counters.connections_rejected % 100 == 1:
@@ -202,6 +220,21 @@ class Server:
             self.counters.connections_open += 1
             self.counters.connections_accepted += 1
             connections.start_soon(self._serve_connection, stream, make_protocol(), bound)
+
+    def _client_allowed(self, stream: trio.SocketStream) -> bool:
+        """Loopback and unix-socket clients always; others only from allowed_clients."""
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            return False
+        if not isinstance(peer, tuple):
+            return True  # a unix socket: guarded by its mode and group
+        address = ip_address(peer[0])
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback:
+            return True
+        return any(address in network for network in self.allowed_clients)
 
     async def _serve_connection(
         self, stream: trio.SocketStream, protocol: WireProtocol, bound: BoundListener

@@ -46,6 +46,7 @@ from maplookup.metrics import (
     make_registry,
     render,
 )
+from maplookup.privileges import PrivilegeError, drop_to
 from maplookup.sdnotify import SystemdNotifier
 from maplookup.server import Server
 
@@ -187,7 +188,14 @@ class Service:
                 self._answerer,
                 settings.limits,
                 await bind_all(settings.listen, **self._bind_options),
+                settings.listen.allowed_clients,
             )
+            if settings.user is not None:
+                try:
+                    drop_to(settings.user)
+                except PrivilegeError as exc:
+                    await close_all(server.listeners)
+                    raise StartupError(str(exc)) from exc
             collector = MaplookupCollector(
                 lookups=lookup_stats,
                 database=database_stats,
@@ -332,6 +340,9 @@ class Service:
                 await close_all([bound])
                 changes.append(f"stopped listening on {bound.description}")
 
+        if new.listen.allowed_clients != old.listen.allowed_clients:
+            server.allowed_clients = list(new.listen.allowed_clients)
+            changes.append("allowed_clients")
         if new.limits != old.limits:
             server.set_limits(new.limits)
             changes.append("limits")
@@ -353,6 +364,7 @@ class Service:
             name
             for name, differs in (
                 ("database", new.database != old.database),
+                ("user", new.user != old.user),
                 ("metrics", new.metrics != old.metrics),
                 ("embedded", new.embedded != old.embedded),
                 ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),

@@ -22,6 +22,10 @@ from maplookup import admin
 from maplookup.embedded import EmbeddedPostgres
 from tests.helpers import dsn_for_database
 
+# The suite runs as root on CI machines; servers it starts may keep root (tests that check
+# the refusal and the privilege drop set this themselves).
+os.environ.setdefault("MAPLOOKUP_ALLOW_ROOT", "true")
+
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
