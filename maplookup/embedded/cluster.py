@@ -1,27 +1,9 @@
-"""A private PostgreSQL cluster owned by maplookup.
+"""EmbeddedPostgres: the lifecycle of the private cluster in a state directory.
 
-`maplookup serve` without a configured database, and the test suite, both need
-a real PostgreSQL server without asking an administrator to set one up.  This
-module runs one out of a state directory that it owns::
-
-    state_dir/pgdata                 data directory (mode 0700, owned by the run-as user)
-    state_dir/run                    unix socket directory (mode 0700, run-as user)
-    state_dir/log/postgresql.log     server log (pg_ctl -l)
-    state_dir/dsn                    DSN of the running cluster, for admin commands
-    state_dir/.lock                  serialises start/stop between processes
-
-PostgreSQL refuses to run as root.  When we are root the server binaries are
-run as an unprivileged user (``postgres`` by default) by switching uid/gid in
-the child process (the same thing ``setpriv`` does, without depending on PAM
-like ``runuser``), and the directories it writes to are chowned to that user.
-
-Authentication is ``trust`` on the private socket directory and on 127.0.0.1:
-the socket directory is only reachable by the run-as user (and root), but note
-that *any* local user can reach the TCP port, so the TCP listener is meant for
-single-user machines, containers and tests.
-
-All functions here block; call them from async code via a worker thread
-(``trio.to_thread.run_sync``).
+initdb on first use, start (or adopt a server an earlier process left running), create the
+database, publish the DSN, stop.  One class, because every step works on the same state
+directory and the same run-as user; finding binaries, switching users and reading
+postmaster.pid are the neighbouring modules' business.
 """
 
 from __future__ import annotations
@@ -30,13 +12,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
-import grp
 import logging
 import os
-import pwd
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -50,27 +29,36 @@ from typing import Any, Self, TypeVar
 
 import asyncpg
 
-__all__ = [
-    "EmbeddedPostgres",
-    "EmbeddedPostgresError",
-    "default_state_dir",
-    "find_pg_bin_dir",
-    "read_running_dsn",
-]
+from .binaries import _REQUIRED_BINARIES, find_pg_bin_dir
+from .errors import EmbeddedPostgresError
+from .runas import (
+    _can_search,
+    _can_search_really,
+    _group_name,
+    _owner_name,
+    _resolve_run_as,
+    _run,
+    _RunAs,
+)
+from .state import (
+    _INITDB_TMP_NAME,
+    DSN_FILE_NAME,
+    LOCK_FILE_NAME,
+    LOG_DIR_NAME,
+    LOG_FILE_NAME,
+    PGDATA_NAME,
+    RUN_NAME,
+    _PostmasterInfo,
+    _running_postmaster,
+    _wait_for_unreaped_postmaster,
+)
 
-log = logging.getLogger(__name__)
+# The name this logger had before embedded.py became a package: log lines keep saying
+# logger=maplookup.embedded.
+log = logging.getLogger("maplookup.embedded")
 
 _T = TypeVar("_T")
 
-PGDATA_NAME = "pgdata"
-RUN_NAME = "run"
-LOG_DIR_NAME = "log"
-LOG_FILE_NAME = "postgresql.log"
-DSN_FILE_NAME = "dsn"
-LOCK_FILE_NAME = ".lock"
-_INITDB_TMP_NAME = "pgdata.initdb-tmp"
-
-_REQUIRED_BINARIES = ("pg_ctl", "initdb")
 _STOP_MODES = ("smart", "fast", "immediate")
 
 INITDB_TIMEOUT = 120.0
@@ -94,312 +82,6 @@ _HBA_CONF = """\
 local   all       all                  trust
 host    all       all   127.0.0.1/32   trust
 """
-
-
-class EmbeddedPostgresError(Exception):
-    """The private cluster could not be set up, started or stopped.
-
-    Messages are one line and say what to do, because they end up printed by
-    the CLI in front of an administrator.
-    """
-
-
-# --------------------------------------------------------------------------
-# locating things
-
-
-def _has_binaries(d: Path) -> bool:
-    return all(os.access(d / name, os.X_OK) and (d / name).is_file() for name in _REQUIRED_BINARIES)
-
-
-def _version_key(d: Path) -> tuple[int, ...]:
-    """Sort key for /usr/lib/postgresql/<version>/bin so that 15 beats 9.6."""
-    parts: list[int] = []
-    for piece in d.parent.name.split("."):
-        try:
-            parts.append(int(piece))
-        except ValueError:
-            return (-1,)
-    return tuple(parts)
-
-
-def find_pg_bin_dir() -> Path:
-    """Find the directory holding the PostgreSQL server binaries.
-
-    PATH wins so that an administrator can choose a version explicitly; Debian
-    and Ubuntu keep server binaries off PATH under /usr/lib/postgresql/<v>/bin
-    (newest wins); source builds default to /usr/local/pgsql/bin.
-    """
-    tried: list[str] = []
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
-        if entry:
-            candidate = Path(entry)
-            if _has_binaries(candidate):
-                # /usr/local/bin/pg_ctl -> /usr/lib/postgresql/15/bin/pg_ctl: prefer the
-                # real directory, which also holds postgres, psql and friends.
-                real = (candidate / "pg_ctl").resolve().parent
-                return real if _has_binaries(real) else candidate
-    tried.append("PATH")
-    versioned = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
-    for candidate in versioned:
-        if _has_binaries(candidate):
-            return candidate
-    tried.append("/usr/lib/postgresql/*/bin")
-    fallback = Path("/usr/local/pgsql/bin")
-    if _has_binaries(fallback):
-        return fallback
-    tried.append(str(fallback))
-    raise EmbeddedPostgresError(
-        f"PostgreSQL server binaries ({', '.join(_REQUIRED_BINARIES)}) not found; tried "
-        f"{', '.join(tried)}; install the PostgreSQL server (e.g. `apt-get install postgresql`) "
-        "or configure a database DSN instead of the embedded cluster"
-    )
-
-
-def default_state_dir() -> Path:
-    """Where `maplookup serve` keeps its private cluster when none is configured.
-
-    Root gets the FHS location; other users get the XDG state directory so that
-    a developer can run the demo without privileges.
-    """
-    if os.geteuid() == 0:
-        return Path("/var/lib/maplookup")
-    xdg = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec says relative values are invalid and must be ignored.
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "maplookup"
-    return Path.home() / ".local" / "state" / "maplookup"
-
-
-# --------------------------------------------------------------------------
-# postmaster.pid
-
-
-@dataclass(frozen=True)
-class _PostmasterInfo:
-    """The interesting lines of postmaster.pid (see PostgreSQL's miscadmin.h)."""
-
-    pid: int
-    port: int
-    socket_dir: str
-    listen_addr: str
-    status: str
-
-
-def _pid_zombie(pid: int) -> bool:
-    """Whether `pid` is a dead process its parent has not reaped yet.
-
-    After a crash the postmaster is reparented to PID 1; until PID 1 reaps it,
-    kill(pid, 0) still succeeds and PostgreSQL refuses to start ("lock file
-    postmaster.pid already exists").  Some container init processes reap only
-    every few seconds.
-    """
-    try:
-        proc_stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return proc_stat[proc_stat.rfind(")") + 2 :][:1] in ("Z", "X")
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether `pid` is a live postgres process; guards against stale pid files."""
-    if pid <= 0:  # kill(0 or negative) would address process groups
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user (the run-as user when we are not root)
-    try:
-        proc_stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill()
-    # /proc/PID/stat is "pid (comm) state ..."; comm may itself contain ") ".
-    comm = proc_stat[proc_stat.find("(") + 1 : proc_stat.rfind(")")]
-    # A recycled pid belonging to something else must not count as our server.
-    return not _pid_zombie(pid) and comm.startswith(("postgres", "postmaster"))
-
-
-def _pidfile_pid(pgdata: Path) -> int | None:
-    try:
-        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
-        return int(first.strip())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
-def _wait_for_unreaped_postmaster(pgdata: Path, timeout: float = 15.0) -> None:
-    """Give PID 1 time to reap a crashed postmaster before starting a new one."""
-    pid = _pidfile_pid(pgdata)
-    if pid is None or pid <= 0:
-        return
-    deadline = time.monotonic() + timeout
-    while _pid_zombie(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _running_postmaster(pgdata: Path) -> _PostmasterInfo | None:
-    """Parse pgdata/postmaster.pid and return it if its process is alive."""
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-    def line(n: int) -> str:
-        return lines[n].strip() if len(lines) > n else ""
-
-    try:
-        pid = int(line(0))
-    except ValueError:
-        return None
-    if not _pid_alive(pid):
-        return None
-    try:
-        port = int(line(3))
-    except ValueError:
-        port = 0
-    return _PostmasterInfo(
-        pid=pid, port=port, socket_dir=line(4), listen_addr=line(5), status=line(7)
-    )
-
-
-def _dsn_port(dsn: str) -> int | None:
-    parsed = urllib.parse.urlsplit(dsn)
-    values = urllib.parse.parse_qs(parsed.query).get("port")
-    raw = values[0] if values else None
-    if raw is None:
-        try:
-            return parsed.port
-        except ValueError:
-            return None
-    try:
-        return int(raw)
-    except ValueError:
-        return None
-
-
-def read_running_dsn(state_dir: Path) -> str | None:
-    """The DSN of the cluster another process started in `state_dir`, if it runs.
-
-    Admin commands use this to find the cluster that `maplookup serve` started.
-    The dsn file alone is not trusted: a crashed server leaves it behind, so the
-    postmaster must be alive and listening on the port the DSN names.
-    """
-    state_dir = Path(state_dir)
-    try:
-        dsn = (state_dir / DSN_FILE_NAME).read_text().strip()
-    except OSError:
-        return None
-    if not dsn:
-        return None
-    info = _running_postmaster(state_dir / PGDATA_NAME)
-    if info is None:
-        return None
-    port = _dsn_port(dsn)
-    if port is not None and info.port and port != info.port:
-        return None
-    return dsn
-
-
-# --------------------------------------------------------------------------
-# running commands
-
-
-@dataclass(frozen=True)
-class _RunAs:
-    """Who runs the server binaries, and whether that needs a uid switch."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-    switch: bool
-
-
-def _resolve_run_as(run_as_user: str | None) -> _RunAs:
-    euid = os.geteuid()
-    if run_as_user is None:
-        if euid != 0:
-            pw = pwd.getpwuid(euid)
-            return _RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, (pw.pw_gid,), pw.pw_dir, switch=False)
-        run_as_user = "postgres"
-    try:
-        pw = pwd.getpwnam(run_as_user)
-    except KeyError:
-        raise EmbeddedPostgresError(
-            f"user {run_as_user!r} (which should run the embedded PostgreSQL) does not exist; "
-            f"create it (e.g. `useradd --system {run_as_user}`) or configure another user"
-        ) from None
-    if pw.pw_uid == 0:
-        raise EmbeddedPostgresError(
-            f"PostgreSQL refuses to run as root (user {run_as_user!r} has uid 0); "
-            "configure an unprivileged run-as user such as 'postgres'"
-        )
-    if pw.pw_uid == euid:
-        return _RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, (pw.pw_gid,), pw.pw_dir, switch=False)
-    if euid != 0:
-        raise EmbeddedPostgresError(
-            f"cannot run the embedded PostgreSQL as user {run_as_user!r} without root; "
-            "run as that user or leave the run-as user unset"
-        )
-    groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    return _RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir, switch=True)
-
-
-def _child_env(ra: _RunAs) -> dict[str, str]:
-    """Environment for PostgreSQL binaries.
-
-    PG* variables from the caller (PGDATA, PGPORT, PGHOST...) would silently
-    redirect pg_ctl or initdb, so they are dropped.  LC_ALL=C keeps messages in
-    English so that errors are recognisable; the cluster's own locale is set
-    explicitly at initdb time.
-    """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PG") and not k.startswith("LC_") and k not in ("LANG", "LANGUAGE")
-    }
-    env["LC_ALL"] = "C"
-    if ra.switch:
-        env.update(HOME=ra.home, USER=ra.name, LOGNAME=ra.name)
-    return env
-
-
-def _run(
-    argv: list[str], ra: _RunAs, timeout: float, what: str
-) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL binary as the run-as user, with a hard timeout.
-
-    The child gets its own session so that on timeout the whole group (a
-    switched-user pg_ctl and its shell) can be killed; the postmaster puts
-    itself in a separate session, so a started server is never killed here.
-    """
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=_child_env(ra),
-        cwd="/",  # the caller's cwd (e.g. /root) may be unreadable for the run-as user
-        start_new_session=True,
-        user=ra.uid if ra.switch else None,
-        group=ra.gid if ra.switch else None,
-        extra_groups=list(ra.groups) if ra.switch else None,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise EmbeddedPostgresError(
-            f"{what} did not finish within {timeout:.0f} s; see {argv[0]} and the server log"
-        ) from None
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _tail(text: str, lines: int = 6, limit: int = 800) -> str:
@@ -434,45 +116,6 @@ def _pick_free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _can_search(path: Path, ra: _RunAs) -> bool:
-    """POSIX permission check for directory search by the run-as user.
-
-    Only the owner class applies to the owner, only the group class to group
-    members; ACLs are not considered here (the caller double-checks).
-    """
-    st = path.stat()
-    if st.st_uid == ra.uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid in ra.groups:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
-
-
-def _can_search_really(path: Path, ra: _RunAs) -> bool:
-    """Ask the kernel, as the run-as user, so that ACLs are honoured too."""
-    test = shutil.which("test")
-    if test is None:
-        return False
-    try:
-        return _run([test, "-x", str(path)], ra, 10, "test -x").returncode == 0
-    except (OSError, EmbeddedPostgresError):
-        return False
-
-
-def _owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 # --------------------------------------------------------------------------
@@ -931,22 +574,3 @@ class EmbeddedPostgres:
         tmp.write_text(dsn + "\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.dsn_file)
-
-
-def loopback_dsn(dsn: str) -> str:
-    """The 127.0.0.1 form of a unix-socket DSN such as an embedded cluster's.
-
-    The embedded cluster's socket directory belongs to the user PostgreSQL runs as; Postfix's
-    daemons reach the same cluster over loopback TCP instead.  Other DSNs come back unchanged.
-    """
-    parts = urllib.parse.urlsplit(dsn)
-    query = urllib.parse.parse_qs(parts.query)
-    hosts = query.get("host", [])
-    if parts.hostname or not hosts or not hosts[0].startswith("/"):
-        return dsn
-    port = query.get("port", ["5432"])[0]
-    rest = {k: v for k, v in query.items() if k not in ("host", "port")}
-    netloc = f"{parts.netloc.rstrip('@')}@127.0.0.1:{port}" if parts.netloc else f"127.0.0.1:{port}"
-    return urllib.parse.urlunsplit(
-        parts._replace(netloc=netloc, query=urllib.parse.urlencode(rest, doseq=True))
-    )

@@ -1,0 +1,302 @@
+"""Reading the source files into checked, de-duplicated records: :func:`read_sources`.
+
+Each file is split into entries by source.py, each entry becomes a record by the rules in
+records.py, and repeated keys are resolved here the way Postfix would use them.  The database is
+not consulted: :class:`Parsed` is what the files say, plus the problems found on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from maplookup.admin import AdminError
+
+from .problems import _SILENT, Origin, Problem, Progress
+from .records import (
+    ALIAS_DOMAINS,
+    ALIAS_OF_PREFIX,
+    ALIASES,
+    GIDS,
+    MAILBOX_DOMAINS,
+    MAILBOXES,
+    UIDS,
+    AliasRecord,
+    DomainRecord,
+    IdRecord,
+    MailboxRecord,
+    _address,
+    _domain,
+    _id,
+    _path,
+    _targets,
+)
+from .source import Entry, parse_source
+
+
+class _Located(Protocol):
+    origin: Origin
+    enabled: bool
+
+
+_Record = TypeVar("_Record", bound=_Located)
+
+
+def _convert(
+    entries: Iterable[Entry],
+    category: str,
+    problems: list[Problem],
+    make: Callable[[Entry], _Record],
+) -> list[_Record]:
+    records: list[_Record] = []
+    for entry in entries:
+        try:
+            records.append(make(entry))
+        except AdminError as exc:
+            problems.append(Problem(entry.origin, str(exc), category))
+    return records
+
+
+def _dedupe(
+    records: Iterable[_Record],
+    category: str,
+    problems: list[Problem],
+    key: Callable[[_Record], object],
+    value: Callable[[_Record], object],
+    show: Callable[[_Record], str],
+) -> dict[Any, _Record]:
+    """First record per key.  A repeat with the same value is harmless; with another value it is
+    an error (postmap only warns, and which one wins depends on the table type).  An active line
+    beats a ``# disabled:`` one for the same key: that is what Postfix would use."""
+    kept: dict[Any, _Record] = {}
+    for record in records:
+        k = key(record)
+        first = kept.get(k)
+        if first is None:
+            kept[k] = record
+            continue
+        if first.enabled != record.enabled:
+            if record.enabled:
+                kept[k] = record
+            continue
+        if value(first) != value(record):
+            problems.append(
+                Problem(
+                    record.origin,
+                    f"duplicate key {show(record)} with a different value (first at "
+                    f"{first.origin})",
+                    category,
+                )
+            )
+    return kept
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """The files to import; any may be None."""
+
+    domains: Path | None = None
+    alias_domains: Path | None = None
+    vmailbox: Path | None = None
+    virtual: Path | None = None
+    uids: Path | None = None
+    gids: Path | None = None
+
+    def given(self) -> list[tuple[str, Path]]:
+        return [(name, path) for name, path in self._items() if path is not None]
+
+    def _items(self) -> list[tuple[str, Path | None]]:
+        return [
+            ("domains", self.domains),
+            ("alias_domains", self.alias_domains),
+            ("vmailbox", self.vmailbox),
+            ("virtual", self.virtual),
+            ("uids", self.uids),
+            ("gids", self.gids),
+        ]
+
+
+@dataclass
+class Parsed:
+    """Everything read from the files, checked line by line, duplicates resolved."""
+
+    mailbox_domains: dict[str, DomainRecord] = field(default_factory=dict)
+    alias_domains: dict[str, DomainRecord] = field(default_factory=dict)
+    virtual_domains: dict[str, DomainRecord] = field(default_factory=dict)
+    mailboxes: dict[tuple[str, str], MailboxRecord] = field(default_factory=dict)
+    aliases: dict[tuple[str, str], AliasRecord] = field(default_factory=dict)
+    uids: dict[tuple[str, str], IdRecord] = field(default_factory=dict)
+    gids: dict[tuple[str, str], IdRecord] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    # Mailboxes whose address was readable but whose line was not, for the uid/gid messages.
+    failed_mailboxes: dict[tuple[str, str], Origin] = field(default_factory=dict)
+    lines: int = 0
+
+
+def read_sources(sources: Sources, progress: Progress = _SILENT) -> Parsed:
+    """Read and check every given file; raises AdminError only if a file cannot be read."""
+    parsed = Parsed()
+    for rank, (name, path) in enumerate(sources.given()):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdminError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        parsed.lines += data.count(b"\n")
+        _READERS[name](parsed, data, str(path), rank, progress)
+    return parsed
+
+
+def _read_domains(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
+    problems = parsed.problems
+    entries = parse_source(
+        data, source, MAILBOX_DOMAINS, problems, rank=rank, value_required=False, progress=progress
+    )
+    for entry in entries:
+        if "." in entry.value and not entry.value.startswith(ALIAS_OF_PREFIX):
+            problems.append(
+                Problem(
+                    entry.origin,
+                    f"value {entry.value!r} ignored; a file listing several domains per line "
+                    "must have one per line",
+                    MAILBOX_DOMAINS,
+                    warning=True,
+                )
+            )
+    records = _convert(
+        entries,
+        MAILBOX_DOMAINS,
+        problems,
+        lambda e: DomainRecord(_domain(e.key), "mailbox", e.origin, e.enabled),
+    )
+    parsed.mailbox_domains = _dedupe(
+        records, MAILBOX_DOMAINS, problems, lambda r: r.name, lambda r: r.kind, lambda r: r.name
+    )
+
+
+def _read_alias_domains(
+    parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress
+) -> None:
+    problems = parsed.problems
+    entries = parse_source(
+        data, source, ALIAS_DOMAINS, problems, rank=rank, value_required=False, progress=progress
+    )
+
+    def make(entry: Entry) -> DomainRecord:
+        name = _domain(entry.key)
+        alias_of = None
+        if entry.value.startswith(ALIAS_OF_PREFIX):
+            alias_of = _domain(entry.value[len(ALIAS_OF_PREFIX) :])
+            if alias_of == name:
+                raise AdminError(f"{name}: a domain cannot mirror itself")
+        return DomainRecord(name, "alias", entry.origin, entry.enabled, alias_of)
+
+    records = _convert(entries, ALIAS_DOMAINS, problems, make)
+    parsed.alias_domains = _dedupe(
+        records,
+        ALIAS_DOMAINS,
+        problems,
+        lambda r: r.name,
+        lambda r: r.alias_of,
+        lambda r: r.name,
+    )
+
+
+def _read_vmailbox(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
+    problems = parsed.problems
+    entries = parse_source(data, source, MAILBOXES, problems, rank=rank, progress=progress)
+
+    def make(entry: Entry) -> MailboxRecord:
+        address = _address(entry.key)
+        try:
+            return MailboxRecord(address, _path(entry.value), entry.origin, entry.enabled)
+        except AdminError:
+            parsed.failed_mailboxes[(address.domain, address.local_part)] = entry.origin
+            raise
+
+    records = _convert(entries, MAILBOXES, problems, make)
+    parsed.mailboxes = _dedupe(
+        records,
+        MAILBOXES,
+        problems,
+        lambda r: (r.address.domain, r.address.local_part),
+        lambda r: r.path,
+        lambda r: str(r.address),
+    )
+
+
+def _read_virtual(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
+    problems = parsed.problems
+    entries = parse_source(data, source, ALIASES, problems, rank=rank, progress=progress)
+    alias_entries: list[Entry] = []
+    domain_entries: list[Entry] = []
+    for entry in entries:
+        # A key without '@' that looks like a domain is the old way of declaring a virtual
+        # alias domain (virtual_alias_domains = $virtual_alias_maps, the default).
+        if "@" not in entry.key and "." in entry.key:
+            domain_entries.append(entry)
+        else:
+            alias_entries.append(entry)
+    domains = _convert(
+        domain_entries,
+        ALIAS_DOMAINS,
+        problems,
+        lambda e: DomainRecord(_domain(e.key), "alias", e.origin, e.enabled, declared=False),
+    )
+    parsed.virtual_domains = _dedupe(
+        domains, ALIAS_DOMAINS, problems, lambda r: r.name, lambda r: r.kind, lambda r: r.name
+    )
+    aliases = _convert(
+        alias_entries,
+        ALIASES,
+        problems,
+        lambda e: AliasRecord(_address(e.key), _targets(e.value), e.origin, e.enabled),
+    )
+    parsed.aliases = _dedupe(
+        aliases,
+        ALIASES,
+        problems,
+        lambda r: (r.address.domain, r.address.local_part),
+        lambda r: frozenset(r.targets),
+        lambda r: str(r.address),
+    )
+
+
+def _id_reader(category: str, name: str) -> Callable[[Parsed, bytes, str, int, Progress], None]:
+    def read(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
+        problems = parsed.problems
+        # No markers: uid/gid lines have no enabled flag (a disabled mailbox keeps its uid).
+        entries = parse_source(
+            data, source, category, problems, rank=rank, markers=False, progress=progress
+        )
+        records = _convert(
+            entries,
+            category,
+            problems,
+            lambda e: IdRecord(_address(e.key), _id(e.value, name), e.origin),
+        )
+        setattr(
+            parsed,
+            category,
+            _dedupe(
+                records,
+                category,
+                problems,
+                lambda r: (r.address.domain, r.address.local_part),
+                lambda r: r.value,
+                lambda r: str(r.address),
+            ),
+        )
+
+    return read
+
+
+_READERS: dict[str, Callable[[Parsed, bytes, str, int, Progress], None]] = {
+    "domains": _read_domains,
+    "alias_domains": _read_alias_domains,
+    "vmailbox": _read_vmailbox,
+    "virtual": _read_virtual,
+    "uids": _id_reader(UIDS, "uid"),
+    "gids": _id_reader(GIDS, "gid"),
+}

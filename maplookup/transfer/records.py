@@ -1,0 +1,152 @@
+"""The typed records an import is made of, and the rules that turn text into their fields.
+
+A source line says ``key value``; what that means depends on the map: a domain, a mailbox and its
+path, an alias and its targets, a uid or gid.  This module holds one record type per kind and the
+checks for each field (an AdminError says why a text is refused, citing the Postfix source a rule
+comes from where there is one), plus the category names that label problems and counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from maplookup import admin
+from maplookup.admin import Address, AdminError
+
+from .problems import Origin
+
+# tok822_parse() (src/global/tok822_parse.c) separates addresses at commas and white space.
+_TARGET_SPLIT_RE = re.compile(r"[ \t\n\r\v\f,]+")
+_ID_RE = re.compile(r"[0-9]+")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5322 syntax (quoted local parts, comments, <route>) that the database cannot hold.
+_UNSUPPORTED_IN_ADDRESS = frozenset('"\\<>();')
+
+ALIAS_OF_PREFIX = "alias-of="
+MAX_ID = 2**31 - 1  # the columns are PostgreSQL integers
+MAX_PATH = 1024  # schema.sql, mailbox_path_relative
+
+MAILBOX_DOMAINS = "mailbox domains"
+ALIAS_DOMAINS = "alias domains"
+MAILBOXES = "mailboxes"
+ALIASES = "aliases"
+UIDS = "uids"
+GIDS = "gids"
+CATEGORIES = (MAILBOX_DOMAINS, ALIAS_DOMAINS, MAILBOXES, ALIASES, UIDS, GIDS)
+
+
+# -- typed records -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DomainRecord:
+    name: str
+    kind: str  # 'mailbox' | 'alias'
+    origin: Origin
+    enabled: bool = True
+    alias_of: str | None = None
+    declared: bool = True  # False: a bare-domain line in the virtual file (only if not mailbox)
+
+
+@dataclass(slots=True)
+class MailboxRecord:
+    address: Address
+    path: str
+    origin: Origin
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class AliasRecord:
+    address: Address
+    targets: list[str]
+    origin: Origin
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class IdRecord:
+    """A uid or gid; ``address.local_part == ''`` is the domain default (the ``@d`` key)."""
+
+    address: Address
+    value: int
+    origin: Origin
+    enabled: bool = True  # always: uid/gid files have no disabled marker
+
+
+def _domain(text: str) -> str:
+    if text.startswith("."):
+        raise AdminError(f"{text!r} is a parent-domain pattern; list each domain itself")
+    if text.startswith("!"):
+        raise AdminError(f"{text!r}: negated patterns are not supported")
+    if any(c in _UNSUPPORTED_IN_ADDRESS or c in "/:[]" for c in text):
+        raise AdminError(f"invalid domain name: {text!r}")
+    return admin.parse_domain(text)
+
+
+def _address(text: str) -> Address:
+    if any(c in _UNSUPPORTED_IN_ADDRESS for c in text):
+        raise AdminError(f"{text!r}: quoted local parts, comments and <...> are not supported")
+    if "@" not in text:
+        raise AdminError(
+            f"{text!r} has no '@' (a bare local part matches only local domains in Postfix; "
+            "write user@domain)"
+        )
+    address = admin.parse_address(text)
+    _domain(address.domain)
+    return address
+
+
+def _path(text: str) -> str:
+    if text.startswith("/"):
+        raise AdminError(
+            f"mailbox path {text!r} is absolute; it must be relative to virtual_mailbox_base"
+        )
+    if ".." in text.split("/"):
+        raise AdminError(
+            f"mailbox path {text!r} contains '..'; it must stay below virtual_mailbox_base"
+        )
+    if _CONTROL_RE.search(text):
+        raise AdminError(f"mailbox path {text!r} contains control characters")
+    if len(text) > MAX_PATH:
+        raise AdminError(f"mailbox path longer than {MAX_PATH} characters")
+    return text
+
+
+def _targets(value: str) -> list[str]:
+    targets: list[str] = []
+    for position, text in enumerate(t for t in _TARGET_SPLIT_RE.split(value) if t):
+        if any(c in _UNSUPPORTED_IN_ADDRESS for c in text):
+            raise AdminError(
+                f"target {text!r}: quoted addresses, comments and <...> are not supported"
+            )
+        if "@" not in text:
+            raise AdminError(
+                f"target {text!r} has no domain (Postfix would append @$myorigin; write the "
+                "full address)"
+            )
+        target = admin.parse_target(text)
+        if target.startswith("@") and position > 0:
+            # src/global/mail_addr_map.c prepends the user only when the whole value starts
+            # with '@': a later '@domain' would be sent to the address '@domain' itself.
+            raise AdminError(
+                f"target {text!r}: '@domain' keeps the local part only as the first target "
+                "(src/global/mail_addr_map.c); put it first or write user@domain"
+            )
+        if target not in targets:
+            targets.append(target)
+    if not targets:
+        raise AdminError("no targets")
+    return targets
+
+
+def _id(value: str, name: str) -> int:
+    if not _ID_RE.fullmatch(value):
+        raise AdminError(f"{name} {value!r} is not a number")
+    number = int(value)
+    if number <= 0:
+        raise AdminError(f"{name} must be a positive number (0 is root), got {number}")
+    if number > MAX_ID:
+        raise AdminError(f"{name} {number} is too large")
+    return number
