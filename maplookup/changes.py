@@ -96,7 +96,7 @@ class ChangeListener:
                     timeout=self._settings.connect_timeout_s,
                     server_settings={"application_name": "maplookup-listen"},
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:  # any failure to connect: retry, never stop the server
                 failures += 1
                 if failures == 1:
                     log.warning("cannot LISTEN for changes: %s; retrying", exc)
@@ -109,6 +109,14 @@ class ChangeListener:
             failures = 0
             try:
                 await self._serve_connection(conn)
+            except Exception as exc:
+                # asyncpg can raise more than its documented errors on a connection the
+                # server just killed (InternalClientError "cannot switch to state"): a lost
+                # connection all the same.
+                self.counters.connection_losses += 1
+                log.warning(
+                    "LISTEN connection failed (%r): cache not trusted until it is back", exc
+                )
             finally:
                 self._post_live(False)
                 conn.terminate()
@@ -118,11 +126,7 @@ class ChangeListener:
     async def _serve_connection(self, conn: asyncpg.Connection) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
-        try:
-            await conn.add_listener(CHANNEL, self._on_notification)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("LISTEN %s failed: %s", CHANNEL, exc)
-            return
+        await conn.add_listener(CHANNEL, self._on_notification)
         self.counters.connects += 1
         # LISTEN is in place: from now on no change goes unnoticed.  Anything before may have.
         self._post_live(True)
@@ -134,7 +138,7 @@ class ChangeListener:
                     await asyncio.wait_for(
                         conn.fetchval("SELECT 1"), timeout=self._settings.connect_timeout_s
                     )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                except Exception:
                     break
         self.counters.connection_losses += 1
         log.warning("LISTEN connection lost: cache not trusted until it is back")

@@ -166,6 +166,12 @@ class Database:
             ) from exc
         except _CONNECTION_ERRORS as exc:
             raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # Anything else from asyncpg (e.g. InternalClientError "cannot switch to state"
+            # on a connection the server just terminated) is still "the database could not
+            # answer": TEMP, or a cached answer, never a crash and never NOTFOUND.
+            log.warning("unexpected database client error: %r", exc)
+            raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
 
     async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
         """The first column of the first row as text, None when the query returned NULL."""

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from maplookup.db import DatabaseError
 from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, fold_key, query_for
-from maplookup.protocol import Reply, Request
+from maplookup.protocol import Reply, Request, Status
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ class Lookup:
             # PERM: Postfix logs a configuration error (451 4.3.5) rather than bouncing.
             shown = request.map_name[:64].decode("ascii", "backslashreplace")
             return Reply.perm(f"unknown map name '{shown}'")
-        return await self.answer_map(map_name, request.key)
-
-    async def answer_map(self, map_name: MapName, raw_key: bytes) -> Reply:
-        key = fold_key(map_name, raw_key)
+        key = fold_key(map_name, request.key)
         if key is None:
             return _NOT_FOUND
         try:
@@ -83,4 +80,4 @@ class Lookup:
             # data that violates the schema; Postfix treats OK with an empty value as a
             # configuration error, so it is not found either.
             return _NOT_FOUND
-        return Reply.ok(value)
+        return Reply(Status.OK, value)

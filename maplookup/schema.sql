@@ -220,8 +220,12 @@ CREATE OR REPLACE FUNCTION maplookup.expand_targets(
     targets text[], local_part text, extension text)
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT string_agg(
+        -- Plain string surgery, not regexp_replace: the extension comes from the sender and
+        -- may hold characters a replacement pattern would interpret (\1, &).
         CASE WHEN extension IS NULL THEN full_target
-             ELSE regexp_replace(full_target, '@([^@]*)$', extension || '@\1')
+             ELSE left(full_target, length(full_target) - strpos(reverse(full_target), '@'))
+                  || extension
+                  || right(full_target, strpos(reverse(full_target), '@'))
         END, ',' ORDER BY n)
     FROM unnest(targets) WITH ORDINALITY AS u(t, n),
          LATERAL (SELECT CASE WHEN left(t, 1) = '@' THEN local_part || t ELSE t END)

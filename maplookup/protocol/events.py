@@ -141,6 +141,9 @@ class _BufferedReceiver(ABC, Generic[_T]):
 
     def _next(self) -> _T | NeedData | Closed:
         self._check_usable()
+        if not self._buf:
+            # The common case between requests; skips the parser entirely.
+            return CLOSED if self._eof else NEED_DATA
         try:
             item = self._parse()
             if item is not None:

@@ -120,6 +120,8 @@ CASES: list[tuple[str, str, str | None]] = [
     ("virtual", "list@example.com", "a@x.test,b@y.test"),
     ("virtual", "LIST@Example.Com", "a@x.test,b@y.test"),
     ("virtual", "list+ext@example.com", "a+ext@x.test,b+ext@y.test"),
+    # The extension is data, never a replacement pattern (found by the property test).
+    ("virtual", "list+\\1&@example.com", "a+\\1&@x.test,b+\\1&@y.test"),
     ("virtual", "fwd@example.com", "user@example.com"),
     ("virtual", "keep@example.com", "keep@elsewhere.test"),
     ("virtual", "keep+x@example.com", "keep+x@elsewhere.test"),
