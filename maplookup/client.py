@@ -40,6 +40,26 @@ def _connect(server: HostPort | None, unix_path: Path | None, timeout_s: float) 
         raise QueryError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
 
 
+def ask_socketmap(sock: socket.socket, map_name: str, key: bytes) -> Reply:
+    """One request on an open connection (Postfix keeps its connections open)."""
+    try:
+        sock.sendall(socketmap.encode_request(map_name.encode(), key))
+        parser = SocketmapReplyParser()
+        while True:
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Reply)
+                return event
+            data = sock.recv(65_536)
+            if not data:
+                raise QueryError("the server closed the connection without a reply")
+            parser.receive_data(data)
+    except RemoteProtocolError as exc:
+        raise QueryError(f"malformed reply: {exc.reason}") from exc
+    except OSError as exc:
+        raise QueryError(f"connection failed: {exc.strerror or exc}") from exc
+
+
 def query_socketmap(
     map_name: str,
     key: bytes,
@@ -48,24 +68,9 @@ def query_socketmap(
     unix_path: Path | None = None,
     timeout_s: float = CLIENT_TIMEOUT_S,
 ) -> Reply:
-    """Send one socketmap request and return the decoded reply."""
+    """Connect, send one socketmap request and return the decoded reply."""
     with _connect(server, unix_path, timeout_s) as sock:
-        try:
-            sock.sendall(socketmap.encode_request(map_name.encode(), key))
-            parser = SocketmapReplyParser()
-            while True:
-                event = parser.next_event()
-                if event is not NEED_DATA:
-                    assert isinstance(event, Reply)
-                    return event
-                data = sock.recv(65_536)
-                if not data:
-                    raise QueryError("the server closed the connection without a reply")
-                parser.receive_data(data)
-        except RemoteProtocolError as exc:
-            raise QueryError(f"malformed reply: {exc.reason}") from exc
-        except OSError as exc:
-            raise QueryError(f"connection failed: {exc.strerror or exc}") from exc
+        return ask_socketmap(sock, map_name, key)
 
 
 def query_tcp_table(key: bytes, *, server: HostPort, timeout_s: float = CLIENT_TIMEOUT_S) -> Reply:

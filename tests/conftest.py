@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,3 +71,21 @@ def make_database(pg_dsn: str) -> Callable[[], str]:
         return dsn_for_database(pg_dsn, name)
 
     return create
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of the test's own, on a fixed port, for tests that stop and start it."""
+    state_dir = Path(tempfile.mkdtemp(prefix="maplookup-own-pg-"))
+    state_dir.chmod(0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A fixed port, so that a service's DSN stays valid across a restart.
+    cluster = EmbeddedPostgres(state_dir=state_dir, port=port, fast_unsafe=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -6,12 +6,8 @@ socketmap, exactly as Postfix asks.  Every wait is on a condition with a deadlin
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
@@ -261,27 +257,6 @@ async def test_no_cache_is_a_pass_through(dsn: str) -> None:
 
 
 # -- outage: a cluster of its own, stopped and started under the running service ---------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[EmbeddedPostgres]:
-    state_dir = Path(tempfile.mkdtemp(prefix="maplookup-outage-"))
-    state_dir.chmod(0o755)
-    # A fixed port, so the service's DSN stays valid across the restart.
-    cluster = EmbeddedPostgres(state_dir=state_dir, port=_free_port(), fast_unsafe=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 async def test_outage_serves_cache_answers_temp_and_recovers(

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,19 +16,6 @@ from maplookup.protocol import Reply
 from tests.helpers import run_async, run_sql
 from tests.integration.test_cache_coherence import SCHEMA_DATA, Client, running, wait_until
 from tests.processes import free_port
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[EmbeddedPostgres]:
-    state_dir = Path(tempfile.mkdtemp(prefix="maplookup-ops-"))
-    state_dir.chmod(0o755)
-    cluster = EmbeddedPostgres(state_dir=state_dir, port=free_port(), fast_unsafe=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def http_get(url: str) -> tuple[int, str]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from maplookup.client import query_tcp_table
+from maplookup.client import QueryError, ask_socketmap, query_tcp_table
 from maplookup.config import HostPort
-from maplookup.protocol import NEED_DATA, Reply, SocketmapReplyParser, socketmap
+from maplookup.protocol import Reply
 from tests.processes import free_port, maplookup_cli, wait_for_port
 
 EXPECTED = Reply.ok("arkum.ch/meier/")
@@ -36,17 +36,7 @@ class LoadResult:
 
 
 def ask(sock: socket.socket, key: bytes) -> Reply:
-    sock.sendall(socketmap.encode_request(b"vmailbox", key))
-    parser = SocketmapReplyParser()
-    while True:
-        event = parser.next_event()
-        if event is not NEED_DATA:
-            assert isinstance(event, Reply)
-            return event
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        parser.receive_data(data)
+    return ask_socketmap(sock, "vmailbox", key)
 
 
 def load(port: int, stop: threading.Event, result: LoadResult) -> None:
@@ -63,7 +53,7 @@ def load(port: int, stop: threading.Event, result: LoadResult) -> None:
                             result.failures.append(repr(reply))
                     if stop.is_set():
                         return
-        except OSError as exc:
+        except (OSError, QueryError) as exc:
             with result.lock:
                 result.failures.append(f"{type(exc).__name__}: {exc}")
             return
