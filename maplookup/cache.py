@@ -36,6 +36,11 @@ from maplookup.maps import MapName
 
 CacheKey = tuple[MapName, str]
 
+# After a database error, cached answers are served without asking the database again for
+# this long; then one lookup probes it again.  Keeps a stalled database from making every
+# cached lookup wait out the query timeout.
+OUTAGE_PROBE_INTERVAL_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
@@ -112,7 +117,7 @@ class AnswerCache:
         self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.settings = settings
-        self._clock = clock
+        self.clock = clock
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._domain_generations: dict[str, int] = {}
         self._global_generation = 0
@@ -136,7 +141,7 @@ class AnswerCache:
         if (
             entry.global_generation != self._global_generation
             or entry.domain_generation != self._domain_generations.get(entry.domain, 0)
-            or entry.expires_at <= self._clock()
+            or entry.expires_at <= self.clock()
         ):
             return None
         self._entries.move_to_end(key)
@@ -149,7 +154,7 @@ class AnswerCache:
             return None
         if entry.domain_generation != self._domain_generations.get(entry.domain, 0):
             return None
-        if self._clock() - entry.fetched_at > self.settings.max_stale_s:
+        if self.clock() - entry.fetched_at > self.settings.max_stale_s:
             return None
         return entry
 
@@ -160,7 +165,7 @@ class AnswerCache:
         if generations != self.generations(domain):
             self.counters.stores_skipped += 1
             return
-        now = self._clock()
+        now = self.clock()
         ttl = self.settings.positive_ttl_s if value is not None else self.settings.negative_ttl_s
         self._entries[key] = _Entry(value, domain, generations[0], generations[1], now, now + ttl)
         self._entries.move_to_end(key)
@@ -203,6 +208,8 @@ class CachingSource:
         self._inner = inner
         self.cache = cache
         self._flights: dict[CacheKey, _Flight] = {}
+        # Until this time (cache clock), the database is taken to be failing.
+        self._failing_until = 0.0
 
     async def fetch(self, map_name: MapName, key: str) -> str | None:
         cache_key = (map_name, key)
@@ -227,6 +234,14 @@ class CachingSource:
     async def _lead(self, cache_key: CacheKey, map_name: MapName, key: str) -> str | None:
         cache = self.cache
         cache.counters.misses += 1
+        if self._failing_until > cache.clock():
+            # The database failed a moment ago and has not answered since: a key with a
+            # usable cached answer gets it now instead of waiting out another query timeout.
+            # Keys without one still ask, so one transient error costs them nothing.
+            stale = cache.lookup_stale(cache_key)
+            if stale is not None:
+                cache.counters.stale_served += 1
+                return stale.value
         domain = domain_of(map_name, key)
         generations = cache.generations(domain)
         flight = _Flight()
@@ -236,6 +251,7 @@ class CachingSource:
                 value = await self._inner.fetch(map_name, key)
             except DatabaseError as exc:
                 cache.counters.errors += 1
+                self._failing_until = cache.clock() + OUTAGE_PROBE_INTERVAL_S
                 stale = cache.lookup_stale(cache_key)
                 if stale is None:
                     flight.fail(exc)
@@ -246,6 +262,7 @@ class CachingSource:
             except Exception as exc:
                 flight.fail(DatabaseError(f"internal error: {exc!r}"))
                 raise
+            self._failing_until = 0.0
             cache.store(cache_key, value, domain, generations)
             flight.answer(value)
             return value

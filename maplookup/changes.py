@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "maplookup_changes"
 FLUSH_ALL = "*"
 RECONNECT_MIN_S = 0.1
-RECONNECT_MAX_S = 5.0
+RECONNECT_MAX_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)

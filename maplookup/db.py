@@ -58,6 +58,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Background task errors inside asyncpg (e.g. a pool release timing out while the
+    database stalls) are already answered as TEMP by the lookup that saw them: one line,
+    not an ERROR with a traceback."""
+    exception = context.get("exception")
+    log.warning("asyncio: %s%s", context.get("message"), f" ({exception!r})" if exception else "")
+
+
 class AsyncioThread:
     """An asyncio event loop running in a daemon thread, callable from trio.
 
@@ -72,6 +80,7 @@ class AsyncioThread:
 
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._loop.set_exception_handler(_log_loop_exception)
         self._loop.run_forever()
         self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()

@@ -226,7 +226,8 @@ class Service:
                     self._notifier.ready(status=self._status_line())
                     task_status.started(running)
             finally:
-                await close_all(server.listeners)
+                with trio.CancelScope(shield=True):
+                    await close_all(server.listeners)
         log.info("stopped")
 
     async def _start_metrics(

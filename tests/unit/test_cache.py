@@ -259,3 +259,22 @@ async def test_outage_never_serves_an_answer_known_to_have_changed() -> None:
     inner.error = DatabaseError("down")  # ...and then the database went away
     with pytest.raises(DatabaseError):
         await source.fetch(V, "u@d")
+
+
+async def test_failing_database_is_not_asked_again_for_cached_keys_for_a_moment() -> None:
+    source, inner, clock = make({"u@d": "d/u/"}, positive_ttl_s=10)
+    assert await source.fetch(V, "u@d") == "d/u/"
+    source.cache.set_live(False)  # the outage takes LISTEN down too
+    inner.error = DatabaseError("stalled")
+    calls = inner.calls
+    assert await source.fetch(V, "u@d") == "d/u/"  # asks, fails, serves the cached answer
+    assert inner.calls == calls + 1
+    assert await source.fetch(V, "u@d") == "d/u/"  # failing: served at once, no query
+    assert inner.calls == calls + 1
+    with pytest.raises(DatabaseError):
+        await source.fetch(V, "other@d")  # nothing cached: still asks
+    assert inner.calls == calls + 2
+    clock.now += 1.5  # past the probe interval: the next lookup asks again
+    inner.error = None
+    assert await source.fetch(V, "u@d") == "d/u/"
+    assert inner.calls == calls + 3
