@@ -26,6 +26,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -77,6 +78,12 @@ class AsyncioThread:
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._main, name="maplookup-asyncio", daemon=True)
         self._started = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._lock = threading.Lock()
+        self._inbox: list[_Job] = []  # trio -> asyncio
+        self._inbox_pending = False
+        self._outbox: list[_Job] = []  # asyncio -> trio
+        self._outbox_pending = False
 
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -103,34 +110,82 @@ class AsyncioThread:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the asyncio loop and return its result to the calling trio task.
 
+        Hand-overs are batched both ways: a trio task queues its job and wakes the asyncio
+        loop only if no wake-up is pending yet, and finished jobs go back the same way.  Under
+        concurrency that turns one pair of cross-thread wake-ups (a syscall and a GIL hand-over
+        each) per query into one per batch.
+
         If the trio task is cancelled, the asyncio task is cancelled as well and the trio task
         returns at once; the asyncio side finishes its own clean-up (releasing pool
         connections) in its own time.
         """
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
-        waiting = True
-
-        def wake(done: concurrent.futures.Future[T]) -> None:
-            # Runs in the trio thread, so it cannot race with abort().
-            if waiting:
-                trio.lowlevel.reschedule(task, outcome.capture(done.result))
-
-        def on_done(done: concurrent.futures.Future[T]) -> None:
-            # Runs in the asyncio thread.
-            with suppress(trio.RunFinishedError):
-                token.run_sync_soon(wake, done)
+        self._token = trio.lowlevel.current_trio_token()
+        job = _Job(coro, trio.lowlevel.current_task())
+        with self._lock:
+            self._inbox.append(job)
+            wake = not self._inbox_pending
+            self._inbox_pending = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._start_jobs)
 
         def abort(_raise_cancel: Callable[[], object]) -> trio.lowlevel.Abort:
-            nonlocal waiting
-            waiting = False
-            future.cancel()
+            job.waiting = False
+            self._loop.call_soon_threadsafe(self._cancel_job, job)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        future.add_done_callback(on_done)
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
+
+    # -- asyncio thread ------------------------------------------------------------------------
+
+    def _start_jobs(self) -> None:
+        with self._lock:
+            jobs, self._inbox = self._inbox, []
+            self._inbox_pending = False
+        for job in jobs:
+            # _start_jobs always runs before a job's _cancel_job: the wake-up that starts a
+            # job was queued on the loop before the job could be aborted.
+            job.asyncio_task = self._loop.create_task(job.coro)
+            job.asyncio_task.add_done_callback(partial(self._finished, job))
+
+    def _cancel_job(self, job: _Job) -> None:
+        if job.asyncio_task is not None:
+            job.asyncio_task.cancel()
+
+    def _finished(self, job: _Job, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return  # the trio side gave up waiting
+        job.result = outcome.capture(task.result)
+        with self._lock:
+            self._outbox.append(job)
+            wake = not self._outbox_pending
+            self._outbox_pending = True
+        if wake and self._token is not None:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._deliver)
+
+    # -- trio thread ---------------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        with self._lock:
+            jobs, self._outbox = self._outbox, []
+            self._outbox_pending = False
+        for job in jobs:
+            if job.waiting and job.result is not None:
+                trio.lowlevel.reschedule(job.task, job.result)
+
+
+class _Job:
+    """One coroutine handed from a trio task to the asyncio loop, and its way back."""
+
+    __slots__ = ("asyncio_task", "coro", "result", "task", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], task: trio.lowlevel.Task) -> None:
+        self.coro = coro
+        self.task = task
+        self.waiting = True  # False once the trio task was cancelled
+        self.asyncio_task: asyncio.Task[Any] | None = None
+        self.result: outcome.Outcome[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
