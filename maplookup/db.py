@@ -247,6 +247,10 @@ class Database:
         await self.fetch_value("SELECT 1", ())
 
 
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    return None
+
+
 async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
     # min_size=0: the server starts (and answers TEMP) even while PostgreSQL is down, and
     # connects on first use; nothing is opened that is not needed.
@@ -258,6 +262,9 @@ async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
         command_timeout=settings.query_timeout_s,
         max_inactive_connection_lifetime=300.0,
         server_settings={"application_name": "maplookup"},
+        # Lookups only call STABLE functions and change no session state, so the reset
+        # query asyncpg runs on every release (a full round trip) has nothing to undo.
+        reset=_no_reset,
     )
     return pool
 
