@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -94,7 +95,7 @@ def _exception_text(record: logging.LogRecord) -> str | None:
     return record.exc_text or None
 
 
-class _Formatter(logging.Formatter):
+class _Formatter(logging.Formatter, ABC):
     """Shared parts; subclasses lay out ts, level, logger, message, fields and exception."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -108,6 +109,7 @@ class _Formatter(logging.Formatter):
             record.stack_info or None,
         )
 
+    @abstractmethod
     def render(
         self,
         record: logging.LogRecord,
@@ -116,7 +118,8 @@ class _Formatter(logging.Formatter):
         exc: str | None,
         stack: str | None,
     ) -> str:
-        raise NotImplementedError
+        """The line for one record, in this formatter's format (each subclass has its own)."""
+        ...
 
 
 class TextFormatter(_Formatter):

@@ -30,6 +30,7 @@ from maplookup.embedded import (
     find_pg_bin_dir,
     read_running_dsn,
 )
+from tests.helpers import require_tool
 
 IS_ROOT = os.geteuid() == 0
 
@@ -103,10 +104,7 @@ def test_cluster_settings(running: EmbeddedPostgres) -> None:
 def test_dsn_works_with_psql(running: EmbeddedPostgres) -> None:
     psql = find_pg_bin_dir() / "psql"
     if not psql.exists():
-        found = shutil.which("psql")
-        if found is None:
-            pytest.skip("psql not installed")
-        psql = Path(found)
+        psql = Path(require_tool("psql", "postgresql-client"))
     for dsn in (running.dsn, running.tcp_dsn):
         out = subprocess.run(
             [str(psql), dsn, "-XAtc", "SELECT 40 + 2"],
