@@ -40,20 +40,19 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from bench.common import bounded_int, machine_info, timeout_seconds, write_json
+from maplookup.config import redact_dsn
 
 QUERY = "SELECT $1::text"
 POOL_MAX_CONNECTIONS = 10
@@ -385,52 +384,6 @@ def markdown_table(results: list[WorkloadResult]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _redact(dsn: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            d: _version(d) for d in ("trio", "asyncpg", "uvloop", "trio-asyncio", "maplookup")
-        },
-    }
-
-
-def _write_json(payload: dict[str, object], stamp: str) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"bridge-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")  # *.tmp is git-ignored
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _start_postgres() -> tuple[Any, Path, str]:
     from maplookup.embedded import EmbeddedPostgres
 
@@ -460,7 +413,7 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
     state: Path | None = None
     if ns.dsn:
         dsn = ns.dsn
-        _log(f"using {_redact(dsn)}")
+        _log(f"using {redact_dsn(dsn)}")
     else:
         t0 = time.monotonic()
         pg, state, dsn = _start_postgres()
@@ -492,17 +445,19 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
             "warmup": ns.warmup,
             "pool_max_connections": POOL_MAX_CONNECTIONS,
             "query": QUERY,
-            "dsn": _redact(dsn),
+            "dsn": redact_dsn(dsn),
             "database": "external (--dsn)" if ns.dsn else "embedded, fast_unsafe, TCP loopback",
         },
-        "machine": _machine(),
+        "machine": machine_info(
+            distributions=("trio", "asyncpg", "uvloop", "trio-asyncio", "maplookup")
+        ),
         "results": [
             {**asdict(r), "throughput_vs_reference": ratios[(r.variant, r.workload)]}
             for r in results
         ],
         "table_markdown": table,
     }
-    path = _write_json(payload, stamp)
+    path = write_json("bridge", stamp, payload)
     print(table)
     _log(f"wrote {path.relative_to(PROJECT_ROOT)}")
     return 0
@@ -510,23 +465,6 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------
 # command line
-
-
-def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _timeout(text: str) -> float:
-    value = float(text)
-    if not 1.0 <= value <= 3600.0:
-        raise argparse.ArgumentTypeError("must be between 1 and 3600 seconds")
-    return value
 
 
 def _variant_list(text: str) -> list[str]:
@@ -547,19 +485,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--queries",
-        type=_bounded_int(1, MAX_QUERIES),
+        type=bounded_int(1, MAX_QUERIES),
         default=DEFAULT_QUERIES,
         help=f"measured queries per workload (default {DEFAULT_QUERIES})",
     )
     parser.add_argument(
         "--concurrency",
-        type=_bounded_int(1, MAX_CONCURRENCY),
+        type=bounded_int(1, MAX_CONCURRENCY),
         default=DEFAULT_CONCURRENCY,
         help=f"tasks in the concurrent workload (default {DEFAULT_CONCURRENCY})",
     )
     parser.add_argument(
         "--warmup",
-        type=_bounded_int(0, MAX_QUERIES),
+        type=bounded_int(0, MAX_QUERIES),
         default=DEFAULT_WARMUP,
         help=f"unmeasured queries before each workload (default {DEFAULT_WARMUP})",
     )
@@ -575,7 +513,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout",
-        type=_timeout,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds allowed per variant (default {DEFAULT_TIMEOUT_S:.0f})",
     )

@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import select
 import shutil
@@ -55,13 +54,14 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from bench.common import bounded_int, machine_info, timeout_seconds, write_json
+from maplookup.config import redact_dsn
 
 DEFAULT_MAILBOXES = 10_000
 DEFAULT_DOMAINS = 100
@@ -756,51 +756,6 @@ def memory_table(rows: list[MemoryResult]) -> str:
 # the coordinator
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _redact(dsn: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def _machine(pg_version: str) -> dict[str, object]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "postgresql": pg_version,
-        "versions": {d: _version(d) for d in ("trio", "asyncpg", "uvloop", "maplookup")},
-    }
-
-
-def _write_json(payload: dict[str, object], stamp: str) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"cache-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")  # *.tmp is git-ignored
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _start_postgres() -> tuple[Any, Path, str]:
     from maplookup.embedded import EmbeddedPostgres
 
@@ -882,7 +837,7 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
     out = Measured()
     if ns.dsn:
         dsn = ns.dsn
-        _log(f"using {_redact(dsn)}")
+        _log(f"using {redact_dsn(dsn)}")
     else:
         t0 = time.monotonic()
         pg, state, dsn = _start_postgres()
@@ -921,10 +876,12 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
             "changes": ns.changes,
             "memory_sizes": ns.memory_sizes,
             "seed": SEED,
-            "dsn": _redact(dsn),
+            "dsn": redact_dsn(dsn),
             "database": "external (--dsn)" if ns.dsn else "embedded, fast_unsafe, TCP loopback",
         },
-        "machine": _machine(out.pg_version),
+        "machine": machine_info(
+            {"postgresql": out.pg_version}, ("trio", "asyncpg", "uvloop", "maplookup")
+        ),
         "hit_miss": [asdict(out.hits), asdict(out.misses)],
         "hit_counters": out.hit_counters,
         "commit_to_visible": asdict(out.visibility) if out.visibility else None,
@@ -934,7 +891,7 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
         "memory": [asdict(m) for m in memory],
         "tables_markdown": text,
     }
-    path = _write_json(payload, stamp)
+    path = write_json("cache", stamp, payload)
     print(text)
     _log(f"wrote {path.relative_to(PROJECT_ROOT)}")
     return 0
@@ -944,27 +901,10 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
 # command line
 
 
-def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _timeout(text: str) -> float:
-    value = float(text)
-    if not 1.0 <= value <= 3600.0:
-        raise argparse.ArgumentTypeError("must be between 1 and 3600 seconds")
-    return value
-
-
 def _sizes(text: str) -> list[int]:
     if text.strip() in ("", "none"):
         return []
-    parse = _bounded_int(1, MAX_COUNT)
+    parse = bounded_int(1, MAX_COUNT)
     return [parse(part) for part in text.split(",") if part.strip()]
 
 
@@ -975,31 +915,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mailboxes",
-        type=_bounded_int(1, MAX_COUNT),
+        type=bounded_int(1, MAX_COUNT),
         default=DEFAULT_MAILBOXES,
         help=f"mailboxes in the dataset (default {DEFAULT_MAILBOXES})",
     )
     parser.add_argument(
         "--domains",
-        type=_bounded_int(1, 10_000),
+        type=bounded_int(1, 10_000),
         default=DEFAULT_DOMAINS,
         help=f"domains they are spread over (default {DEFAULT_DOMAINS})",
     )
     parser.add_argument(
         "--lookups",
-        type=_bounded_int(1, MAX_COUNT),
+        type=bounded_int(1, MAX_COUNT),
         default=DEFAULT_LOOKUPS,
         help=f"measured lookups for hits and for misses (default {DEFAULT_LOOKUPS})",
     )
     parser.add_argument(
         "--miss-warmup",
-        type=_bounded_int(0, MAX_COUNT),
+        type=bounded_int(0, MAX_COUNT),
         default=DEFAULT_MISS_WARMUP,
         help=f"unmeasured lookups before the misses (default {DEFAULT_MISS_WARMUP})",
     )
     parser.add_argument(
         "--changes",
-        type=_bounded_int(0, 100_000),
+        type=bounded_int(0, 100_000),
         default=DEFAULT_CHANGES,
         help=f"committed changes for commit-to-visible, 0 to skip (default {DEFAULT_CHANGES})",
     )
@@ -1017,7 +957,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout",
-        type=_timeout,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds allowed for the whole run (default {DEFAULT_TIMEOUT_S:.0f})",
     )
@@ -1044,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_server_worker, ns.dsn, not ns.no_cache, ns.timeout)
         return 0
     if ns.memory_worker:
-        entries = _bounded_int(1, MAX_COUNT)(ns.memory_worker[0])
+        entries = bounded_int(1, MAX_COUNT)(ns.memory_worker[0])
         method = ns.memory_worker[1]
         if method not in ("tracemalloc", "rss"):
             raise SystemExit("--memory-worker METHOD is tracemalloc or rss")

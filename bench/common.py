@@ -9,6 +9,7 @@ block ends, whatever ended it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -104,19 +105,40 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def machine_info(
+    extra: dict[str, Any] | None = None,
+    distributions: Sequence[str] = ("trio", "asyncpg", "uvloop", "maplookup", "matplotlib"),
+) -> dict[str, Any]:
     info: dict[str, Any] = {
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {
-            d: _version(d) for d in ("trio", "asyncpg", "uvloop", "maplookup", "matplotlib")
-        },
+        "versions": {d: _version(d) for d in distributions},
     }
     if extra:
         info.update(extra)
     return info
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from low to high."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def timeout_seconds(text: str) -> float:
+    """An argparse type: a whole-run time limit from 1 s to an hour."""
+    value = float(text)
+    if not 1.0 <= value <= 3600.0:
+        raise argparse.ArgumentTypeError("must be between 1 and 3600 seconds")
+    return value
 
 
 def free_port() -> int:

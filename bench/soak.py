@@ -35,7 +35,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import select
 import shutil
@@ -48,9 +47,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from bench.common import machine_info, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -626,37 +626,6 @@ async def _drive(load: Load, child: ServerChild, minutes: float, interval_s: flo
     return samples
 
 
-def _machine(pg_version: str) -> dict[str, object]:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "postgresql": pg_version,
-        "versions": {d: version(d) for d in ("trio", "asyncpg", "uvloop", "maplookup")},
-    }
-
-
-def _write_json(payload: dict[str, object], stamp: str) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"soak-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")  # *.tmp is git-ignored
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _coordinator(ns: argparse.Namespace) -> int:
     import trio
 
@@ -722,7 +691,9 @@ def _coordinator(ns: argparse.Namespace) -> int:
     )
     for example in load.wrong_examples:
         print(f"wrong: {example}")
-    path = _write_json(
+    path = write_json(
+        "soak",
+        stamp,
         {
             "benchmark": "soak",
             "started_at": started_at.isoformat(),
@@ -736,13 +707,14 @@ def _coordinator(ns: argparse.Namespace) -> int:
                 "cache_entries": ns.cache_entries,
                 "dsn": "embedded" if pg is not None else "external",
             },
-            "machine": _machine(pg_version),
+            "machine": machine_info(
+                {"postgresql": pg_version}, ("trio", "asyncpg", "uvloop", "maplookup")
+            ),
             "samples": [asdict(s) for s in samples],
             "summary": summary,
             "final_server_state": final_state,
             "wrong_examples": load.wrong_examples,
         },
-        stamp,
     )
     _log(f"wrote {path.relative_to(PROJECT_ROOT)}")
     return 0 if summary["wrong"] == 0 and exit_code == 0 else 1
