@@ -115,7 +115,10 @@ def start_maplookup(
     tcp_table: bool = False,
     max_entries: int | None = None,
     ttl_s: float | None = None,
+    settings_env: dict[str, str] | None = None,
 ) -> ServerHandle:
+    """Start ``maplookup serve``; ``settings_env`` adds MAPLOOKUP_* settings (the caller's own
+    MAPLOOKUP_* variables are not passed on)."""
     port = free_port()
     metrics_port = free_port()
     argv = [
@@ -143,6 +146,7 @@ def start_maplookup(
         # "cached hits" into misses half-way.
         env["MAPLOOKUP_CACHE__POSITIVE_TTL_S"] = str(ttl_s)
         env["MAPLOOKUP_CACHE__NEGATIVE_TTL_S"] = str(ttl_s)
+    env.update(settings_env or {})
     if os.geteuid() == 0:
         # The benchmark runs as root (it starts PostgreSQL as postgres); the server may too.
         env["MAPLOOKUP_ALLOW_ROOT"] = "true"

@@ -154,6 +154,9 @@ class DatabaseSettings(_Model):
     query_timeout_s: PositiveFloat = 5.0
     connect_timeout_s: PositiveFloat = 5.0
     pool_max_connections: PositiveInt = 10
+    # Cache misses waiting at the same moment go to PostgreSQL as one statement of up to this
+    # many keys (a statement costs far more than a key in it); a lone miss is sent at once.
+    max_keys_per_query: Annotated[int, Field(ge=1, le=1000)] = 32
 
 
 class LookupConfig(_Model):

@@ -27,23 +27,28 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import outcome
 import trio
 
+from maplookup.batching import BatchSettings, LookupBatcher, LookupJob
+from maplookup.db_errors import DatabaseError, DatabaseTimeout, as_database_error
+from maplookup.maps import LookupSettings, MapName
+
+__all__ = [
+    "AsyncioThread",
+    "Database",
+    "DatabaseError",
+    "DatabaseTimeout",
+    "PoolSettings",
+    "open_database",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class DatabaseError(Exception):
-    """The database could not give an answer; the lookup must answer TEMP, never NOTFOUND."""
-
-
-class DatabaseTimeout(DatabaseError):
-    """The database did not answer within the query timeout."""
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -80,9 +85,9 @@ class AsyncioThread:
         self._started = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._lock = threading.Lock()
-        self._inbox: list[_Job] = []  # trio -> asyncio
+        self._inbox: list[tuple[Job, Callable[[Any], None]]] = []  # trio -> asyncio: (job, start)
         self._inbox_pending = False
-        self._outbox: list[_Job] = []  # asyncio -> trio
+        self._outbox: list[Job] = []  # asyncio -> trio
         self._outbox_pending = False
 
     def _main(self) -> None:
@@ -110,19 +115,34 @@ class AsyncioThread:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the asyncio loop and return its result to the calling trio task.
 
-        Hand-overs are batched both ways: a trio task queues its job and wakes the asyncio
-        loop only if no wake-up is pending yet, and finished jobs go back the same way.  Under
-        concurrency that turns one pair of cross-thread wake-ups (a syscall and a GIL hand-over
-        each) per query into one per batch.
-
         If the trio task is cancelled, the asyncio task is cancelled as well and the trio task
         returns at once; the asyncio side finishes its own clean-up (releasing pool
         connections) in its own time.
         """
+        job = _CoroutineJob(coro, trio.lowlevel.current_task())
+        result: T = await self.hand_over(job, self._start_coroutine, self._cancel_coroutine)
+        return result
+
+    async def hand_over(
+        self,
+        job: Job,
+        start: Callable[[Any], None],
+        cancel: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Give ``job`` to the asyncio thread and sleep until it is finished there.
+
+        ``start(job)`` runs in the asyncio thread and must lead to exactly one
+        ``finish(job, outcome)``; ``cancel(job)``, if given, runs there when the trio task is
+        cancelled first (the trio task returns at once and ``job.waiting`` turns False).
+
+        Hand-overs are batched both ways: a trio task queues its job and wakes the asyncio
+        loop only if no wake-up is pending yet, and finished jobs go back the same way.  Under
+        concurrency that turns one pair of cross-thread wake-ups (a syscall and a GIL hand-over
+        each) per query into one per batch.
+        """
         self._token = trio.lowlevel.current_trio_token()
-        job = _Job(coro, trio.lowlevel.current_task())
         with self._lock:
-            self._inbox.append(job)
+            self._inbox.append((job, start))
             wake = not self._inbox_pending
             self._inbox_pending = True
         if wake:
@@ -130,11 +150,11 @@ class AsyncioThread:
 
         def abort(_raise_cancel: Callable[[], object]) -> trio.lowlevel.Abort:
             job.waiting = False
-            self._loop.call_soon_threadsafe(self._cancel_job, job)
+            if cancel is not None:
+                self._loop.call_soon_threadsafe(cancel, job)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     # -- asyncio thread ------------------------------------------------------------------------
 
@@ -142,20 +162,28 @@ class AsyncioThread:
         with self._lock:
             jobs, self._inbox = self._inbox, []
             self._inbox_pending = False
-        for job in jobs:
-            # _start_jobs always runs before a job's _cancel_job: the wake-up that starts a
-            # job was queued on the loop before the job could be aborted.
-            job.asyncio_task = self._loop.create_task(job.coro)
-            job.asyncio_task.add_done_callback(partial(self._finished, job))
+        for job, start in jobs:
+            # A job's start always runs before its cancel: the wake-up that starts it was
+            # queued on the loop before the job could be aborted.
+            start(job)
 
-    def _cancel_job(self, job: _Job) -> None:
+    def _start_coroutine(self, job: _CoroutineJob) -> None:
+        job.asyncio_task = self._loop.create_task(job.coro)
+        job.asyncio_task.add_done_callback(partial(self._coroutine_done, job))
+
+    def _cancel_coroutine(self, job: _CoroutineJob) -> None:
         if job.asyncio_task is not None:
             job.asyncio_task.cancel()
 
-    def _finished(self, job: _Job, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            return  # the trio side gave up waiting
-        job.result = outcome.capture(task.result)
+    def _coroutine_done(self, job: _CoroutineJob, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():  # cancelled: the trio side gave up waiting
+            self.finish(job, outcome.capture(task.result))
+
+    def finish(self, job: Job, result: outcome.Outcome[Any]) -> None:
+        """Hand ``result`` back to the trio task waiting for ``job`` (asyncio thread)."""
+        if not job.waiting:
+            return
+        job.result = result
         with self._lock:
             self._outbox.append(job)
             wake = not self._outbox_pending
@@ -175,15 +203,23 @@ class AsyncioThread:
                 trio.lowlevel.reschedule(job.task, job.result)
 
 
-class _Job:
-    """One coroutine handed from a trio task to the asyncio loop, and its way back."""
+class Job(Protocol):
+    """What travels between the threads: the trio task to wake, and its outcome."""
+
+    task: Any
+    waiting: bool  # False once the trio task was cancelled
+    result: outcome.Outcome[Any] | None
+
+
+class _CoroutineJob:
+    """A coroutine handed from a trio task to the asyncio loop."""
 
     __slots__ = ("asyncio_task", "coro", "result", "task", "waiting")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], task: trio.lowlevel.Task) -> None:
         self.coro = coro
         self.task = task
-        self.waiting = True  # False once the trio task was cancelled
+        self.waiting = True
         self.asyncio_task: asyncio.Task[Any] | None = None
         self.result: outcome.Outcome[Any] | None = None
 
@@ -196,17 +232,26 @@ class PoolSettings:
     pool_max_connections: int = 10
     query_timeout_s: float = 5.0
     connect_timeout_s: float = 5.0
+    max_keys_per_query: int = 32
 
 
-_CONNECTION_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class Database:
-    """The lookup server's view of PostgreSQL: one value per query, errors as DatabaseError."""
+    """The lookup server's view of PostgreSQL: lookups (batched) and single values, errors as
+    DatabaseError."""
 
-    def __init__(self, bridge: AsyncioThread, pool: asyncpg.Pool, settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        bridge: AsyncioThread,
+        pool: asyncpg.Pool,
+        batcher: LookupBatcher,
+        settings: PoolSettings,
+    ) -> None:
         self._bridge = bridge
         self._pool = pool
+        self._batcher = batcher
         self._settings = settings
 
     @property
@@ -219,6 +264,19 @@ class Database:
         pool = self._pool
         return pool.get_size(), pool.get_idle_size(), pool.get_max_size()
 
+    def batch_counts(self) -> tuple[int, int]:
+        """(statements sent, keys looked up by them); read across threads, approximate."""
+        return self._batcher.statements, self._batcher.keys
+
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None:
+        """What the map's SQL function answers for the folded ``key`` (None: no such key).
+
+        Batched with the other lookups waiting at the same moment (``batching.py``).
+        """
+        job = LookupJob(map_name, key, settings, trio.lowlevel.current_task())
+        value: str | None = await self._bridge.hand_over(job, self._batcher.add)
+        return value
+
     async def _fetch_value_in_loop(self, query: str, args: tuple[object, ...]) -> object:
         try:
             async with asyncio.timeout(self._settings.query_timeout_s):
@@ -228,14 +286,8 @@ class Database:
             raise DatabaseTimeout(
                 f"no answer from PostgreSQL within {self._settings.query_timeout_s} s"
             ) from exc
-        except _CONNECTION_ERRORS as exc:
-            raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            # Anything else from asyncpg (e.g. InternalClientError "cannot switch to state"
-            # on a connection the server just terminated) is still "the database could not
-            # answer": TEMP, or a cached answer, never a crash and never NOTFOUND.
-            log.warning("unexpected database client error: %r", exc)
-            raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
+            raise as_database_error(exc) from exc
 
     async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
         """The first column of the first row as text, None when the query returned NULL."""
@@ -269,24 +321,42 @@ async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
     return pool
 
 
-async def _close_pool(pool: asyncpg.Pool) -> None:
+async def _start(
+    bridge: AsyncioThread, settings: PoolSettings
+) -> tuple[asyncpg.Pool, LookupBatcher]:
+    pool = await _create_pool(settings)
+    batcher = LookupBatcher(
+        pool,
+        BatchSettings(
+            workers=settings.pool_max_connections,
+            max_keys_per_query=settings.max_keys_per_query,
+            query_timeout_s=settings.query_timeout_s,
+        ),
+        bridge.finish,
+    )
+    batcher.start()
+    return pool, batcher
+
+
+async def _close(pool: asyncpg.Pool, batcher: LookupBatcher) -> None:
+    await batcher.close()
     try:
         await asyncio.wait_for(pool.close(), timeout=5)
-    except (TimeoutError, *_CONNECTION_ERRORS):
+    except (TimeoutError, *_CLIENT_ERRORS):
         pool.terminate()
 
 
 @asynccontextmanager
 async def open_database(settings: PoolSettings) -> AsyncIterator[Database]:
-    """Start the asyncio thread and the pool; close both on exit, whatever happened."""
+    """Start the asyncio thread, the pool and the batcher; close all on exit, whatever happened."""
     bridge = AsyncioThread()
     bridge.start()
     try:
-        pool = await bridge.run(_create_pool(settings))
+        pool, batcher = await bridge.run(_start(bridge, settings))
         try:
-            yield Database(bridge, pool, settings)
+            yield Database(bridge, pool, batcher, settings)
         finally:
             with trio.CancelScope(shield=True):
-                await bridge.run(_close_pool(pool))
+                await bridge.run(_close(pool, batcher))
     finally:
         bridge.stop()

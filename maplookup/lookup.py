@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from maplookup.db import DatabaseError
-from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, fold_key, query_for
+from maplookup.db_errors import DatabaseError
+from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, fold_key
 from maplookup.protocol import Reply, Request, Status
 
 log = logging.getLogger(__name__)
@@ -28,22 +28,21 @@ class AnswerSource(Protocol):
     async def fetch(self, map_name: MapName, key: str) -> str | None: ...
 
 
-class ValueSource(Protocol):
-    """Something that runs one query and returns one value (the Database)."""
+class LookupBackend(Protocol):
+    """Something that runs a map's SQL function for a key (the Database)."""
 
-    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None: ...
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None: ...
 
 
 class DatabaseSource:
-    """Answers straight from the SQL lookup functions: one query per lookup."""
+    """Answers straight from the SQL lookup functions, no cache in between."""
 
-    def __init__(self, database: ValueSource, settings: LookupSettings) -> None:
+    def __init__(self, database: LookupBackend, settings: LookupSettings) -> None:
         self._database = database
         self.settings = settings  # replaced on reload
 
     async def fetch(self, map_name: MapName, key: str) -> str | None:
-        query, args = query_for(map_name, key, self.settings)
-        return await self._database.fetch_value(query, args)
+        return await self._database.lookup(map_name, key, self.settings)
 
 
 _NOT_FOUND = Reply.notfound()

@@ -42,7 +42,7 @@ from maplookup.metrics import (
     LookupStats,
     MaplookupCollector,
     TimedAnswerer,
-    TimedValueSource,
+    TimedLookupBackend,
     make_registry,
     render,
 )
@@ -155,12 +155,13 @@ class Service:
             pool_max_connections=settings.database.pool_max_connections,
             query_timeout_s=settings.database.query_timeout_s,
             connect_timeout_s=settings.database.connect_timeout_s,
+            max_keys_per_query=settings.database.max_keys_per_query,
         )
         async with open_database(pool_settings) as database:
             await _check_schema(database)
             lookup_stats, database_stats = LookupStats(), DatabaseStats()
             self._source = DatabaseSource(
-                TimedValueSource(database, database_stats), lookup_settings(settings)
+                TimedLookupBackend(database, database_stats), lookup_settings(settings)
             )
             source: AnswerSource = self._source
             cache: AnswerCache | None = None

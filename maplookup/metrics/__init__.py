@@ -18,7 +18,7 @@ The package:
 
 - ``histogram``: :class:`LatencyHistogram` and the default bucket bounds;
 - ``stats``: :class:`LookupStats`, :class:`DatabaseStats` and the label values they count under;
-- ``timing``: :class:`TimedAnswerer`, :class:`TimedValueSource`, the hot-path wrappers;
+- ``timing``: :class:`TimedAnswerer`, :class:`TimedLookupBackend`, the hot-path wrappers;
 - ``views``: the protocols of what the collector reads (server, cache, listener, pool);
 - ``collector``: :class:`MaplookupCollector`, :func:`make_registry`, :func:`render`.
 
@@ -39,7 +39,7 @@ from .stats import (
     DatabaseStats,
     LookupStats,
 )
-from .timing import TimedAnswerer, TimedValueSource
+from .timing import TimedAnswerer, TimedLookupBackend
 from .views import (
     CacheCountersView,
     CacheView,
@@ -73,7 +73,7 @@ __all__ = [
     "ServerCountersView",
     "ServerView",
     "TimedAnswerer",
-    "TimedValueSource",
+    "TimedLookupBackend",
     "make_registry",
     "render",
 ]

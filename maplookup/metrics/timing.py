@@ -1,4 +1,4 @@
-"""The hot-path recording wrappers: :class:`TimedAnswerer` and :class:`TimedValueSource`.
+"""The hot-path recording wrappers: :class:`TimedAnswerer` and :class:`TimedLookupBackend`.
 
 They sit around the server's answerer and the database, time each call with a monotonic clock
 and record it in :class:`~.stats.LookupStats` / :class:`~.stats.DatabaseStats` (and, sampled,
@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from maplookup.db import DatabaseTimeout
+from maplookup.db_errors import DatabaseTimeout
 from maplookup.logsetup import QueryLog
+from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request
 
 from .stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, DatabaseStats, LookupStats
@@ -57,12 +58,12 @@ class TimedAnswerer:
         return reply
 
 
-class _ValueSource(Protocol):
-    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None: ...
+class _LookupBackend(Protocol):
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None: ...
 
 
-class TimedValueSource:
-    """Wraps the Database (``fetch_value``): records each query in DatabaseStats.
+class TimedLookupBackend:
+    """Wraps the Database (``lookup``): records each database lookup in DatabaseStats.
 
     Put it between ``DatabaseSource`` and ``Database`` so that only real queries (cache misses)
     are timed.  Cancelled queries are not recorded; other exceptions count as errors.
@@ -70,7 +71,7 @@ class TimedValueSource:
 
     def __init__(
         self,
-        inner: _ValueSource,
+        inner: _LookupBackend,
         stats: DatabaseStats,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -78,10 +79,10 @@ class TimedValueSource:
         self._stats = stats
         self._clock = clock
 
-    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None:
         started = self._clock()
         try:
-            value = await self._inner.fetch_value(query, args)
+            value = await self._inner.lookup(map_name, key, settings)
         except DatabaseTimeout:
             self._stats.record_query(self._clock() - started, OUTCOME_TIMEOUT)
             raise

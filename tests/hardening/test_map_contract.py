@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.db import AsyncioThread, Database, DatabaseError, DatabaseTimeout, PoolSettings
 from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
-from maplookup.maps import LookupSettings
+from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
 from tests.hardening.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
 
@@ -184,7 +184,7 @@ def cases(draw: st.DrawFn) -> Case:
 # -- fault injection ---------------------------------------------------------------------------
 
 
-class FaultyValueSource:
+class FaultyBackend:
     """Wraps the Database: fails a share of the calls; records whether the last one failed."""
 
     def __init__(self, inner: Database, rate: float, rng: random.Random) -> None:
@@ -194,7 +194,7 @@ class FaultyValueSource:
         self.calls = 0
         self.failures = 0
 
-    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None:
         self.calls += 1
         if self._rng.random() < self._rate:
             self.failures += 1
@@ -204,7 +204,7 @@ class FaultyValueSource:
             if fault == "timeout":
                 raise DatabaseTimeout("injected: no answer within the query timeout")
             raise RuntimeError("injected: a bug below the lookup layer")
-        return await self._inner.fetch_value(query, args)
+        return await self._inner.lookup(map_name, key, settings)
 
 
 # -- the database, for the whole module --------------------------------------------------------
@@ -248,7 +248,7 @@ async def _check(database: Database, case: Case) -> None:
     model = MapModel(case.data, case.delimiter, case.default_uid, case.default_gid)
     lookup_settings = LookupSettings(case.delimiter, case.default_uid, case.default_gid)
     rng = random.Random(case.seed)
-    faulty = FaultyValueSource(database, case.fault_rate, rng)
+    faulty = FaultyBackend(database, case.fault_rate, rng)
     straight = Lookup(DatabaseSource(faulty, lookup_settings))
     cache = AnswerCache(CacheSettings(max_entries=1000))
     cache.set_live(True)

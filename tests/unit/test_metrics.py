@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from maplookup.cache import AnswerCache, CacheSettings
 from maplookup.changes import ChangeListener, ListenerSettings
 from maplookup.db import DatabaseError, DatabaseTimeout
-from maplookup.maps import MapName
+from maplookup.maps import LookupSettings, MapName
 from maplookup.metrics import (
     DEFAULT_LATENCY_BUCKETS_S,
     LOOKUP_RESULTS,
@@ -23,7 +23,7 @@ from maplookup.metrics import (
     LookupStats,
     MaplookupCollector,
     TimedAnswerer,
-    TimedValueSource,
+    TimedLookupBackend,
     make_registry,
     render,
 )
@@ -195,33 +195,33 @@ async def test_timed_answerer_records_map_status_and_duration() -> None:
     assert stats.count(UNKNOWN_MAP, "PERM") == 1
 
 
-class ScriptedValues:
+class ScriptedBackend:
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.error: Exception | None = None
 
-    async def fetch_value(self, query: str, args: tuple[object, ...]) -> str | None:
+    async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None:
         self.clock.now += 0.5
         if self.error is not None:
             raise self.error
         return "v"
 
 
-async def test_timed_value_source_records_outcomes() -> None:
+async def test_timed_lookup_backend_records_outcomes() -> None:
     clock = FakeClock()
-    inner = ScriptedValues(clock)
+    inner = ScriptedBackend(clock)
     stats = DatabaseStats()
-    timed = TimedValueSource(inner, stats, clock=clock)
-    assert await timed.fetch_value("SELECT 1", ()) == "v"
+    timed = TimedLookupBackend(inner, stats, clock=clock)
+    assert await timed.lookup(MapName.VMAILBOX, "a@b", LookupSettings()) == "v"
     inner.error = DatabaseTimeout("slow")
     with pytest.raises(DatabaseTimeout):
-        await timed.fetch_value("SELECT 1", ())
+        await timed.lookup(MapName.VMAILBOX, "a@b", LookupSettings())
     inner.error = DatabaseError("down")
     with pytest.raises(DatabaseError):
-        await timed.fetch_value("SELECT 1", ())
+        await timed.lookup(MapName.VMAILBOX, "a@b", LookupSettings())
     inner.error = RuntimeError("bug")
     with pytest.raises(RuntimeError):
-        await timed.fetch_value("SELECT 1", ())
+        await timed.lookup(MapName.VMAILBOX, "a@b", LookupSettings())
     assert (stats.queries, stats.errors, stats.timeouts) == (4, 3, 1)
     assert stats.histogram.sum == pytest.approx(2.0)
 
