@@ -51,7 +51,7 @@ class LookupJob:
     batcher then drops the job if it has not been sent yet, and its answer if it has.
     """
 
-    __slots__ = ("key", "map_name", "result", "settings", "task", "waiting")
+    __slots__ = ("deadline", "key", "map_name", "result", "settings", "task", "waiting")
 
     def __init__(self, map_name: MapName, key: str, settings: LookupSettings, task: object):
         self.map_name = map_name
@@ -60,6 +60,7 @@ class LookupJob:
         self.task = task  # the trio task to reschedule
         self.waiting = True
         self.result: outcome.Outcome[str | None] | None = None
+        self.deadline = 0.0  # asyncio loop time; set when queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,13 @@ class LookupBatcher:
             self._finish(job, outcome.Error(DatabaseError("maplookup is shutting down")))
 
     def add(self, job: LookupJob) -> None:
-        """Queue one lookup and wake an idle worker if there is one."""
+        """Queue one lookup and wake an idle worker if there is one.
+
+        The query timeout runs from here: time spent queued behind busy connections counts,
+        so a lookup answers (TEMP at worst) within ``query_timeout_s`` however stuck the
+        database is.
+        """
+        job.deadline = asyncio.get_running_loop().time() + self._settings.query_timeout_s
         self._pending.append(job)
         while self._idle:
             wake_up = self._idle.popleft()
@@ -165,7 +172,9 @@ class LookupBatcher:
         return batch
 
     async def _answer(self, batch: list[LookupJob]) -> None:
-        answers = await self._query(batch[0], list(dict.fromkeys(job.key for job in batch)))
+        keys = list(dict.fromkeys(job.key for job in batch))  # in order, once each
+        deadline = min(job.deadline for job in batch)
+        answers = await self._query(batch[0], keys, deadline)
         for job in batch:
             answer = answers[job.key]
             if isinstance(answer, DatabaseError):
@@ -174,11 +183,12 @@ class LookupBatcher:
             else:
                 self._finish(job, outcome.Value(answer))
 
-    async def _query(self, first: LookupJob, keys: list[str]) -> dict[str, Answer]:
-        """One statement for ``keys`` (distinct, all for ``first``'s map and settings)."""
+    async def _query(self, first: LookupJob, keys: list[str], deadline: float) -> dict[str, Answer]:
+        """One statement for ``keys`` (distinct, all for ``first``'s map and settings),
+        answered by ``deadline`` (loop time) or failed with DatabaseTimeout."""
         timeout_s = self._settings.query_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 async with self._pool.acquire() as conn:
                     return await self._run_statement(conn, first, keys)
         except TimeoutError:
@@ -191,7 +201,7 @@ class LookupBatcher:
                             len(keys), exc)  # fmt: skip
                 answers: dict[str, Answer] = {}
                 for key in keys:
-                    answers.update(await self._query(first, [key]))
+                    answers.update(await self._query(first, [key], deadline))
                 return answers
             failure = as_database_error(exc)
         except Exception as exc:

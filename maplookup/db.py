@@ -12,9 +12,14 @@ The figures are in ``bench/README.md`` (section "Database bridge").  The thread 
 concurrency, where trio-asyncio's p99 fell apart, and it keeps asyncio out of the trio thread
 entirely: importing trio_asyncio replaces ``asyncio.new_event_loop()`` process-wide.
 
-Cancellation: when the trio caller is cancelled (read timeout, shutdown) the asyncio task is
-cancelled too; the query runs inside ``async with pool.acquire()``, so asyncpg returns (or
-terminates) the connection and nothing leaks.
+Lookups do not run one coroutine each: they queue in ``batching.LookupBatcher``, whose
+workers (one per pool connection) send the lookups waiting at the same moment as one
+statement.  Other queries (the schema check, ``ping``) run as coroutines.
+
+Cancellation: when the trio caller is cancelled (read timeout, shutdown) it returns at once.
+A coroutine is cancelled too (it runs inside ``async with pool.acquire()``, so asyncpg returns
+or terminates the connection and nothing leaks); a queued lookup is dropped, and one already
+sent finishes with its statement (bounded by the query timeout) and its answer is discarded.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ __all__ = [
     "DatabaseError",
     "DatabaseTimeout",
     "PoolSettings",
+    "close_database",
     "open_database",
+    "start_database",
 ]
 
 log = logging.getLogger(__name__)
@@ -321,9 +328,12 @@ async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
     return pool
 
 
-async def _start(
-    bridge: AsyncioThread, settings: PoolSettings
-) -> tuple[asyncpg.Pool, LookupBatcher]:
+async def start_database(bridge: AsyncioThread, settings: PoolSettings) -> Database:
+    """The pool and the batcher, for ``bridge``: a coroutine for the bridge's own loop.
+
+    ``open_database`` is the way in from trio; this is for callers outside trio (tests
+    that keep one database for a whole module), with ``bridge.submit``.
+    """
     pool = await _create_pool(settings)
     batcher = LookupBatcher(
         pool,
@@ -335,15 +345,16 @@ async def _start(
         bridge.finish,
     )
     batcher.start()
-    return pool, batcher
+    return Database(bridge, pool, batcher, settings)
 
 
-async def _close(pool: asyncpg.Pool, batcher: LookupBatcher) -> None:
-    await batcher.close()
+async def close_database(database: Database) -> None:
+    """Stop the batcher and close the pool (on the bridge's loop)."""
+    await database._batcher.close()
     try:
-        await asyncio.wait_for(pool.close(), timeout=5)
+        await asyncio.wait_for(database._pool.close(), timeout=5)
     except (TimeoutError, *_CLIENT_ERRORS):
-        pool.terminate()
+        database._pool.terminate()
 
 
 @asynccontextmanager
@@ -352,11 +363,11 @@ async def open_database(settings: PoolSettings) -> AsyncIterator[Database]:
     bridge = AsyncioThread()
     bridge.start()
     try:
-        pool, batcher = await bridge.run(_start(bridge, settings))
+        database = await bridge.run(start_database(bridge, settings))
         try:
-            yield Database(bridge, pool, batcher, settings)
+            yield database
         finally:
             with trio.CancelScope(shield=True):
-                await bridge.run(_close(pool, batcher))
+                await bridge.run(close_database(database))
     finally:
         bridge.stop()

@@ -204,6 +204,7 @@ class Service:
                 cache=cache,
                 listener=listener,
                 pool_state=database.pool_state,
+                statement_counts=database.batch_counts,
                 info={"version": __version__},
             )
             running = Running(

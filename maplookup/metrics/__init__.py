@@ -49,6 +49,7 @@ from .views import (
     RunningView,
     ServerCountersView,
     ServerView,
+    StatementCounts,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "RunningView",
     "ServerCountersView",
     "ServerView",
+    "StatementCounts",
     "TimedAnswerer",
     "TimedLookupBackend",
     "make_registry",

@@ -21,7 +21,14 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .stats import DatabaseStats, LookupStats
-from .views import CacheView, ListenerView, PoolState, RunningView, ServerCountersView
+from .views import (
+    CacheView,
+    ListenerView,
+    PoolState,
+    RunningView,
+    ServerCountersView,
+    StatementCounts,
+)
 
 #: Content type of :func:`render`'s output (Prometheus text format 0.0.4).
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,6 +59,7 @@ class MaplookupCollector(Collector):
         cache: CacheView | None = None,
         listener: ListenerView | None = None,
         pool_state: PoolState | None = None,
+        statement_counts: StatementCounts | None = None,
         info: Mapping[str, str] | None = None,
     ) -> None:
         self.lookups = lookups
@@ -60,6 +68,7 @@ class MaplookupCollector(Collector):
         self.cache = cache
         self.listener = listener
         self.pool_state = pool_state
+        self.statement_counts = statement_counts
         self.info = dict(info or {})
 
     @classmethod
@@ -98,6 +107,19 @@ class MaplookupCollector(Collector):
             yield from self._database_metrics(self.database)
         if self.pool_state is not None:
             yield from self._pool_metrics(self.pool_state)
+        if self.statement_counts is not None:
+            statements, keys = self.statement_counts()
+            yield _counter(
+                "maplookup_db_statements",
+                "Statements sent to PostgreSQL for lookups (concurrent misses share one).",
+                statements,
+            )
+            yield _counter(
+                "maplookup_db_statement_keys",
+                "Keys looked up by those statements; divided by maplookup_db_statements_total, "
+                "the mean batch size.",
+                keys,
+            )
 
     def _info(self) -> GaugeMetricFamily:
         names = sorted(self.info)
@@ -269,7 +291,7 @@ class MaplookupCollector(Collector):
         )
         yield _counter(
             "maplookup_db_queries_total",
-            "Lookup queries sent to PostgreSQL.",
+            "Lookups sent to PostgreSQL (cache misses), whether alone or in a shared statement.",
             database.queries,
         )
         yield _counter(

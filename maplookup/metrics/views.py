@@ -110,3 +110,5 @@ class RunningView(Protocol):
 
 #: ``(size, idle, max)`` of the database pool: connections open, of those idle, the maximum.
 PoolState = Callable[[], tuple[int, int, int]]
+# (statements sent for lookups, keys they looked up): Database.batch_counts.
+StatementCounts = Callable[[], tuple[int, int]]

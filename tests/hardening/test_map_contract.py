@@ -19,14 +19,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
-from maplookup.db import AsyncioThread, Database, DatabaseError, DatabaseTimeout, PoolSettings
+from maplookup.db import (
+    AsyncioThread,
+    Database,
+    DatabaseError,
+    DatabaseTimeout,
+    PoolSettings,
+    close_database,
+    start_database,
+)
 from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
@@ -216,16 +223,11 @@ def database(make_database: Callable[[], str]) -> Iterator[Database]:
     pool_settings = PoolSettings(dsn=dsn, pool_max_connections=4, query_timeout_s=10.0)
     bridge = AsyncioThread()
     bridge.start()
-
-    async def create() -> asyncpg.Pool:
-        pool: asyncpg.Pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        return pool
-
-    pool = bridge.submit(create()).result(timeout=30)
+    database = bridge.submit(start_database(bridge, pool_settings)).result(timeout=30)
     try:
-        yield Database(bridge, pool, pool_settings)
+        yield database
     finally:
-        bridge.submit(pool.close()).result(timeout=30)
+        bridge.submit(close_database(database)).result(timeout=30)
         bridge.stop()
 
 

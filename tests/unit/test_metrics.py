@@ -264,6 +264,7 @@ def collector_for(parts: Parts) -> MaplookupCollector:
         cache=parts.cache,
         listener=parts.listener,
         pool_state=parts.pool_state,
+        statement_counts=lambda: (4, 37),
         info={"version": "9.9.9"},
     )
 
@@ -309,6 +310,8 @@ def test_exposition_starts_at_zero_with_documented_families() -> None:
         "maplookup_db_timeouts": "counter",
         "maplookup_db_pool_connections": "gauge",
         "maplookup_db_pool_max_connections": "gauge",
+        "maplookup_db_statements": "counter",
+        "maplookup_db_statement_keys": "counter",
     }
     assert {name: kind for name, (kind, _) in families.items()} == expected
     assert all(len(help_text) > 20 for _, help_text in families.values())
@@ -401,6 +404,13 @@ def test_cache_entries_gauge_counts_entries() -> None:
     parts.cache.store((MapName.VMAILBOX, "a@example.com"), "x", "example.com", (0, 0))
     samples, _ = scrape(collector_for(parts))
     assert value(samples, "maplookup_cache_entries") == 1
+
+
+def test_statement_counts_are_counters() -> None:
+    samples, families = scrape(collector_for(make_parts()))
+    assert families["maplookup_db_statements"][0] == "counter"
+    assert value(samples, "maplookup_db_statements_total") == 4
+    assert value(samples, "maplookup_db_statement_keys_total") == 37
 
 
 def test_pool_state_failure_omits_only_the_pool_metrics() -> None:
