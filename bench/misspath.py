@@ -6,8 +6,10 @@ query), which sends one statement per request.
 The full suite (``bench/suite.py``) measures this too, among everything else; this module is
 for working on the miss path: it loads one dataset, starts the three servers once, and
 alternates closed-loop runs (A, B, C, A, B, C ...) so that the drift of a shared machine is
-spread over all of them.  Besides throughput and latency it reports the CPU each side spent
-per request (server and PostgreSQL), which is what tells where a difference comes from.
+spread over all of them.  First, with no server running, it measures what a statement costs
+PostgreSQL and the client against the number of keys in it.  Besides throughput and latency
+it reports the CPU each side spent per request (server and PostgreSQL), which is what tells
+where a difference comes from.
 
     .venv/bin/python -m bench.misspath                     # 10k mailboxes, 64 connections
     .venv/bin/python -m bench.misspath --rounds 5 --connections 1 64
@@ -36,6 +38,8 @@ from bench.common import (
     Logger,
     PrivatePostgres,
     bounded_int,
+    cpu_seconds,
+    descendants,
     dsn_for,
     install_signal_handlers,
     machine_info,
@@ -63,11 +67,95 @@ def _pg_us_per_request(result: dict[str, Any]) -> float:
     return result["monitor"].get("postgres_cpu_pct", 0.0) * 1e4 / rps if rps else 0.0
 
 
+STATEMENT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def folded_keys(keys_path: Path, limit: int = 4000) -> list[str]:
+    """The first ``limit`` keys of a key file, folded as the server folds them."""
+    from maplookup.maps import MapName, fold_key
+
+    keys = []
+    for line in keys_path.read_text().splitlines():
+        folded = fold_key(MapName.VMAILBOX, line.split("\t")[2].encode())
+        if folded is not None:
+            keys.append(folded)
+    return keys[:limit]
+
+
+async def statement_costs(
+    dsn: str, keys: list[str], postmaster_pid: int | None
+) -> list[dict[str, float]]:
+    """What a statement costs against the keys in it: one asyncpg connection, no server.
+
+    The same folded keys go to ``maplookup.vmailbox`` in statements of 1 to 64 keys
+    (``maps.query_for`` / ``maps.batch_query_for``, as the server sends them); wall time and
+    CPU (this process, and every PostgreSQL process) per key.
+    """
+    import time
+
+    import asyncpg
+
+    from maplookup.maps import LookupSettings, MapName, batch_query_for, query_for
+
+    settings = LookupSettings()
+    rows = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        for size in STATEMENT_SIZES:
+            pg_pids = descendants(postmaster_pid) if postmaster_pid else []
+            pg0, cpu0, t0 = (
+                cpu_seconds(pg_pids, children_too=True),
+                time.process_time(),
+                time.perf_counter(),
+            )
+            for i in range(0, len(keys), size):
+                chunk = keys[i : i + size]
+                if len(chunk) == 1:
+                    query, args = query_for(MapName.VMAILBOX, chunk[0], settings)
+                    await conn.fetchval(query, *args)
+                else:
+                    query, args = batch_query_for(MapName.VMAILBOX, settings)
+                    await conn.fetch(query, chunk, *args)
+            wall = time.perf_counter() - t0
+            n = len(keys)
+            rows.append(
+                {
+                    "keys_per_statement": size,
+                    "wall_us_per_key": wall / n * 1e6,
+                    "client_cpu_us_per_key": (time.process_time() - cpu0) / n * 1e6,
+                    "postgres_cpu_us_per_key": (cpu_seconds(pg_pids, children_too=True) - pg0)
+                    / n
+                    * 1e6,
+                }
+            )
+            log(
+                f"{size} keys per statement: {rows[-1]['wall_us_per_key']:.0f} µs/key wall, "
+                f"PostgreSQL {rows[-1]['postgres_cpu_us_per_key']:.0f} µs CPU/key"
+            )
+    finally:
+        await conn.close()
+    return rows
+
+
+def statement_table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| keys per statement | wall µs/key | client CPU µs/key | PostgreSQL CPU µs/key |",
+        "|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['keys_per_statement']:.0f} | {r['wall_us_per_key']:.0f} "
+            f"| {r['client_cpu_us_per_key']:.0f} | {r['postgres_cpu_us_per_key']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def run(ns: argparse.Namespace) -> int:
     started, stamp = utc_stamp()
     pg = PrivatePostgres()
     work = Path(tempfile.mkdtemp(prefix="maplookup-misspath-", dir="/tmp"))
     runs: list[dict[str, Any]] = []
+    costs: list[dict[str, float]] = []
     with Children() as children:
         try:
             pg.start()
@@ -79,6 +167,7 @@ def run(ns: argparse.Namespace) -> int:
             )
             log(f"dataset {ns.mailboxes:,} mailboxes in {info['insert_s']:.1f} s")
             dsn = dsn_for(pg.dsn, ds.database)
+            costs = asyncio.run(statement_costs(dsn, folded_keys(keys), pg.postmaster_pid()))
             servers: list[tuple[str, ServerHandle]] = [
                 ("maplookup --no-cache", start_maplookup(children, "nocache", dsn, cache=False)),
                 (ONE_KEY, start_maplookup(children, "nocache-1", dsn, cache=False,
@@ -116,7 +205,7 @@ def run(ns: argparse.Namespace) -> int:
             children.stop_all()
             pg.stop()
             shutil.rmtree(work, ignore_errors=True)
-    text = report(runs, ns.connections)
+    text = statement_table(costs) + "\n\n" + report(runs, ns.connections)
     payload = {
         "benchmark": "misspath",
         "started_utc": started.isoformat(),
@@ -124,6 +213,7 @@ def run(ns: argparse.Namespace) -> int:
         "machine": machine_info({}),
         "mailboxes": ns.mailboxes,
         "mix": MIX,
+        "statement_costs": costs,
         "runs": runs,
         "tables_markdown": text,
     }

@@ -56,7 +56,7 @@ _RECEIVE_BYTES: Final = 4096
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S: Final = 0.1
 
-MetricsRenderer = Callable[[], bytes]
+MetricsRenderer = Callable[[], Awaitable[bytes]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 
 _REASONS: Final = {
@@ -128,10 +128,11 @@ async def serve_admin_http(
 ) -> None:
     """Serve ``/metrics`` and ``/healthz`` on ``listeners`` until cancelled.
 
-    ``metrics()`` returns the exposition text (called in the trio thread, so it may read the
-    server's counters without locks).  ``health()`` returns ``(healthy, details)``; details are
-    added to the JSON body next to ``"status"``.  Reports started once every listener is being
-    served; closes the listeners when it returns.
+    ``await metrics()`` returns the exposition text (run in the trio thread, so it may read
+    the server's counters without locks; async, so that it may gather other workers').
+    ``health()`` returns ``(healthy, details)``; details are added to the JSON body next to
+    ``"status"``.  Reports started once every listener is being served; closes the listeners
+    when it returns.
     """
     limits = _Limits(max_head_bytes, head_timeout_s, write_timeout_s, health_timeout_s)
     open_connections = 0
@@ -267,7 +268,7 @@ async def _respond(
         return _text(405, "method not allowed", ("Allow", "GET, HEAD"))
     if path == "/metrics":
         try:
-            body = metrics()
+            body = await metrics()
         except Exception:
             log.exception("rendering /metrics failed")
             return _text(500, "metrics unavailable: see the maplookup log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
@@ -27,6 +28,7 @@ from maplookup.embedded import (
 )
 from maplookup.listeners import ListenError
 from maplookup.logsetup import configure_logging
+from maplookup.metrics.peers import WorkerPeers
 from maplookup.privileges import PrivilegeError, check_not_root
 from maplookup.sdnotify import SystemdNotifier
 from maplookup.service import StartupError, serve
@@ -105,7 +107,7 @@ def run_serve(
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:
-    """Worker 0 serves /metrics (its own counters); the others do not bind that port."""
+    """Worker 0 serves /metrics (for every worker); the others do not bind that port."""
     if index == 0:
         return settings
     return settings.model_copy(
@@ -144,6 +146,12 @@ def _run_workers(
                     on_ready=lambda _listeners: context.announce_ready(),
                     reuse_port=True,
                     inherited=context.inherited,
+                    # Worker 0 gathers the others' figures for /metrics.
+                    peers=(
+                        WorkerPeers(index, settings.workers, namespace)
+                        if settings.metrics.listen is not None
+                        else None
+                    ),
                 )
             )
         except (StartupError, ListenError) as exc:
@@ -151,6 +159,7 @@ def _run_workers(
             return 1
         return 0
 
+    namespace = f"maplookup-{os.getpid()}"
     log.info("starting %d workers", settings.workers)
     try:
         return workers.Supervisor(settings, run_worker, notifier).run()

@@ -15,9 +15,11 @@ import signal
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from maplookup import __version__, schema
 from maplookup.cache import AnswerCache, CacheSettings, CachingSource
@@ -46,6 +48,7 @@ from maplookup.metrics import (
     make_registry,
     render,
 )
+from maplookup.metrics.peers import WorkerPeers, gather, serve_own_metrics
 from maplookup.privileges import PrivilegeError, drop_to
 from maplookup.sdnotify import SystemdNotifier
 from maplookup.server import Server
@@ -130,8 +133,11 @@ class Service:
         *,
         reuse_port: bool = False,
         inherited: Mapping[ListenerSpec, socket.socket] | None = None,
+        peers: WorkerPeers | None = None,
     ) -> None:
         self.settings = settings
+        # With several workers: which one this is (worker 0 serves /metrics for all).
+        self._peers = peers if peers is not None and peers.count > 1 else None
         # With several workers: TCP ports are shared (SO_REUSEPORT), unix sockets inherited.
         self._bind_options: dict[str, Any] = {"reuse_port": reuse_port, "inherited": inherited}
         self._notifier = notifier or SystemdNotifier(environ={})
@@ -218,8 +224,13 @@ class Service:
                     if listener is not None:
                         await nursery.start(listener.run, database.bridge)
                     await nursery.start(_run_until_drained, server, nursery.cancel_scope)
+                    registry = make_registry(collector)
                     if settings.metrics.listen is not None:
-                        await self._start_metrics(nursery, settings.metrics.listen, collector)
+                        await self._start_metrics(nursery, settings.metrics.listen, registry)
+                    elif self._peers is not None:
+                        await nursery.start(
+                            serve_own_metrics, self._peers, partial(render, registry)
+                        )
                     for item in server.listeners:
                         log.info("listening: %s", item.description)
                     if on_ready is not None:
@@ -233,16 +244,19 @@ class Service:
         log.info("stopped")
 
     async def _start_metrics(
-        self, nursery: trio.Nursery, endpoint: HostPort, collector: MaplookupCollector
+        self, nursery: trio.Nursery, endpoint: HostPort, registry: CollectorRegistry
     ) -> None:
-        registry = make_registry(collector)
         try:
             admin_listeners = await open_admin_listeners(endpoint.host, endpoint.port)
         except OSError as exc:
             raise StartupError(f"cannot listen for metrics on {endpoint}: {exc.strerror}") from exc
-        await nursery.start(
-            serve_admin_http, admin_listeners, lambda: render(registry), self.health
-        )
+        peers = self._peers
+
+        async def metrics() -> bytes:
+            own = render(registry)
+            return own if peers is None else await gather(peers, own)
+
+        await nursery.start(serve_admin_http, admin_listeners, metrics, self.health)
         log.info("metrics and health on http://%s/metrics and /healthz", endpoint)
 
     async def health(self) -> tuple[bool, dict[str, object]]:
@@ -393,11 +407,18 @@ async def serve(
     on_ready: Callable[[list[BoundListener]], None] | None = None,
     reuse_port: bool = False,
     inherited: Mapping[ListenerSpec, socket.socket] | None = None,
+    peers: WorkerPeers | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a Service until SIGTERM/SIGINT (or its ``drain()``)."""
     service = Service(
-        settings, dsn, reload_settings, notifier, reuse_port=reuse_port, inherited=inherited
+        settings,
+        dsn,
+        reload_settings,
+        notifier,
+        reuse_port=reuse_port,
+        inherited=inherited,
+        peers=peers,
     )
     await service.run(on_ready=on_ready, task_status=task_status)
 

@@ -20,7 +20,9 @@ The package:
 - ``stats``: :class:`LookupStats`, :class:`DatabaseStats` and the label values they count under;
 - ``timing``: :class:`TimedAnswerer`, :class:`TimedLookupBackend`, the hot-path wrappers;
 - ``views``: the protocols of what the collector reads (server, cache, listener, pool);
-- ``collector``: :class:`MaplookupCollector`, :func:`make_registry`, :func:`render`.
+- ``collector``: :class:`MaplookupCollector`, :func:`make_registry`, :func:`render`;
+- ``peers``: with several workers, worker 0's ``/metrics`` gathers the others' expositions and
+  labels each sample with its worker (imported from ``maplookup.metrics.peers``).
 
 This module re-exports every public name, so ``from maplookup.metrics import ...`` keeps working.
 """

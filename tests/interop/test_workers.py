@@ -8,14 +8,24 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from maplookup.client import query_socketmap
 from maplookup.config import HostPort
 from maplookup.protocol import Reply
 from tests.interop.test_reload import accepts, ask, wait_for
 from tests.processes import free_port, maplookup_cli, wait_for_port
+
+
+def scrape(port: int) -> list[Sample]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -28,12 +38,13 @@ def test_workers_share_ports_stay_coherent_and_are_supervised(
 ) -> None:
     dsn = make_database()
     assert maplookup_cli("db", "init", "--dsn", dsn, "--demo").returncode == 0
-    port, extra = free_port(), free_port()
+    port, extra, metrics_port = free_port(), free_port(), free_port()
     unix_path = tmp_path / "maplookup.sock"
     config = tmp_path / "maplookup.toml"
     config.write_text(
         f'workers = 2\n[listen]\nsocketmap = ["127.0.0.1:{port}"]\n'
         f'socketmap_unix = "{unix_path}"\n[database]\ndsn = "{dsn}"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
     )
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
@@ -67,6 +78,18 @@ def test_workers_share_ports_stay_coherent_and_are_supervised(
             )
         for sock in connections:
             sock.close()
+
+        # /metrics (on worker 0) has every worker's figures, each labelled with its worker.
+        accepted = {
+            s.labels["worker"]: s.value
+            for s in scrape(metrics_port)
+            if s.name == "maplookup_connections_accepted_total"
+        }
+        assert set(accepted) == {"0", "1"}
+        assert sum(accepted.values()) >= 17  # the unix one and the 16 above
+        workers = {s.labels["state"]: s.value for s in scrape(metrics_port)
+                   if s.name == "maplookup_workers"}  # fmt: skip
+        assert workers == {"configured": 2, "answering": 2}
 
         # A worker that dies is replaced; the service keeps answering meanwhile.
         victim = worker_pids(process.pid)[0]

@@ -34,7 +34,8 @@ class Endpoints:
         self.health_error: Exception | None = None
         self.health_hangs = False
 
-    def metrics(self) -> bytes:
+    async def metrics(self) -> bytes:
+        await trio.lowlevel.checkpoint()
         self.metrics_calls += 1
         if self.metrics_error is not None:
             raise self.metrics_error
@@ -52,7 +53,7 @@ class Endpoints:
 @asynccontextmanager
 async def admin_server(
     endpoints: Endpoints | None = None,
-    metrics: Callable[[], bytes] | None = None,
+    metrics: Callable[[], Awaitable[bytes]] | None = None,
     health: Callable[[], Awaitable[tuple[bool, dict[str, object]]]] | None = None,
     *,
     max_head_bytes: int = 8192,
@@ -145,7 +146,11 @@ async def test_metrics_with_the_real_collector() -> None:
     stats = LookupStats()
     stats.record("vmailbox", "OK", 0.001)
     collector = MaplookupCollector(lookups=stats, info={"version": "0.1.0"})
-    async with admin_server(metrics=lambda: render(collector)) as port:
+
+    async def metrics() -> bytes:
+        return render(collector)
+
+    async with admin_server(metrics=metrics) as port:
         response = await request(port, "GET", "/metrics")
     assert response.status == 200
     text = response.body.decode()
