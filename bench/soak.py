@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,9 @@ async def _child_main(dsn: str, cache_entries: int) -> None:
     )
     configure_logging(settings.log_level, settings.log_format)
     async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(serve, settings, dsn)
+        running: Running = await nursery.start(
+            partial(serve, settings, dsn, freeze_startup_objects=True)
+        )
         with trio.fail_after(CHILD_START_TIMEOUT_S):
             while running.cache is not None and not running.cache.live:  # noqa: ASYNC110
                 await trio.sleep(0.01)

@@ -98,7 +98,14 @@ def run_serve(
             return _run_workers(settings, dsn, reload_settings, notifier)
         try:
             trio.run(
-                partial(serve, settings, dsn, reload_settings=reload_settings, notifier=notifier)
+                partial(
+                    serve,
+                    settings,
+                    dsn,
+                    reload_settings=reload_settings,
+                    notifier=notifier,
+                    freeze_startup_objects=True,
+                )
             )
         except (StartupError, ListenError) as exc:
             log.error("%s", exc)
@@ -146,6 +153,7 @@ def _run_workers(
                     on_ready=lambda _listeners: context.announce_ready(),
                     reuse_port=True,
                     inherited=context.inherited,
+                    freeze_startup_objects=True,
                     # Worker 0 gathers the others' figures for /metrics.
                     peers=(
                         WorkerPeers(index, settings.workers, namespace)

@@ -10,6 +10,7 @@ change live (see ``Service.reload``), keeping every established connection.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -134,8 +135,11 @@ class Service:
         reuse_port: bool = False,
         inherited: Mapping[ListenerSpec, socket.socket] | None = None,
         peers: WorkerPeers | None = None,
+        freeze_startup_objects: bool = False,
     ) -> None:
         self.settings = settings
+        # Only for a process of its own (``maplookup serve``): gc.freeze() is process-wide.
+        self._freeze_startup_objects = freeze_startup_objects
         # With several workers: which one this is (worker 0 serves /metrics for all).
         self._peers = peers if peers is not None and peers.count > 1 else None
         # With several workers: TCP ports are shared (SO_REUSEPORT), unix sockets inherited.
@@ -236,6 +240,12 @@ class Service:
                     if on_ready is not None:
                         on_ready(server.listeners)
                     await nursery.start(self._notifier.run_watchdog)
+                    if self._freeze_startup_objects:
+                        # What exists now (modules, pool, listeners, the cache's dict) lives
+                        # as long as the process: out of the collector's sight, so that a full
+                        # collection walks only what changes (bench/README.md, "Garbage
+                        # collection": 60 ms pauses became 3 ms).
+                        gc.freeze()
                     self._notifier.ready(status=self._status_line())
                     task_status.started(running)
             finally:
@@ -408,6 +418,7 @@ async def serve(
     reuse_port: bool = False,
     inherited: Mapping[ListenerSpec, socket.socket] | None = None,
     peers: WorkerPeers | None = None,
+    freeze_startup_objects: bool = False,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a Service until SIGTERM/SIGINT (or its ``drain()``)."""
@@ -419,6 +430,7 @@ async def serve(
         reuse_port=reuse_port,
         inherited=inherited,
         peers=peers,
+        freeze_startup_objects=freeze_startup_objects,
     )
     await service.run(on_ready=on_ready, task_status=task_status)
 

@@ -7,6 +7,7 @@ cache, listener, pool) when ``/metrics`` is asked for, turns them into metric fa
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from typing import Final
 
@@ -17,6 +18,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import generate_latest
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -326,8 +328,22 @@ class MaplookupCollector(Collector):
         )
 
 
+class _FrozenObjectsCollector(Collector):
+    """How many objects ``gc.freeze()`` put out of the collector's sight at start-up."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "maplookup_gc_frozen_objects",
+            "Objects moved out of the garbage collector's sight once start-up was done "
+            "(gc.freeze), so that full collections stay short.",
+            gc.get_freeze_count(),
+        )
+
+
 def make_registry(collector: Collector, *, process_metrics: bool = True) -> CollectorRegistry:
-    """A private registry holding ``collector`` and, by default, the ``process_*`` metrics.
+    """A private registry holding ``collector`` and, by default, the process metrics:
+    ``process_*`` (RSS, descriptors, CPU), ``python_gc_*`` (collections by generation) and
+    ``maplookup_gc_frozen_objects``.
 
     Build it once and pass it to :func:`render` on every scrape.
     """
@@ -335,6 +351,8 @@ def make_registry(collector: Collector, *, process_metrics: bool = True) -> Coll
     registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        registry.register(_FrozenObjectsCollector())
     return registry
 
 

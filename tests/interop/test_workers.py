@@ -90,6 +90,11 @@ def test_workers_share_ports_stay_coherent_and_are_supervised(
         workers = {s.labels["state"]: s.value for s in scrape(metrics_port)
                    if s.name == "maplookup_workers"}  # fmt: skip
         assert workers == {"configured": 2, "answering": 2}
+        # Each worker put its start-up objects out of the garbage collector's sight.
+        frozen = {s.labels["worker"]: s.value for s in scrape(metrics_port)
+                  if s.name == "maplookup_gc_frozen_objects"}  # fmt: skip
+        assert set(frozen) == {"0", "1"}
+        assert min(frozen.values()) > 10_000
 
         # A worker that dies is replaced; the service keeps answering meanwhile.
         victim = worker_pids(process.pid)[0]

@@ -461,8 +461,11 @@ def test_render_includes_process_metrics_on_a_private_registry() -> None:
     assert "maplookup_build_info" in families
     assert "process_resident_memory_bytes" in families
     assert value(samples, "process_open_fds") > 0
-    # Nothing from prometheus_client's global default registry (python_gc_*, python_info).
-    assert not any(name.startswith("python_") for name in families)
+    # The garbage collector's collections, and what start-up froze (nothing in a test).
+    assert families["python_gc_collections"][0] == "counter"
+    assert "maplookup_gc_frozen_objects" in families
+    # Nothing else from prometheus_client's global default registry (python_info, platform).
+    assert "python_info" not in families
 
 
 def test_render_twice_is_stable() -> None:
