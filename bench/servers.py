@@ -154,11 +154,11 @@ def start_maplookup(
     handle = ServerHandle(
         name, "maplookup", proc, port, tcp_port, metrics_port, workers, cache, argv
     )
-    _wait_ready(handle)
+    wait_ready(handle)
     return handle
 
 
-def _wait_ready(handle: ServerHandle) -> None:
+def wait_ready(handle: ServerHandle) -> None:
     """Listening, answering from the database, and (with the cache) LISTEN in place."""
     from maplookup.client import query_socketmap
     from maplookup.config import HostPort
