@@ -74,6 +74,23 @@ class Deadline:
             raise BenchError(f"time budget exhausted during {what}")
 
 
+def run_guarded(log: Logger, run: Callable[[], int]) -> int:
+    """Run a benchmark's ``run``: stop cleanly on SIGTERM/SIGINT, one log line on failure.
+
+    Returns the process exit code: ``run``'s, 1 after a BenchError, 130 when interrupted.
+    Every process and cluster the benchmark started is stopped by its own ``finally``.
+    """
+    install_signal_handlers()
+    try:
+        return run()
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        return 1
+    except Interrupted as exc:
+        log(f"interrupted ({exc}); everything started was stopped")
+        return 130
+
+
 def utc_stamp() -> tuple[datetime, str]:
     now = datetime.now(UTC)
     return now, now.strftime("%Y%m%dT%H%M%SZ")

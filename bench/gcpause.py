@@ -36,14 +36,13 @@ from bench import datasets
 from bench.common import (
     BenchError,
     Children,
-    Interrupted,
     Logger,
     PrivatePostgres,
     bounded_int,
     dsn_for,
     free_port,
-    install_signal_handlers,
     machine_info,
+    run_guarded,
     utc_stamp,
     write_json,
 )
@@ -254,15 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--server-child"]:
         return server_child(args[1:])
     ns = parse_args(args)
-    install_signal_handlers()
-    try:
-        return run(ns)
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 1
-    except Interrupted as exc:
-        log(f"interrupted ({exc}); everything started was stopped")
-        return 130
+    return run_guarded(log, lambda: run(ns))
 
 
 if __name__ == "__main__":

@@ -34,15 +34,14 @@ from bench import datasets
 from bench.common import (
     BenchError,
     Children,
-    Interrupted,
     Logger,
     PrivatePostgres,
     bounded_int,
     cpu_seconds,
     descendants,
     dsn_for,
-    install_signal_handlers,
     machine_info,
+    run_guarded,
     utc_stamp,
     write_json,
 )
@@ -273,15 +272,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
-    install_signal_handlers()
-    try:
-        return run(ns)
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 1
-    except Interrupted as exc:
-        log(f"interrupted ({exc}); everything started was stopped")
-        return 130
+    return run_guarded(log, lambda: run(ns))
 
 
 if __name__ == "__main__":

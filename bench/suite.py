@@ -49,16 +49,15 @@ from bench.common import (
     BenchError,
     Children,
     Deadline,
-    Interrupted,
     Logger,
     PrivatePostgres,
     cpu_seconds,
     descendants,
     dsn_for,
     free_port,
-    install_signal_handlers,
     machine_info,
     rss_kib,
+    run_guarded,
     utc_stamp,
     write_json,
 )
@@ -1169,15 +1168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
-    install_signal_handlers()
-    try:
-        return run_suite(Plan.make(ns.quick, ns.profile))
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 1
-    except Interrupted as exc:
-        log(f"interrupted ({exc}); everything started was stopped")
-        return 130
+    return run_guarded(log, lambda: run_suite(Plan.make(ns.quick, ns.profile)))
 
 
 if __name__ == "__main__":

@@ -19,20 +19,24 @@ from maplookup.db import Database, PoolSettings, open_database
 from maplookup.lookup import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.protocol import Reply, Request, Status
+from tests.helpers import run_sql
 from tests.integration.test_maps import CASES
 from tests.integration.test_maps import _load as load_map_cases
 
 
-def _run_sql(dsn: str, *statements: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+def _replace_domains_function(dsn: str, *rows: str, before_lookup: str) -> None:
+    """Insert mailbox domains, and wrap ``maplookup.domains`` so that it runs
+    ``before_lookup`` (plpgsql) first: a way to make PostgreSQL fail or stall on cue."""
+    run_sql(
+        dsn,
+        *(f"INSERT INTO maplookup.domains (name, kind) VALUES ('{d}', 'mailbox')" for d in rows),
+        "ALTER FUNCTION maplookup.domains(text) RENAME TO domains_real",
+        f"""CREATE FUNCTION maplookup.domains(key text) RETURNS text LANGUAGE plpgsql STABLE AS $$
+            BEGIN
+                {before_lookup}
+                RETURN maplookup.domains_real(key);
+            END $$""",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +102,8 @@ async def test_a_key_that_breaks_its_statement_fails_alone(
 ) -> None:
     dsn = make_database()
     domains = [f"d{n}.example" for n in range(30)]
-    _run_sql(
-        dsn,
-        *(f"INSERT INTO maplookup.domains (name, kind) VALUES ('{d}', 'mailbox')" for d in domains),
-        "ALTER FUNCTION maplookup.domains(text) RENAME TO domains_real",
-        """CREATE FUNCTION maplookup.domains(key text) RETURNS text LANGUAGE plpgsql STABLE AS $$
-           BEGIN
-               IF key = 'boom.example' THEN RAISE EXCEPTION 'boom'; END IF;
-               RETURN maplookup.domains_real(key);
-           END $$""",
+    _replace_domains_function(
+        dsn, *domains, before_lookup="IF key = 'boom.example' THEN RAISE EXCEPTION 'boom'; END IF;"
     )
     keys = [*domains, "boom.example", "missing.example"]
     random.Random(3).shuffle(keys)
@@ -126,15 +123,8 @@ async def test_a_stalled_batch_answers_temp_and_the_pool_recovers(
     make_database: Callable[[], str],
 ) -> None:
     dsn = make_database()
-    _run_sql(
-        dsn,
-        "INSERT INTO maplookup.domains (name, kind) VALUES ('fast.example', 'mailbox')",
-        "ALTER FUNCTION maplookup.domains(text) RENAME TO domains_real",
-        """CREATE FUNCTION maplookup.domains(key text) RETURNS text LANGUAGE plpgsql STABLE AS $$
-           BEGIN
-               IF key LIKE 'slow%' THEN PERFORM pg_sleep(30); END IF;
-               RETURN maplookup.domains_real(key);
-           END $$""",
+    _replace_domains_function(
+        dsn, "fast.example", before_lookup="IF key LIKE 'slow%' THEN PERFORM pg_sleep(30); END IF;"
     )
     settings = PoolSettings(dsn=dsn, pool_max_connections=1, query_timeout_s=0.5)
     async with open_database(settings) as database:
@@ -155,15 +145,8 @@ async def test_a_lookup_given_up_by_its_caller_leaves_the_others_alone(
     make_database: Callable[[], str],
 ) -> None:
     dsn = make_database()
-    _run_sql(
-        dsn,
-        "INSERT INTO maplookup.domains (name, kind) VALUES ('fast.example', 'mailbox')",
-        "ALTER FUNCTION maplookup.domains(text) RENAME TO domains_real",
-        """CREATE FUNCTION maplookup.domains(key text) RETURNS text LANGUAGE plpgsql STABLE AS $$
-           BEGIN
-               IF key LIKE 'slow%' THEN PERFORM pg_sleep(0.5); END IF;
-               RETURN maplookup.domains_real(key);
-           END $$""",
+    _replace_domains_function(
+        dsn, "fast.example", before_lookup="IF key LIKE 'slow%' THEN PERFORM pg_sleep(0.5); END IF;"
     )
     settings = PoolSettings(dsn=dsn, pool_max_connections=1)
     async with open_database(settings) as database:
@@ -193,15 +176,7 @@ async def test_time_queued_behind_a_stuck_connection_counts_against_the_timeout(
     make_database: Callable[[], str],
 ) -> None:
     dsn = make_database()
-    _run_sql(
-        dsn,
-        "ALTER FUNCTION maplookup.domains(text) RENAME TO domains_real",
-        """CREATE FUNCTION maplookup.domains(key text) RETURNS text LANGUAGE plpgsql STABLE AS $$
-           BEGIN
-               PERFORM pg_sleep(30);
-               RETURN maplookup.domains_real(key);
-           END $$""",
-    )
+    _replace_domains_function(dsn, before_lookup="PERFORM pg_sleep(30);")
     # One connection, stuck for the whole timeout on the first lookup; the lookups queued
     # behind it must not get a whole timeout of their own after waiting out the first one.
     settings = PoolSettings(dsn=dsn, pool_max_connections=1, query_timeout_s=2.0)
