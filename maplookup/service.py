@@ -14,7 +14,7 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -114,6 +114,8 @@ async def _check_schema(database: Database) -> None:
         raise StartupError(str(exc)) from exc
 
 
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # /healthz must answer well within a monitoring system's own timeout.
 HEALTH_DATABASE_TIMEOUT_S = 2.0
 
@@ -159,6 +161,19 @@ class Service:
         task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until SIGTERM/SIGINT (or ``drain()``), then drain and return."""
+        # Signals are caught from the start: one that arrives while the service starts (the
+        # port may already accept connections) waits here and then drains the server,
+        # instead of killing the process with the default action.
+        with trio.open_signal_receiver(*_HANDLED_SIGNALS) as signals:
+            await self._run(signals, on_ready=on_ready, task_status=task_status)
+
+    async def _run(
+        self,
+        signals: AsyncIterator[int],
+        *,
+        on_ready: Callable[[list[BoundListener]], None] | None,
+        task_status: trio.TaskStatus[Running],
+    ) -> None:
         settings = self.settings
         pool_settings = PoolSettings(
             dsn=self._dsn,
@@ -224,7 +239,7 @@ class Service:
             self._database = database
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._handle_signals)
+                    nursery.start_soon(self._handle_signals, signals)
                     if listener is not None:
                         await nursery.start(listener.run, database.bridge)
                     await nursery.start(_run_until_drained, server, nursery.cancel_scope)
@@ -299,18 +314,17 @@ class Service:
             log.info("draining (up to %s s)", self.settings.limits.drain_timeout_s)
             self._running.server.drain()
 
-    async def _handle_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP received: reloading the configuration")
-                    self._notifier.reloading()
-                    await self.reload()
-                    self._notifier.ready(status=self._status_line())
-                    continue
-                log.info("%s received", signal.Signals(signum).name)
-                self.drain()
-                return
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the configuration")
+                self._notifier.reloading()
+                await self.reload()
+                self._notifier.ready(status=self._status_line())
+                continue
+            log.info("%s received", signal.Signals(signum).name)
+            self.drain()
+            return
 
     async def reload(self) -> bool:
         """Re-read the configuration and apply it live; False (old one kept) if it is unusable.
