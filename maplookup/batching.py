@@ -25,6 +25,7 @@ Everything here runs in the asyncio thread (``db.AsyncioThread``); jobs come in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -137,7 +138,13 @@ class LookupBatcher:
                     self._woken = max(0, self._woken - 1)
             batch = self._take()
             if batch:
-                await self._answer(batch)
+                try:
+                    await self._answer(batch)
+                except Exception:
+                    # A bug here must cost these lookups a TEMP, not the worker: a batcher
+                    # that lost its workers would leave every later lookup waiting forever.
+                    log.exception("answering %d lookups failed", len(batch))
+                    self._fail_unanswered(batch)
 
     def _take(self) -> list[LookupJob]:
         """The oldest waiting lookup and up to a fair share of the others for the same map.
@@ -170,6 +177,13 @@ class LookupBatcher:
                     kept.append(job)
             self._pending = pending = kept
         return batch
+
+    def _fail_unanswered(self, batch: list[LookupJob]) -> None:
+        for job in batch:
+            if job.result is None:
+                with contextlib.suppress(Exception):
+                    error = DatabaseError("internal error in maplookup; see its log")
+                    self._finish(job, outcome.Error(error))
 
     async def _answer(self, batch: list[LookupJob]) -> None:
         keys = list(dict.fromkeys(job.key for job in batch))  # in order, once each
