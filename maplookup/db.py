@@ -243,6 +243,8 @@ class PoolSettings:
 
 
 _CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# How much longer than the query timeout a lookup waits for the asyncio thread's answer.
+HAND_BACK_GRACE_S = 1.0
 
 
 class Database:
@@ -281,8 +283,15 @@ class Database:
         Batched with the other lookups waiting at the same moment (``batching.py``).
         """
         job = LookupJob(map_name, key, settings, trio.lowlevel.current_task())
-        value: str | None = await self._bridge.hand_over(job, self._batcher.add)
-        return value
+        # The batcher answers within query_timeout_s; this bound only matters if the asyncio
+        # thread itself is stuck or gone, and then the lookup answers TEMP instead of hanging.
+        with trio.move_on_after(self._settings.query_timeout_s + HAND_BACK_GRACE_S):
+            value: str | None = await self._bridge.hand_over(job, self._batcher.add)
+            return value
+        raise DatabaseTimeout(
+            f"no answer from the database thread within "
+            f"{self._settings.query_timeout_s + HAND_BACK_GRACE_S} s"
+        )
 
     async def _fetch_value_in_loop(self, query: str, args: tuple[object, ...]) -> object:
         try:

@@ -194,3 +194,15 @@ async def test_time_queued_behind_a_stuck_connection_counts_against_the_timeout(
             for n in range(3):
                 nursery.start_soon(behind, f"queued{n}.example".encode())
     assert [reply.status for reply in queued] == [Status.TEMP] * 3
+
+
+async def test_a_stuck_database_thread_costs_a_temp_not_a_hang() -> None:
+    # Nothing listens there, and nothing is asked: the pool connects only on first use.
+    settings = PoolSettings(dsn="postgresql://nobody@127.0.0.1:1/none", query_timeout_s=0.2)
+    async with open_database(settings) as database:
+        database._batcher.add = lambda job: None  # type: ignore[method-assign]  # never answers
+        lookup = Lookup(DatabaseSource(database, LookupSettings()))
+        with trio.fail_after(10):
+            reply = await lookup.answer(Request(b"domains", b"example.com"))
+    assert reply.status is Status.TEMP
+    assert "database thread" in reply.value
