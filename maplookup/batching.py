@@ -1,7 +1,7 @@
 """Batched lookups: the cache misses waiting at one moment reach PostgreSQL as one statement.
 
 A statement costs PostgreSQL and asyncpg far more than the key lookup inside it: on the
-benchmark machine 125–150 µs of PostgreSQL CPU for a single-key statement against about 30 µs
+benchmark machine 125 to 150 µs of PostgreSQL CPU for a single-key statement against about 30 µs
 per key in a statement of 64 (``python -m bench.misspath``, bench/README.md "Miss path").  When
 many misses arrive together (a dictionary attack on unknown users, a cold cache after a
 restart, ``--no-cache``), answering them one statement each would spend both cores on

@@ -95,7 +95,7 @@ def batch_query_for(map_name: MapName, settings: LookupSettings) -> Query:
 
     One row per key, in the keys' order, each computed by the very function ``query_for``
     calls, so a key answers the same alone or in a batch.  One statement for a batch costs
-    PostgreSQL and the client a fraction of one statement per key: 125–150 µs of
+    PostgreSQL and the client a fraction of one statement per key: 125 to 150 µs of
     PostgreSQL CPU per single-key statement on the benchmark machine, about 30 µs per key in
     batches of 64 (bench/README.md, "Miss path").
     """
