@@ -8,8 +8,10 @@ What runs (bench/README.md, "Suite", has the details and the reasons):
    maplookup with one worker and with one worker per core, at 1, 8, 64 and 512 connections,
    on cached hits of the 100k dataset; the other key mixes, tcp_table, and open-loop load at
    fixed fractions of maplookup's capacity;
-3. the miss path: ``maplookup serve --no-cache`` against a small asyncio+uvloop+asyncpg
-   responder running the same SQL (``bench/responders.py``);
+3. the miss path: ``maplookup serve --no-cache`` (as shipped, batching concurrent misses, and
+   with one statement per key) against a small asyncio+uvloop+asyncpg responder running the
+   same SQL one request at a time, with and without asyncpg's reset query
+   (``bench/responders.py``);
 4. Postfix's own client: 4 parallel ``postmap -q -`` over the same keys through maplookup
    (socketmap), the bare responders, Postfix's ``pgsql:`` querying PostgreSQL itself, and an
    ``lmdb:`` file; then again with 0.5 ms added to every database round trip by a delaying
