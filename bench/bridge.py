@@ -40,10 +40,8 @@ import argparse
 import asyncio
 import json
 import math
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -51,7 +49,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import bounded_int, machine_info, timeout_seconds, write_json
+from bench.common import (
+    PrivatePostgres,
+    bounded_int,
+    machine_info,
+    timeout_seconds,
+    write_json,
+)
 from maplookup.config import redact_dsn
 
 QUERY = "SELECT $1::text"
@@ -384,39 +388,18 @@ def markdown_table(results: list[WorkloadResult]) -> str:
     return "\n".join(lines)
 
 
-def _start_postgres() -> tuple[Any, Path, str]:
-    from maplookup.embedded import EmbeddedPostgres
-
-    state = Path(tempfile.mkdtemp(prefix="maplookup-bench-", dir="/tmp"))
-    state.chmod(0o755)  # the run-as user (postgres, when we are root) must traverse it
-    pg = EmbeddedPostgres(state_dir=state, fast_unsafe=True)
-    try:
-        pg.start()
-        return pg, state, pg.tcp_dsn
-    except BaseException:
-        _stop_postgres(pg, state)
-        raise
-
-
-def _stop_postgres(pg: Any, state: Path) -> None:
-    try:
-        pg.stop()
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
-
-
 def _coordinator_main(ns: argparse.Namespace) -> int:
     variants: list[str] = ns.variants
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    pg: Any = None
-    state: Path | None = None
+    pg: PrivatePostgres | None = None
     if ns.dsn:
         dsn = ns.dsn
         _log(f"using {redact_dsn(dsn)}")
     else:
         t0 = time.monotonic()
-        pg, state, dsn = _start_postgres()
+        pg = PrivatePostgres()
+        dsn = pg.start()
         _log(f"embedded PostgreSQL on {dsn} ({time.monotonic() - t0:.1f} s)")
     results: list[WorkloadResult] = []
     try:
@@ -429,8 +412,8 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
             )
             _log(f"{variant}: {summary} ({time.monotonic() - t0:.1f} s)")
     finally:
-        if pg is not None and state is not None:
-            _stop_postgres(pg, state)
+        if pg is not None:
+            pg.stop()
             _log("embedded PostgreSQL stopped")
 
     table = markdown_table(results)

@@ -45,13 +45,10 @@ import json
 import math
 import os
 import random
-import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -60,7 +57,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import bounded_int, machine_info, timeout_seconds, write_json
+from bench.common import (
+    BenchError,
+    Deadline,
+    JsonLines,
+    PrivatePostgres,
+    bounded_int,
+    machine_info,
+    timeout_seconds,
+    write_json,
+)
 from maplookup.config import redact_dsn
 
 DEFAULT_MAILBOXES = 10_000
@@ -88,24 +94,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def _log(message: str) -> None:
     print(f"[bench.cache] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """The benchmark could not measure what it set out to; the message says why."""
-
-
-class Deadline:
-    """The whole run's time budget."""
-
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
-    def check(self, what: str) -> None:
-        if self.remaining() <= 0:
-            raise BenchError(f"time budget exhausted during {what}")
 
 
 # --------------------------------------------------------------------------
@@ -322,28 +310,10 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             argv, cwd=PROJECT_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
         )
-        self._buffer = b""
-        ready = self._read_json(SERVER_START_TIMEOUT_S)
+        self._replies = JsonLines(self.proc, BenchError)
+        ready = self._replies.read(SERVER_START_TIMEOUT_S)
         self.port = int(ready["port"])
         self.cache_on = bool(ready["cache"])
-
-    def _read_json(self, timeout_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        end = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise BenchError("the server process did not answer in time")
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise BenchError(f"the server process exited ({self.proc.wait()})")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        result: dict[str, Any] = json.loads(line)
-        return result
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -351,7 +321,7 @@ class ServerProcess:
 
     def state(self) -> dict[str, Any]:
         self._send("state")
-        return self._read_json(SOCKET_TIMEOUT_S)
+        return self._replies.read(SOCKET_TIMEOUT_S)
 
     def stop(self) -> dict[str, Any]:
         final = self.state()
@@ -756,27 +726,6 @@ def memory_table(rows: list[MemoryResult]) -> str:
 # the coordinator
 
 
-def _start_postgres() -> tuple[Any, Path, str]:
-    from maplookup.embedded import EmbeddedPostgres
-
-    state = Path(tempfile.mkdtemp(prefix="maplookup-bench-", dir="/tmp"))
-    state.chmod(0o755)  # the run-as user (postgres, when we are root) must traverse it
-    pg = EmbeddedPostgres(state_dir=state, fast_unsafe=True)
-    try:
-        pg.start()
-        return pg, state, pg.tcp_dsn
-    except BaseException:
-        _stop_postgres(pg, state)
-        raise
-
-
-def _stop_postgres(pg: Any, state: Path) -> None:
-    try:
-        pg.stop()
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
-
-
 @dataclass(slots=True)
 class Measured:
     pg_version: str = ""
@@ -832,23 +781,23 @@ def _coordinator_main(ns: argparse.Namespace) -> int:
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     deadline = Deadline(ns.timeout)
-    pg: Any = None
-    state: Path | None = None
+    pg: PrivatePostgres | None = None
     out = Measured()
     if ns.dsn:
         dsn = ns.dsn
         _log(f"using {redact_dsn(dsn)}")
     else:
         t0 = time.monotonic()
-        pg, state, dsn = _start_postgres()
+        pg = PrivatePostgres()
+        dsn = pg.start()
         _log(f"embedded PostgreSQL on {dsn} ({time.monotonic() - t0:.1f} s)")
     try:
         _measure_servers(dsn, ns, deadline, out)
         if ns.dsn:
             asyncio.run(_cleanup_database(dsn))
     finally:
-        if pg is not None and state is not None:
-            _stop_postgres(pg, state)
+        if pg is not None:
+            pg.stop()
             _log("embedded PostgreSQL stopped")
     memory = [_run_memory(n, deadline) for n in ns.memory_sizes]
     if out.hits is None or out.misses is None:

@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import socket
@@ -329,6 +330,37 @@ def connections_by_process(server_pids: Sequence[int], server_port: int) -> dict
 # PostgreSQL
 
 
+class JsonLines:
+    """Reads one JSON object per line from a child's stdout, each within a time limit.
+
+    The control channel of the benchmarks' server children (``bench/cache.py``,
+    ``bench/soak.py``); ``error`` is the exception type the caller reports failures with.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], error: type[Exception]) -> None:
+        assert proc.stdout is not None
+        self._proc = proc
+        self._fd = proc.stdout.fileno()
+        self._error = error
+        self._buffer = b""
+
+    def read(self, timeout_s: float) -> dict[str, Any]:
+        end = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._error("the server process did not answer in time")
+            readable, _, _ = select.select([self._fd], [], [], left)
+            if readable:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    raise self._error(f"the server process exited ({self._proc.wait()})")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+
 class PrivatePostgres:
     """A throwaway cluster (maplookup.embedded, fast_unsafe) in a fresh directory under /tmp."""
 
@@ -344,7 +376,11 @@ class PrivatePostgres:
         self.state = Path(tempfile.mkdtemp(prefix="maplookup-bench-", dir="/tmp"))
         self.state.chmod(0o755)  # the run-as user (postgres, when we are root) must traverse it
         self.pg = EmbeddedPostgres(state_dir=self.state, fast_unsafe=True)
-        self.pg.start()
+        try:
+            self.pg.start()
+        except BaseException:
+            self.stop()  # nothing left behind in /tmp
+            raise
         self.dsn = self.pg.tcp_dsn
         self.port = int(self.pg.port)
         return self.dsn

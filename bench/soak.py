@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -51,7 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info, write_json
+from bench.common import JsonLines, machine_info, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -247,33 +246,15 @@ class ServerChild:
             bufsize=0,
             env=env,
         )
-        self._buffer = b""
-        ready = self._read(CHILD_START_TIMEOUT_S)
+        self._replies = JsonLines(self.proc, SoakError)
+        ready = self._replies.read(CHILD_START_TIMEOUT_S)
         self.port = int(ready["port"])
         self.pid = int(ready["pid"])
-
-    def _read(self, timeout_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        end = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise SoakError("the server process did not answer in time")
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise SoakError(f"the server process exited ({self.proc.wait()})")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        result: dict[str, Any] = json.loads(line)
-        return result
 
     def state(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write(b"state\n")
-        return self._read(CONTROL_TIMEOUT_S)
+        return self._replies.read(CONTROL_TIMEOUT_S)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

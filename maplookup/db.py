@@ -39,7 +39,7 @@ import outcome
 import trio
 
 from maplookup.batching import BatchSettings, LookupBatcher, LookupJob
-from maplookup.db_errors import DatabaseError, DatabaseTimeout, as_database_error
+from maplookup.db_errors import CLIENT_ERRORS, DatabaseError, DatabaseTimeout, as_database_error
 from maplookup.maps import LookupSettings, MapName
 
 __all__ = [
@@ -242,7 +242,6 @@ class PoolSettings:
     max_keys_per_query: int = 32
 
 
-_CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # How much longer than the query timeout a lookup waits for the asyncio thread's answer.
 HAND_BACK_GRACE_S = 1.0
 
@@ -362,7 +361,7 @@ async def close_database(database: Database) -> None:
     await database._batcher.close()
     try:
         await asyncio.wait_for(database._pool.close(), timeout=5)
-    except (TimeoutError, *_CLIENT_ERRORS):
+    except (TimeoutError, *CLIENT_ERRORS):
         database._pool.terminate()
 
 

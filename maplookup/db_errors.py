@@ -13,7 +13,8 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-_CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# What asyncpg raises when the database cannot answer (anything else is logged as unexpected).
+CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class DatabaseError(Exception):
@@ -28,7 +29,7 @@ def as_database_error(exc: BaseException) -> DatabaseError:
     """Whatever the client raised, as the DatabaseError a lookup turns into TEMP."""
     if isinstance(exc, DatabaseError):
         return exc
-    if not isinstance(exc, _CLIENT_ERRORS):
+    if not isinstance(exc, CLIENT_ERRORS):
         # Anything else from asyncpg (e.g. InternalClientError "cannot switch to state" on a
         # connection the server just terminated) is still "the database could not answer".
         log.warning("unexpected database client error: %r", exc)
