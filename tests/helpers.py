@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -37,25 +41,56 @@ def postfix_available() -> bool:
     return shutil.which("postmap") is not None or Path("/usr/sbin/postmap").exists()
 
 
+def _missing(message: str) -> NoReturn:
+    """Skip with the reason, except under CI (CI=true), where a missing tool is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must install it (.ci/run)")
+    pytest.skip(message)
+
+
 def require_tool(name: str, package: str) -> str:
     """The path of a program; skip without it, except under CI (CI=true), where it fails."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found:
         return found
-    message = f"{name} is not installed (apt-get install {package})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must install it (.ci/run)")
-    pytest.skip(message)
+    _missing(f"{name} is not installed (apt-get install {package})")
 
 
-def require_postfix() -> None:
-    """Skip (or, under CI, fail) when Postfix's binaries are missing."""
-    if postfix_available():
-        return
-    message = "Postfix is not installed (apt-get install postfix postfix-pgsql)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must install it (.ci/run)")
-    pytest.skip(message)
+# Postfix map types that live in a package of their own on Debian (dynamicmaps.cf): a test
+# that builds or reads such a table needs that package, not just Postfix.
+MAP_TYPE_PACKAGES = {"pgsql": "postfix-pgsql", "lmdb": "postfix-lmdb", "cdb": "postfix-cdb"}
+
+
+@functools.cache
+def _postfix_map_types() -> frozenset[str]:
+    """The map types this Postfix supports (``postconf -m``), read once per run."""
+    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
+    with tempfile.TemporaryDirectory(prefix="maplookup-postconf-") as directory:
+        # postconf, like every Postfix program, refuses to run without a main.cf.
+        (Path(directory) / "main.cf").write_text("compatibility_level = 3.6\n")
+        result = subprocess.run(
+            [postconf, "-c", directory, "-m"], capture_output=True, text=True, check=False
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"postconf -m failed: {result.stderr.strip()}")
+    return frozenset(result.stdout.split())
+
+
+def require_postfix(*map_types: str) -> None:
+    """Skip (or, under CI, fail) when Postfix, or one of the map types a test uses, is missing.
+
+    ``map_types`` are Postfix map types beyond the built-in ones (``pgsql``, ``lmdb``); each
+    is checked against ``postconf -m``, so a machine with Postfix but without, say,
+    postfix-lmdb is told which package to install instead of failing inside postmap.
+    """
+    if not postfix_available():
+        _missing("Postfix is not installed (apt-get install postfix postfix-pgsql postfix-lmdb)")
+    missing = [t for t in map_types if t not in _postfix_map_types()]
+    if missing:
+        packages = " ".join(MAP_TYPE_PACKAGES.get(t, f"postfix-{t}") for t in missing)
+        _missing(
+            f"Postfix map type {', '.join(missing)} is not installed (apt-get install {packages})"
+        )
 
 
 def run_async(action: Callable[[asyncpg.Connection], Awaitable[object]], dsn: str) -> None:

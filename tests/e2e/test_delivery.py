@@ -80,7 +80,7 @@ def _maplookup(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
-    require_postfix()
+    require_postfix("pgsql")
     dsn = make_database()
     run_async(_load, dsn)
     base = Path(tempfile.mkdtemp(prefix="maplookup-e2e-"))

@@ -628,7 +628,7 @@ def test_export_reports_what_a_source_file_cannot_hold(
 
 @pytest.fixture(scope="session")
 def postfix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_postfix()
+    require_postfix("lmdb")
     directory = tmp_path_factory.mktemp("postfix-conf")
     (directory / "main.cf").write_text("compatibility_level = 3.6\n")
     return directory
