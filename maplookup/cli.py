@@ -9,6 +9,7 @@ exits 3 everywhere (argparse's own 2 would read as "temporary error" for ``query
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -371,13 +372,29 @@ def _add_data_commands(commands: Any) -> None:
     add.add_argument("targets", nargs="+", metavar="TARGET")
 
 
+def program_name(argv0: str | None = None) -> str:
+    """The command as the reader typed it, so that --help's examples work when pasted.
+
+    After `make demo` the command is `.venv/bin/maplookup`, not on PATH: examples that say
+    plain `maplookup` would answer "command not found".  Plain ``maplookup`` when that is
+    what PATH finds, or when run as ``python -m maplookup``.
+    """
+    invoked = sys.argv[0] if argv0 is None else argv0
+    if Path(invoked).name != "maplookup" or "/" not in invoked:
+        return "maplookup"
+    on_path = shutil.which("maplookup")
+    if on_path is not None and Path(on_path).resolve() == Path(invoked).resolve():
+        return "maplookup"
+    return invoked
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="maplookup",
+        prog=program_name(),
         description="Answer Postfix's virtual-hosting lookup tables (socketmap, tcp_table) "
         "from PostgreSQL.",
-        epilog="Start with `maplookup serve --demo`, then "
-        "`maplookup query vmailbox meier@arkum.ch`.",
+        epilog="Start with `%(prog)s serve --demo`, then, in another terminal, "
+        "`%(prog)s query vmailbox meier@arkum.ch`.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_command(commands)

@@ -41,7 +41,9 @@ EXIT_TRACE_FAILS = 1  # a recipient would be rejected or deferred, or the expans
 
 _DESCRIPTION = """\
 Show how Postfix will route ADDRESS through maplookup's maps, from the database (the same SQL
-the server answers with, in one read-only snapshot; the server need not run):
+the server answers with, in one read-only snapshot).  With --dsn (or MAPLOOKUP_DSN, or a
+config file's dsn) the server need not run; without one, trace reads the embedded cluster,
+which runs only while `maplookup serve` does:
 
   1. the class of the address's domain: virtual mailbox domain, virtual alias domain, or
      not hosted here (relayed);
