@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -47,8 +46,8 @@ def resolve_dsn(args: argparse.Namespace) -> str:
     """--dsn, else MAPLOOKUP_DSN, else the config file, else the embedded cluster if running."""
     if getattr(args, "dsn", None):
         return str(args.dsn)
-    if os.environ.get("MAPLOOKUP_DSN"):
-        return os.environ["MAPLOOKUP_DSN"]
+    # Through the settings, not os.environ directly: MAPLOOKUP_DSN is read there, and a
+    # misspelt MAPLOOKUP_* variable is refused there, for admin commands as for serve.
     settings = load(args)
     if settings.database.dsn is not None:
         return settings.database.dsn.get_secret_value()

@@ -321,7 +321,7 @@ class _EnvironSource(EnvSettingsSource):
         # patching os.environ) keeps the injected mapping local to this load.  Lower-cased
         # as the stock source does (case_sensitive=False); env_parse_none_str is not used.
         self.env_vars = {
-            self._apply_case_sensitive(name): value
+            name.lower(): value
             for name, value in environ.items()
             if not (self.env_ignore_empty and value == "")
         }
@@ -334,7 +334,7 @@ class _EnvironSource(EnvSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
-        dsn = self.env_vars.get(self._apply_case_sensitive(DSN_VARIABLE))
+        dsn = self.env_vars.get(DSN_VARIABLE.lower())
         if dsn is not None:
             data = _merge(data, {"database": {"dsn": dsn}})
         return data
