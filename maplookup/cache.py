@@ -67,6 +67,7 @@ class CacheCounters:
     misses: int = 0
     shared_misses: int = 0
     stores_skipped: int = 0
+    stores_outage_only: int = 0  # fetched across a flush: kept for outages, never fresh
     invalidations: int = 0
     flushes: int = 0
     evictions: int = 0
@@ -170,10 +171,21 @@ class AnswerCache:
     def store(
         self, key: CacheKey, value: str | None, domain: str, generations: tuple[int, int]
     ) -> None:
-        """Store an answer fetched under ``generations``, unless they moved since."""
-        if generations != self.generations(domain):
+        """Store an answer fetched under ``generations``.
+
+        If its domain was invalidated meanwhile, the answer may predate the change: it is
+        dropped.  If only the global generation moved (LISTEN was (re)established while the
+        query was out: right after start-up, or after a reconnect), no change of this domain
+        is known, so the answer is kept under the generations it was fetched with: never
+        served as fresh, but usable if PostgreSQL goes away a moment later, like every entry
+        stored before a flush (DESIGN.md section 5: keep the two cases apart).
+        """
+        domain_generation, global_generation = self.generations(domain)
+        if generations[0] != domain_generation:
             self.counters.stores_skipped += 1
             return
+        if generations[1] != global_generation:
+            self.counters.stores_outage_only += 1
         now = self.clock()
         ttl = self.settings.positive_ttl_s if value is not None else self.settings.negative_ttl_s
         self._entries[key] = (value, domain, generations[0], generations[1], now, now + ttl)

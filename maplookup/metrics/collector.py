@@ -219,6 +219,12 @@ class MaplookupCollector(Collector):
             counters.stores_skipped,
         )
         yield _counter(
+            "maplookup_cache_stores_outage_only_total",
+            "Database answers fetched while the cache was flushed (LISTEN coming up): kept "
+            "only as outage fallback, never served as fresh.",
+            counters.stores_outage_only,
+        )
+        yield _counter(
             "maplookup_cache_invalidations_total",
             "Per-domain invalidations applied from change notifications.",
             counters.invalidations,

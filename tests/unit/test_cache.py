@@ -232,6 +232,60 @@ async def test_a_cancelled_leader_hands_over_to_a_waiting_follower() -> None:
     assert inner.calls == 2
 
 
+async def test_an_answer_fetched_while_listen_comes_up_serves_in_an_outage() -> None:
+    """Issue 12.8: right after start (or a reconnect) LISTEN goes live, which flushes, while
+    the first misses are out.  Their answers are not fresh (a change may have been missed
+    before LISTEN was in place) but no change of their domain is known: if PostgreSQL goes
+    away a moment later they are served, not TEMP."""
+    clock = FakeClock()
+    cache = AnswerCache(CacheSettings(max_stale_s=1000), clock=clock)
+    inner = ScriptedSource({"u@d": "d/u/", "x@d": None})
+    source = CachingSource(inner, cache)
+    inner.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for key in ("u@d", "x@d"):
+            nursery.start_soon(source.fetch, V, key)
+        await trio.testing.wait_all_tasks_blocked()
+        cache.set_live(True)  # LISTEN established while both queries are out
+        inner.hold.set()
+    assert cache.counters.stores_outage_only == 2
+    assert cache.counters.stores_skipped == 0
+    inner.hold = None
+    # Not fresh: the next lookup asks the database again.
+    calls = inner.calls
+    assert await source.fetch(V, "u@d") == "d/u/"
+    assert inner.calls == calls + 1
+    # A new fetch under the live generations is fresh again; now take the case where the
+    # database goes away right after the first answers, before any fresh one was stored.
+    cache.flush()
+    inner.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.fetch, V, "u@d")
+        await trio.testing.wait_all_tasks_blocked()
+        cache.set_live(True)  # a reconnect: flush again while the query is out
+        inner.hold.set()
+    inner.hold = None
+    inner.error = DatabaseError("connection refused")
+    assert await source.fetch(V, "u@d") == "d/u/"
+    assert await source.fetch(V, "x@d") is None  # the negative answer too
+    assert cache.counters.stale_served == 2
+
+
+async def test_an_answer_fetched_across_a_change_of_its_domain_is_not_kept_for_outages() -> None:
+    source, inner, _ = make({"u@d": "old"})
+    inner.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.fetch, V, "u@d")
+        await trio.testing.wait_all_tasks_blocked()
+        source.cache.invalidate_domains({"d"})
+        source.cache.flush()
+        inner.hold.set()
+    inner.hold = None
+    inner.error = DatabaseError("down")
+    with pytest.raises(DatabaseError):
+        await source.fetch(V, "u@d")
+
+
 async def test_outage_serves_cached_answers_and_raises_for_the_rest() -> None:
     source, inner, clock = make(
         {"u@d": "d/u/"}, positive_ttl_s=10, negative_ttl_s=10, max_stale_s=1000

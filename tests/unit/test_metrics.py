@@ -292,6 +292,7 @@ def test_exposition_starts_at_zero_with_documented_families() -> None:
         "maplookup_cache_misses": "counter",
         "maplookup_cache_shared_misses": "counter",
         "maplookup_cache_stores_skipped": "counter",
+        "maplookup_cache_stores_outage_only": "counter",
         "maplookup_cache_invalidations": "counter",
         "maplookup_cache_flushes": "counter",
         "maplookup_cache_evictions": "counter",
