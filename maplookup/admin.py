@@ -145,6 +145,35 @@ async def domain_add(
     )
 
 
+async def domain_set_ids(
+    conn: asyncpg.Connection, name: str, *, uid: int | None = None, gid: int | None = None
+) -> tuple[int | None, int | None]:
+    """Give a mailbox domain default ids; returns its (default_uid, default_gid) afterwards.
+
+    The fix for a domain added without ``--uid/--gid``: otherwise the only way to give it
+    defaults would be removing it (and first everything in it) and adding it again.  An id
+    not given is left as it is.
+    """
+    domain = parse_domain(name)
+    if uid is None and gid is None:
+        raise AdminError("give --uid, --gid or both")
+    _check_id("--uid", uid)
+    _check_id("--gid", gid)
+    row = await conn.fetchrow(
+        "UPDATE maplookup.domains SET default_uid = coalesce($2, default_uid),"
+        " default_gid = coalesce($3, default_gid)"
+        " WHERE name = $1 AND kind = 'mailbox' RETURNING default_uid, default_gid",
+        domain,
+        uid,
+        gid,
+    )
+    if row is None:
+        if await conn.fetchval("SELECT true FROM maplookup.domains WHERE name = $1", domain):
+            raise AdminError(f"{domain} is an alias domain; default ids apply to mailbox domains")
+        raise AdminError(f"no such domain: {domain}")
+    return row["default_uid"], row["default_gid"]
+
+
 async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
     domain = parse_domain(name)
     try:
@@ -178,6 +207,21 @@ async def domain_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 # -- mailboxes ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class AddedMailbox:
+    """What ``mailbox_add`` wrote, with the ids virtual(8) gets from the data.
+
+    ``uid``/``gid`` are the mailbox's own, else its domain's default, else None: None means
+    only the server's ``lookup.default_uid``/``default_gid`` can supply one, which the CLI
+    warns about.
+    """
+
+    address: Address
+    path: str
+    uid: int | None
+    gid: int | None
+
+
 async def mailbox_add(
     conn: asyncpg.Connection,
     address_text: str,
@@ -185,8 +229,8 @@ async def mailbox_add(
     path: str | None = None,
     uid: int | None = None,
     gid: int | None = None,
-) -> str:
-    """Add a mailbox; returns its path (default ``domain/localpart/``, a Maildir)."""
+) -> AddedMailbox:
+    """Add a mailbox (default path ``domain/localpart/``, a Maildir); see AddedMailbox."""
     address = parse_address(address_text)
     _check_id("--uid", uid)
     _check_id("--gid", gid)
@@ -196,10 +240,13 @@ async def mailbox_add(
         path = f"{address.domain}/{address.local_part}/"
     if not path or path.startswith("/") or ".." in path.split("/"):
         raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
-    kind = await conn.fetchval("SELECT kind FROM maplookup.domains WHERE name = $1", address.domain)
-    if kind is None:
+    domain = await conn.fetchrow(
+        "SELECT kind, default_uid, default_gid FROM maplookup.domains WHERE name = $1",
+        address.domain,
+    )
+    if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
-    if kind != "mailbox":
+    if domain["kind"] != "mailbox":
         raise AdminError(f"{address.domain} is an alias domain; mailboxes need a mailbox domain")
     await _run(
         conn,
@@ -212,7 +259,12 @@ async def mailbox_add(
         gid,
         subject=f"mailbox {address}",
     )
-    return path
+    return AddedMailbox(
+        address,
+        path,
+        uid if uid is not None else domain["default_uid"],
+        gid if gid is not None else domain["default_gid"],
+    )
 
 
 async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
@@ -254,7 +306,10 @@ async def mailbox_list(conn: asyncpg.Connection, domain: str | None = None) -> l
 # -- aliases -----------------------------------------------------------------------------------
 
 
-async def alias_add(conn: asyncpg.Connection, address_text: str, targets: list[str]) -> None:
+async def alias_add(
+    conn: asyncpg.Connection, address_text: str, targets: list[str]
+) -> tuple[Address, list[str]]:
+    """Add an alias; returns the address and targets as stored (folded), for the CLI to show."""
     address = parse_address(address_text)
     if not targets:
         raise AdminError("an alias needs at least one target")
@@ -272,6 +327,7 @@ async def alias_add(conn: asyncpg.Connection, address_text: str, targets: list[s
         parsed,
         subject=f"alias {address}",
     )
+    return address, parsed
 
 
 async def alias_remove(conn: asyncpg.Connection, address_text: str) -> None:

@@ -25,10 +25,13 @@ from maplookup.cli_common import (
     EXIT_TEMP,
     EXIT_USAGE,
     Parser,
+    ServerIds,
     add_database_options,
     fail,
     load,
     print_table,
+    server_ids,
+    warn,
     with_connection,
 )
 from maplookup.config import HostPort, Settings, load_settings
@@ -65,8 +68,64 @@ def cmd_db_init(args: argparse.Namespace) -> int:
     return with_connection(args, action)
 
 
+def _ids_text(uid: int | None, gid: int | None) -> str:
+    """``default uid 5000 gid 5000``, ``default uid 5000, no default gid``, ``no default ...``."""
+    if uid is not None and gid is not None:
+        return f"default uid {uid} gid {gid}"
+    if uid is None and gid is None:
+        return "no default uid or gid"
+    if uid is not None:
+        return f"default uid {uid}, no default gid"
+    return f"default gid {gid}, no default uid"
+
+
+def _missing_ids(uid: int | None, gid: int | None, server: ServerIds) -> list[str]:
+    """Which of uid, gid virtual(8) gets neither from the data nor from the server."""
+    return [
+        name
+        for name, own, default in (("uid", uid, server.uid), ("gid", gid, server.gid))
+        if own is None and default is None
+    ]
+
+
+def _unless_server(missing: list[str], server: ServerIds) -> str:
+    """The server-default half of an ids warning: known to be absent, or a hedge."""
+    keys = [f"lookup.default_{name}" for name in missing]
+    if server.known:
+        sets = f"sets no {keys[0]}" if len(keys) == 1 else f"sets neither {keys[0]} nor {keys[1]}"
+        return f"({server.source} {sets})"
+    return "unless the server sets " + " and ".join(keys)
+
+
+def _fix(domain: str, missing: list[str]) -> str:
+    return f"fix: maplookup domain set {domain} " + " ".join(f"--{n} N" for n in missing)
+
+
+def _warn_domain_ids(
+    domain: str, uid: int | None, gid: int | None, args: argparse.Namespace
+) -> None:
+    """Warn when a mailbox domain leaves its mailboxes without ids.
+
+    The record is valid (mailboxes may carry their own ids, the server may have defaults),
+    so this is a warning with exit status 0; but a mailbox that ends up with no uid is mail
+    deferred by virtual(8) with nothing said at the time it was set up.
+    """
+    if uid is not None and gid is not None:
+        return
+    server = server_ids(args)
+    missing = _missing_ids(uid, gid, server)
+    if missing:
+        ids = " or ".join(missing)
+        warn(
+            f"domain {domain} has no default {ids}, so virtual(8) will defer mail for its "
+            f"mailboxes without their own {ids} {_unless_server(missing, server)}; "
+            + _fix(domain, missing)
+        )
+
+
 def cmd_domain(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
+        domain = admin.parse_domain(args.domain) if args.action != "list" else ""
         if args.action == "add":
             await admin.domain_add(
                 conn,
@@ -76,10 +135,25 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 uid=args.uid,
                 gid=args.gid,
             )
+            if args.alias_of is not None:
+                kind = f"alias domain, mirror of {admin.parse_domain(args.alias_of)}"
+            elif args.alias:
+                kind = "alias domain, forwarding only"
+            else:
+                kind = f"mailbox domain, {_ids_text(args.uid, args.gid)}"
+            print(f"domain {domain} added ({kind})")
+            if not (args.alias or args.alias_of is not None):
+                _warn_domain_ids(domain, args.uid, args.gid, args)
+        elif args.action == "set":
+            uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
+            print(f"domain {domain} updated ({_ids_text(uid, gid)})")
+            _warn_domain_ids(domain, uid, gid, args)
         elif args.action == "remove":
             await admin.domain_remove(conn, args.domain)
+            print(f"domain {domain} removed")
         elif args.action in ("enable", "disable"):
             await admin.domain_set_enabled(conn, args.domain, args.action == "enable")
+            print(f"domain {domain} {args.action}d")
         else:
             rows = await admin.domain_list(conn)
             print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
@@ -90,14 +164,26 @@ def cmd_domain(args: argparse.Namespace) -> int:
 def cmd_mailbox(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         if args.action == "add":
-            path = await admin.mailbox_add(
+            added = await admin.mailbox_add(
                 conn, args.address, path=args.path, uid=args.uid, gid=args.gid
             )
-            print(f"{admin.parse_address(args.address)} -> {path}")
+            print(f"mailbox {added.address} -> {added.path} added")
+            if added.uid is None or added.gid is None:
+                server = server_ids(args)
+                missing = _missing_ids(added.uid, added.gid, server)
+                if missing:
+                    domain = added.address.domain
+                    warn(
+                        f"mailbox {added.address} has no {' or '.join(missing)} (none of its "
+                        f"own, no default from domain {domain}), so virtual(8) will defer its "
+                        f"mail {_unless_server(missing, server)}; {_fix(domain, missing)}"
+                    )
         elif args.action == "remove":
             await admin.mailbox_remove(conn, args.address)
+            print(f"mailbox {admin.parse_address(args.address)} removed")
         elif args.action in ("enable", "disable"):
             await admin.mailbox_set_enabled(conn, args.address, args.action == "enable")
+            print(f"mailbox {admin.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.mailbox_list(conn, args.domain)
             print_table(rows, ["address", "path", "uid", "gid", "enabled"])
@@ -108,11 +194,14 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
 def cmd_alias(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         if args.action == "add":
-            await admin.alias_add(conn, args.address, args.targets)
+            address, targets = await admin.alias_add(conn, args.address, args.targets)
+            print(f"alias {address} -> {', '.join(targets)} added")
         elif args.action == "remove":
             await admin.alias_remove(conn, args.address)
+            print(f"alias {admin.parse_address(args.address)} removed")
         elif args.action in ("enable", "disable"):
             await admin.alias_set_enabled(conn, args.address, args.action == "enable")
+            print(f"alias {admin.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.alias_list(conn, args.domain)
             print_table(rows, ["address", "targets", "enabled"])
@@ -195,11 +284,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = _serve_overrides(args)
 
-    def reload_settings() -> Settings:
-        # SIGHUP: the file and environment again, with the same command-line flags on top.
-        return load_settings(args.config, overrides)
+    def demo_defaults(settings: Settings) -> Settings:
+        if not args.demo:
+            return settings
+        from maplookup.demo import with_demo_defaults
 
-    return run_serve(load(args, overrides), demo=args.demo, reload_settings=reload_settings)
+        return with_demo_defaults(settings)
+
+    def reload_settings() -> Settings:
+        # SIGHUP: the file and environment again, with the same command-line flags on top
+        # (and, for the demo, its default ids where none of those set them).
+        return demo_defaults(load_settings(args.config, overrides))
+
+    return run_serve(
+        demo_defaults(load(args, overrides)), demo=args.demo, reload_settings=reload_settings
+    )
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -230,7 +329,8 @@ def _add_serve_command(commands: Any) -> None:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help="load the example data (arkum.ch, akadia.com) into an empty database",
+        help="load the example data (arkum.ch, akadia.com) into an empty database, and use "
+        "default uid/gid 5000 unless the config, environment or flags set them",
     )
     serve.add_argument(
         "--recipient-delimiter", help="as Postfix's recipient_delimiter (default '+')"
@@ -337,9 +437,19 @@ def _add_record_commands(
 
 
 def _add_data_commands(commands: Any) -> None:
-    _, add = _add_record_commands(
+    group, add = _add_record_commands(
         commands, "domain", "manage hosted domains", cmd_domain, ("domain", "DOMAIN")
     )
+    set_ids = group.add_parser(
+        "set",
+        help="set a mailbox domain's default uid/gid",
+        description="Set the default uid and/or gid of a mailbox domain: virtual(8) uses them "
+        "for its mailboxes that have none of their own.  An id not given is left as it is.",
+    )
+    set_ids.add_argument("domain", metavar="DOMAIN")
+    set_ids.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
+    set_ids.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
+    add_database_options(set_ids)
     add.description = (
         "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "
         "alias domain, or with --alias-of a mirror of a mailbox domain (user@DOMAIN reaches "

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,6 +62,65 @@ def resolve_dsn(args: argparse.Namespace) -> str:
             f"(or start `maplookup serve`, whose embedded cluster lives in {state_dir})"
         )
     return dsn
+
+
+@dataclass(frozen=True, slots=True)
+class ServerIds:
+    """The default uid/gid the server applies, as far as an admin command can tell.
+
+    ``source`` says where they were learnt (for messages); ``known`` is False when nothing
+    told us, i.e. the server may still have defaults of its own (flags, its own config).
+    """
+
+    uid: int | None
+    gid: int | None
+    source: str
+    known: bool
+
+
+def server_ids(args: argparse.Namespace) -> ServerIds:
+    """lookup.default_uid/gid of the server, for warnings and generated configuration.
+
+    The server running on the embedded cluster this command uses publishes its ids in the
+    state directory (it may have been started with flags, or as ``--demo``): that is the
+    truth.  Otherwise the config file (``--config``) and environment say what a server
+    reading them would use.  Never fails: a config that cannot be read only means "unknown".
+    """
+    try:
+        settings = load_settings(getattr(args, "config", None))
+    except ConfigError:
+        settings = None
+    uses_embedded = (
+        not getattr(args, "dsn", None)
+        and not os.environ.get("MAPLOOKUP_DSN")
+        and (settings is None or settings.database.dsn is None)
+    )
+    if uses_embedded:
+        from maplookup.embedded import default_state_dir, read_server_ids
+
+        state_dir = (
+            getattr(args, "state_dir", None)
+            or (settings.embedded.state_dir if settings is not None else None)
+            or default_state_dir()
+        )
+        published = read_server_ids(state_dir)
+        if published is not None:
+            return ServerIds(*published, f"the server using {state_dir}", known=True)
+    if settings is None:
+        return ServerIds(None, None, "the server", known=False)
+    lookup = settings.lookup
+    config = getattr(args, "config", None)
+    return ServerIds(
+        lookup.default_uid,
+        lookup.default_gid,
+        f"{config}" if config is not None else "the server",
+        known=config is not None,
+    )
+
+
+def warn(message: str) -> None:
+    """A non-fatal problem the admin should fix: one line on stderr, exit status unchanged."""
+    print(f"maplookup: warning: {message}", file=sys.stderr)
 
 
 def load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
@@ -118,7 +178,12 @@ def add_database_options(parser: argparse.ArgumentParser) -> None:
         help="PostgreSQL connection string (default: $MAPLOOKUP_DSN, else the embedded cluster "
         "started by `maplookup serve`)",
     )
-    parser.add_argument("--config", type=Path, help="TOML config file (its [database] dsn is used)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (its [database] dsn is used, and its [lookup] default ids when "
+        "warning about mailboxes without uid/gid)",
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,

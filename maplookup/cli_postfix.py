@@ -9,7 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from maplookup.cli_common import EXIT_OK, EXIT_USAGE, add_database_options, fail, load, resolve_dsn
+from maplookup.cli_common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_database_options,
+    fail,
+    load,
+    resolve_dsn,
+    server_ids,
+)
 from maplookup.config import HostPort
 from maplookup.embedded import loopback_dsn
 from maplookup.maps import MapName
@@ -50,8 +58,13 @@ def add_commands(commands: Any) -> None:
     parser.add_argument(
         "--virtual-mailbox-base", type=Path, default=Path("/var/mail/vhosts"), metavar="DIR"
     )
-    parser.add_argument("--default-uid", type=int, help="default: the config's, else none")
-    parser.add_argument("--default-gid", type=int, help="default: the config's, else none")
+    parser.add_argument(
+        "--default-uid",
+        type=int,
+        help="default: that of the server running on the embedded cluster, else the config's, "
+        "else none",
+    )
+    parser.add_argument("--default-gid", type=int, help="default: as for --default-uid")
     parser.add_argument(
         "--virtual-minimum-uid",
         type=int,
@@ -90,6 +103,7 @@ def _options(args: argparse.Namespace) -> PostfixConfigOptions:
         fail(str(exc), EXIT_USAGE)
     pgsql_dir = args.pgsql_dir or (args.output.resolve() if args.output else Path("/etc/postfix"))
     lookup = settings.lookup
+    server = server_ids(args)
     return PostfixConfigOptions(
         pgsql_dsn=args.pgsql_dsn or loopback_dsn(resolve_dsn(args)),
         socketmap=socketmap,
@@ -101,8 +115,9 @@ def _options(args: argparse.Namespace) -> PostfixConfigOptions:
             else lookup.recipient_delimiter
         ),
         virtual_mailbox_base=args.virtual_mailbox_base,
-        default_uid=args.default_uid if args.default_uid is not None else lookup.default_uid,
-        default_gid=args.default_gid if args.default_gid is not None else lookup.default_gid,
+        # The running server's ids (the demo's 5000, flags it was started with) where known.
+        default_uid=args.default_uid if args.default_uid is not None else server.uid,
+        default_gid=args.default_gid if args.default_gid is not None else server.gid,
         virtual_minimum_uid=args.virtual_minimum_uid,
         pgsql_dir=pgsql_dir,
     )

@@ -19,6 +19,7 @@ from maplookup.cli_common import (
     add_database_options,
     fail,
     load,
+    server_ids,
     with_connection,
 )
 from maplookup.maps import LookupSettings
@@ -78,10 +79,16 @@ def add_commands(commands: Any) -> None:
         help="as Postfix's recipient_delimiter (default: the config's, else '+'; '' for none)",
     )
     parser.add_argument(
-        "--default-uid", type=int, metavar="N", help="default: the config's, else none"
+        "--default-uid",
+        type=int,
+        metavar="N",
+        help="default: the running demo/embedded server's, else the config's, else none",
     )
     parser.add_argument(
-        "--default-gid", type=int, metavar="N", help="default: the config's, else none"
+        "--default-gid",
+        type=int,
+        metavar="N",
+        help="default: the running demo/embedded server's, else the config's, else none",
     )
     parser.add_argument(
         "--virtual-minimum-uid",
@@ -110,8 +117,13 @@ def _settings(args: argparse.Namespace) -> tuple[LookupSettings, PostfixSettings
     lookup = load(args, {"lookup": lookup_overrides} if lookup_overrides else None).lookup
     if args.virtual_minimum_uid < 1:
         fail("--virtual-minimum-uid must be at least 1", EXIT_USAGE)
+    # Without a flag, the ids the server applies: those the server on the embedded cluster
+    # published (e.g. the demo's 5000), else the config's, as postfix-config does.
+    server = server_ids(args)
+    uid = args.default_uid if args.default_uid is not None else server.uid
+    gid = args.default_gid if args.default_gid is not None else server.gid
     return (
-        LookupSettings(lookup.recipient_delimiter, lookup.default_uid, lookup.default_gid),
+        LookupSettings(lookup.recipient_delimiter, uid, gid),
         PostfixSettings(virtual_minimum_uid=args.virtual_minimum_uid),
     )
 

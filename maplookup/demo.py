@@ -11,9 +11,28 @@ from __future__ import annotations
 import asyncpg
 
 from maplookup import admin
+from maplookup.config import Settings
 
 DEMO_UID = 5000
 DEMO_GID = 5000
+
+
+def with_demo_defaults(settings: Settings) -> Settings:
+    """``lookup.default_uid``/``default_gid`` 5000, as the README's config example, where unset.
+
+    Without them a domain added to the demo without ``--uid/--gid`` gets mailboxes that
+    virtual(8) defers for want of a uid, silently.  The config file, the environment and the
+    flags still win: only ids nobody set are filled in.  Applied on every (re)load.
+    """
+    lookup = settings.lookup
+    update: dict[str, int] = {}
+    if lookup.default_uid is None:
+        update["default_uid"] = DEMO_UID
+    if lookup.default_gid is None:
+        update["default_gid"] = DEMO_GID
+    if not update:
+        return settings
+    return settings.model_copy(update={"lookup": lookup.model_copy(update=update)})
 
 
 async def load_demo_data(conn: asyncpg.Connection) -> bool:

@@ -18,13 +18,15 @@ import asyncpg
 import trio
 
 from maplookup import admin, workers
-from maplookup.config import Settings
+from maplookup.config import Settings, redact_dsn
 from maplookup.demo import load_demo_data
 from maplookup.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     default_state_dir,
     loopback_dsn,
+    remove_server_ids,
+    write_server_ids,
 )
 from maplookup.listeners import ListenError
 from maplookup.logsetup import configure_logging
@@ -36,13 +38,25 @@ from maplookup.service import StartupError, serve
 log = logging.getLogger("maplookup")
 
 
-async def _prepare_database(dsn: str, *, apply_schema: bool, demo: bool) -> None:
+async def _prepare_database(dsn: str, *, apply_schema: bool, demo: bool, where: str) -> None:
+    """Schema for the embedded cluster; demo data into an empty database.
+
+    ``where`` names the database for the log (the state directory, or the redacted DSN): on a
+    restart the demo keeps what is there, and says so, so that nobody wonders whether their
+    own additions were wiped or why the example data did not come back.
+    """
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         if apply_schema:
             await admin.init_schema(conn)
-        if demo and await load_demo_data(conn):
-            log.info("demo data loaded (arkum.ch, akadia.com, arkum.org, akadia.net)")
+        if demo:
+            if await load_demo_data(conn):
+                log.info("demo data loaded (arkum.ch, akadia.com, arkum.org, akadia.net)")
+            else:
+                log.info(
+                    "demo: database already holds data: kept it, example data not loaded (%s)",
+                    where,
+                )
     finally:
         await conn.close()
 
@@ -64,10 +78,17 @@ def run_serve(
     except PrivilegeError as exc:
         log.error("%s", exc)
         return 1
+    if demo:
+        log.info(
+            "demo: lookup.default_uid %s, default_gid %s (for mailboxes and domains without ids)",
+            settings.lookup.default_uid,
+            settings.lookup.default_gid,
+        )
     with ExitStack() as stack:
         if settings.database.dsn is not None:
             dsn = settings.database.dsn.get_secret_value()
             embedded = False
+            where = f"database {redact_dsn(dsn)}"
         else:
             cluster = EmbeddedPostgres(
                 state_dir=settings.embedded.state_dir or default_state_dir(),
@@ -84,13 +105,23 @@ def run_serve(
                 return 1
             stack.callback(cluster.stop)
             log.info("embedded PostgreSQL ready: %s", dsn)
+            # Admin commands that find this cluster through the state directory learn the
+            # default ids from here (postfix-config, trace, the mailbox add warnings).
+            try:
+                write_server_ids(
+                    cluster.state_dir, settings.lookup.default_uid, settings.lookup.default_gid
+                )
+                stack.callback(remove_server_ids, cluster.state_dir)
+            except OSError as exc:
+                log.warning("cannot write %s/server-ids: %s", cluster.state_dir, exc)
+            where = f"state dir {cluster.state_dir}"
             if settings.user is not None:
                 # Its socket directory belongs to the cluster's own user: use loopback TCP.
                 dsn = loopback_dsn(dsn)
             embedded = True
         if embedded or demo:
             try:
-                asyncio.run(_prepare_database(dsn, apply_schema=embedded, demo=demo))
+                asyncio.run(_prepare_database(dsn, apply_schema=embedded, demo=demo, where=where))
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.error("cannot prepare the database: %s", exc)
                 return 1

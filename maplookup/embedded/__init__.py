@@ -8,6 +8,7 @@ package runs one out of a state directory that it owns::
     state_dir/run                    unix socket directory (mode 0700, run-as user)
     state_dir/log/postgresql.log     server log (pg_ctl -l)
     state_dir/dsn                    DSN of the running cluster, for admin commands
+    state_dir/server-ids             default uid/gid of the server using it, for them too
     state_dir/.lock                  serialises start/stop between processes
 
 PostgreSQL refuses to run as root.  When we are root the server binaries are
@@ -40,7 +41,14 @@ from __future__ import annotations
 from .binaries import find_pg_bin_dir
 from .cluster import EmbeddedPostgres
 from .errors import EmbeddedPostgresError
-from .state import default_state_dir, loopback_dsn, read_running_dsn
+from .state import (
+    default_state_dir,
+    loopback_dsn,
+    read_running_dsn,
+    read_server_ids,
+    remove_server_ids,
+    write_server_ids,
+)
 
 __all__ = [
     "EmbeddedPostgres",
@@ -49,4 +57,7 @@ __all__ = [
     "find_pg_bin_dir",
     "loopback_dsn",
     "read_running_dsn",
+    "read_server_ids",
+    "remove_server_ids",
+    "write_server_ids",
 ]

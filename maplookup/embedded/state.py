@@ -8,6 +8,7 @@ touching it.  :func:`loopback_dsn` turns such a DSN into its TCP form for Postfi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.parse
@@ -19,6 +20,7 @@ RUN_NAME = "run"
 LOG_DIR_NAME = "log"
 LOG_FILE_NAME = "postgresql.log"
 DSN_FILE_NAME = "dsn"
+SERVER_IDS_FILE_NAME = "server-ids"
 LOCK_FILE_NAME = ".lock"
 _INITDB_TMP_NAME = "pgdata.initdb-tmp"
 
@@ -167,6 +169,49 @@ def read_running_dsn(state_dir: Path) -> str | None:
     if port is not None and info.port and port != info.port:
         return None
     return dsn
+
+
+def write_server_ids(state_dir: Path, uid: int | None, gid: int | None) -> None:
+    """Publish the default uid/gid the server on this cluster started with.
+
+    Admin commands that reach the cluster through the state directory cannot see the
+    server's flags or (for ``--demo``) its built-in defaults; without this file
+    ``postfix-config`` would write pgsql: queries without the defaults the socketmap side
+    applies, and ``mailbox add`` would warn about ids the server does supply.  One line,
+    ``uid gid``, ``-`` for none; written atomically like the dsn file.
+    """
+    text = f"{'-' if uid is None else uid} {'-' if gid is None else gid}\n"
+    tmp = Path(state_dir) / f".{SERVER_IDS_FILE_NAME}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, Path(state_dir) / SERVER_IDS_FILE_NAME)
+
+
+def remove_server_ids(state_dir: Path) -> None:
+    """Best effort: a server that dropped root may not be allowed to; the next start rewrites it."""
+    with contextlib.suppress(OSError):
+        (Path(state_dir) / SERVER_IDS_FILE_NAME).unlink(missing_ok=True)
+
+
+def read_server_ids(state_dir: Path) -> tuple[int | None, int | None] | None:
+    """The default (uid, gid) of the server running on this cluster; None if unknown.
+
+    Like :func:`read_running_dsn`, only trusted while the cluster runs.
+    """
+    state_dir = Path(state_dir)
+    if read_running_dsn(state_dir) is None:
+        return None
+    try:
+        fields = (state_dir / SERVER_IDS_FILE_NAME).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(fields) != 2:
+        return None
+    try:
+        uid, gid = (None if f == "-" else int(f) for f in fields)
+    except ValueError:
+        return None
+    return uid, gid
 
 
 def loopback_dsn(dsn: str) -> str:

@@ -43,19 +43,38 @@ def dsn(make_database: Callable[[], str]) -> str:
 
 def test_add_list_disable_enable_remove(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     d = ("--dsn", dsn)
-    assert (
-        run_cli(capsys, "domain", "add", "Example.COM", "--uid", "5000", "--gid", "5000", *d)[0]
-        == 0
+    assert run_cli(
+        capsys, "domain", "add", "Example.COM", "--uid", "5000", "--gid", "5000", *d
+    ) == (0, "domain example.com added (mailbox domain, default uid 5000 gid 5000)\n", "")
+    assert run_cli(capsys, "domain", "add", "example.net", "--alias-of", "Example.com", *d) == (
+        0,
+        "domain example.net added (alias domain, mirror of example.com)\n",
+        "",
     )
-    assert run_cli(capsys, "domain", "add", "example.net", "--alias-of", "example.com", *d)[0] == 0
-    assert run_cli(capsys, "domain", "add", "forward.example", "--alias", *d)[0] == 0
-    code, out, _ = run_cli(capsys, "mailbox", "add", "User@Example.com", *d)
-    assert (code, out) == (0, "user@example.com -> example.com/user/\n")
-    assert (
-        run_cli(capsys, "mailbox", "add", "@example.com", "--path", "example.com/all/", *d)[0] == 0
+    assert run_cli(capsys, "domain", "add", "forward.example", "--alias", *d) == (
+        0,
+        "domain forward.example added (alias domain, forwarding only)\n",
+        "",
     )
-    assert run_cli(capsys, "alias", "add", "list@example.com", "a@x.test", "B@Y.test", *d)[0] == 0
-    assert run_cli(capsys, "alias", "add", "@forward.example", "@example.com", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "add", "User@Example.com", *d) == (
+        0,
+        "mailbox user@example.com -> example.com/user/ added\n",
+        "",
+    )
+    assert run_cli(capsys, "mailbox", "add", "@example.com", "--path", "example.com/all/", *d) == (
+        0,
+        "mailbox @example.com -> example.com/all/ added\n",
+        "",
+    )
+    assert run_cli(capsys, "alias", "add", "list@example.com", "a@x.test", "B@Y.test", *d) == (
+        0,
+        "alias list@example.com -> a@x.test, b@y.test added\n",
+        "",
+    )
+    assert run_cli(capsys, "alias", "add", "@forward.example", "@example.com", *d)[:2] == (
+        0,
+        "alias @forward.example -> @example.com added\n",
+    )
 
     assert fetch(dsn, "SELECT name, kind, alias_of FROM maplookup.domains ORDER BY name") == [
         ("example.com", "mailbox", None),
@@ -70,16 +89,117 @@ def test_add_list_disable_enable_remove(dsn: str, capsys: pytest.CaptureFixture[
     assert "user@example.com" in out
     assert "@example.com" in out
 
-    assert run_cli(capsys, "mailbox", "disable", "user@example.com", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "disable", "User@example.com", *d)[:2] == (
+        0,
+        "mailbox user@example.com disabled\n",
+    )
     assert fetch(dsn, "SELECT enabled FROM maplookup.mailboxes WHERE local_part = 'user'") == [
         (False,)
     ]
-    assert run_cli(capsys, "mailbox", "enable", "user@example.com", *d)[0] == 0
-    assert run_cli(capsys, "alias", "disable", "list@example.com", *d)[0] == 0
-    assert run_cli(capsys, "domain", "disable", "example.net", *d)[0] == 0
-    assert run_cli(capsys, "alias", "remove", "list@example.com", *d)[0] == 0
-    assert run_cli(capsys, "mailbox", "remove", "user@example.com", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "enable", "user@example.com", *d)[:2] == (
+        0,
+        "mailbox user@example.com enabled\n",
+    )
+    assert run_cli(capsys, "alias", "disable", "list@example.com", *d)[:2] == (
+        0,
+        "alias list@example.com disabled\n",
+    )
+    assert run_cli(capsys, "alias", "enable", "list@example.com", *d)[:2] == (
+        0,
+        "alias list@example.com enabled\n",
+    )
+    assert run_cli(capsys, "domain", "disable", "example.net", *d)[:2] == (
+        0,
+        "domain example.net disabled\n",
+    )
+    assert run_cli(capsys, "domain", "enable", "example.net", *d)[:2] == (
+        0,
+        "domain example.net enabled\n",
+    )
+    assert run_cli(capsys, "alias", "remove", "list@example.com", *d)[:2] == (
+        0,
+        "alias list@example.com removed\n",
+    )
+    assert run_cli(capsys, "mailbox", "remove", "user@example.com", *d)[:2] == (
+        0,
+        "mailbox user@example.com removed\n",
+    )
+    assert run_cli(capsys, "domain", "remove", "example.net", *d)[:2] == (
+        0,
+        "domain example.net removed\n",
+    )
     assert fetch(dsn, "SELECT count(*) FROM maplookup.aliases WHERE local_part = 'list'") == [(0,)]
+
+
+def test_missing_ids_are_warned_about_on_stderr_with_the_fix(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAPLOOKUP_LOOKUP__DEFAULT_UID", raising=False)
+    monkeypatch.delenv("MAPLOOKUP_LOOKUP__DEFAULT_GID", raising=False)
+    d = ("--dsn", dsn)
+    code, out, err = run_cli(capsys, "domain", "add", "new.example", *d)
+    assert (code, out) == (0, "domain new.example added (mailbox domain, no default uid or gid)\n")
+    assert err == (
+        "maplookup: warning: domain new.example has no default uid or gid, so virtual(8) will "
+        "defer mail for its mailboxes without their own uid or gid unless the server sets "
+        "lookup.default_uid and lookup.default_gid; "
+        "fix: maplookup domain set new.example --uid N --gid N\n"
+    )
+    # The record is valid: written, exit status 0.
+    assert fetch(dsn, "SELECT name FROM maplookup.domains") == [("new.example",)]
+
+    code, out, err = run_cli(capsys, "mailbox", "add", "x@new.example", *d)
+    assert (code, out) == (0, "mailbox x@new.example -> new.example/x/ added\n")
+    assert err == (
+        "maplookup: warning: mailbox x@new.example has no uid or gid (none of its own, no "
+        "default from domain new.example), so virtual(8) will defer its mail unless the server "
+        "sets lookup.default_uid and lookup.default_gid; "
+        "fix: maplookup domain set new.example --uid N --gid N\n"
+    )
+    # Only what is missing is named.
+    code, _, err = run_cli(capsys, "mailbox", "add", "y@new.example", "--uid", "700", *d)
+    assert code == 0
+    assert "has no gid (" in err
+    assert err.endswith("fix: maplookup domain set new.example --gid N\n")
+    # Own ids: nothing to warn about.
+    assert run_cli(
+        capsys, "mailbox", "add", "z@new.example", "--uid", "700", "--gid", "700", *d
+    ) == (0, "mailbox z@new.example -> new.example/z/ added\n", "")
+
+    # The fix the warnings name exists and silences them.
+    code, out, err = run_cli(capsys, "domain", "set", "new.example", "--uid", "5000", *d)
+    assert (code, out) == (0, "domain new.example updated (default uid 5000, no default gid)\n")
+    assert err.startswith("maplookup: warning: domain new.example has no default gid,")
+    assert run_cli(capsys, "domain", "set", "New.Example", "--gid", "6000", *d) == (
+        0,
+        "domain new.example updated (default uid 5000 gid 6000)\n",
+        "",
+    )
+    assert fetch(dsn, "SELECT default_uid, default_gid FROM maplookup.domains") == [(5000, 6000)]
+    assert run_cli(capsys, "mailbox", "add", "w@new.example", *d)[2] == ""
+    assert run_cli(capsys, "domain", "add", "ids.example", "--uid", "5", "--gid", "5", *d)[2] == ""
+    assert run_cli(capsys, "domain", "add", "fwd.example", "--alias", *d)[2] == ""
+
+
+def test_missing_ids_warning_knows_the_config(
+    dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    d = ("--dsn", dsn)
+    with_ids = tmp_path / "with-ids.toml"
+    with_ids.write_text("[lookup]\ndefault_uid = 5000\ndefault_gid = 5000\n")
+    # The server's defaults cover what the data leaves out: no warning.
+    assert run_cli(capsys, "domain", "add", "a.example", "--config", str(with_ids), *d)[2] == ""
+    assert run_cli(capsys, "mailbox", "add", "x@a.example", "--config", str(with_ids), *d)[2] == ""
+
+    uid_only = tmp_path / "uid-only.toml"
+    uid_only.write_text("[lookup]\ndefault_uid = 5000\n")
+    code, _, err = run_cli(capsys, "mailbox", "add", "y@a.example", "--config", str(uid_only), *d)
+    assert code == 0
+    assert err == (
+        "maplookup: warning: mailbox y@a.example has no gid (none of its own, no default from "
+        f"domain a.example), so virtual(8) will defer its mail ({uid_only} sets no "
+        "lookup.default_gid); fix: maplookup domain set a.example --gid N\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,6 +224,10 @@ def test_add_list_disable_enable_remove(dsn: str, capsys: pytest.CaptureFixture[
         (("alias", "add", "x@nowhere.test", "a@b.test"), "no such domain"),
         (("alias", "remove", "x@base.test"), "no such alias"),
         (("mailbox", "disable", "nobody@base.test"), "no such mailbox"),
+        (("domain", "set", "nowhere.test", "--uid", "5"), "no such domain: nowhere.test"),
+        (("domain", "set", "mirror.test", "--uid", "5"), "is an alias domain"),
+        (("domain", "set", "base.test"), "give --uid, --gid or both"),
+        (("domain", "set", "base.test", "--uid", "5", "--gid", "0"), "positive"),
     ],
 )
 def test_bad_input_is_one_line_error_and_writes_nothing(
@@ -116,7 +240,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(
     before = fetch(
         dsn,
         "SELECT (SELECT count(*) FROM maplookup.domains), (SELECT count(*) FROM "
-        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases)",
+        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases), (SELECT "
+        "array_agg((default_uid, default_gid)::text ORDER BY name) FROM maplookup.domains)",
     )
     code, out, err = run_cli(capsys, *args, *d)
     assert code != 0
@@ -127,7 +252,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(
     after = fetch(
         dsn,
         "SELECT (SELECT count(*) FROM maplookup.domains), (SELECT count(*) FROM "
-        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases)",
+        "maplookup.mailboxes), (SELECT count(*) FROM maplookup.aliases), (SELECT "
+        "array_agg((default_uid, default_gid)::text ORDER BY name) FROM maplookup.domains)",
     )
     assert after == before
 

@@ -1,7 +1,10 @@
 """The README's first command: ``maplookup serve --demo`` on its own private PostgreSQL.
 
 This is what a new user runs on a fresh machine; it must answer Postfix's own client at once,
-let the admin commands find its database, and leave nothing running after SIGTERM.
+let the admin commands find its database, and leave nothing running after SIGTERM.  It runs
+with the README's default ids (5000), so a domain added without ``--uid/--gid`` still gets
+mail delivered, and the admin commands, ``trace`` and ``postfix-config`` know it.  A restart
+keeps what the user added, and says so.
 """
 
 from __future__ import annotations
@@ -22,12 +25,8 @@ from tests.processes import (
 )
 
 
-def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> None:
-    # The cluster runs as an unprivileged user when we are root: its parent must be searchable.
-    state_dir = Path(tempfile.mkdtemp(prefix="maplookup-demo-"))
-    state_dir.chmod(0o755)
-    port = free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
+def _start_demo(state_dir: Path, port: int, log_path: Path) -> RunningServer:
+    with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -44,20 +43,76 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
             stderr=subprocess.STDOUT,
         )
     server = RunningServer(port, {}, process)
+    wait_for_port(port, process, timeout_s=60)
+    return server
+
+
+def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> None:
+    # The cluster runs as an unprivileged user when we are root: its parent must be searchable.
+    state_dir = Path(tempfile.mkdtemp(prefix="maplookup-demo-"))
+    state_dir.chmod(0o755)
+    port = free_port()
+    first_log = tmp_path / "serve.log"
+    server = _start_demo(state_dir, port, first_log)
     try:
-        wait_for_port(port, process, timeout_s=60)
         result = postmap(postfix_dir, "-q", "meier@arkum.ch", server.socketmap("vmailbox"))
         assert (result.returncode, result.stdout) == (0, "arkum.ch/meier/\n"), result.stderr
         # Admin commands find the embedded cluster through the state directory.
         added = maplookup_cli("mailbox", "add", "new@arkum.ch", "--state-dir", str(state_dir))
         assert added.returncode == 0, added.stderr
+        assert added.stdout == "mailbox new@arkum.ch -> arkum.ch/new/ added\n"
         result = postmap(postfix_dir, "-q", "new@arkum.ch", server.socketmap("vmailbox"))
         assert (result.returncode, result.stdout) == (0, "arkum.ch/new/\n")
         assert read_running_dsn(state_dir) is not None
+
+        # A domain without ids: the demo's default 5000 applies, so nothing to warn about.
+        s = ("--state-dir", str(state_dir))
+        added = maplookup_cli("domain", "add", "new.example", *s)
+        assert (added.returncode, added.stdout, added.stderr) == (
+            0,
+            "domain new.example added (mailbox domain, no default uid or gid)\n",
+            "",
+        )
+        added = maplookup_cli("mailbox", "add", "someone@new.example", *s)
+        assert (added.returncode, added.stderr) == (0, "")
+        for map_name in ("uid", "gid"):
+            answer = maplookup_cli(
+                "query", map_name, "someone@new.example", "--server", f"127.0.0.1:{port}"
+            )
+            assert (answer.returncode, answer.stdout) == (0, "5000\n"), answer.stderr
+        # trace and the pgsql: side of postfix-config agree with the server.
+        trace = maplookup_cli("trace", "someone@new.example", *s)
+        assert trace.returncode == 0, trace.stdout + trace.stderr
+        assert "uid 5000  gid 5000" in trace.stdout
+        generated = maplookup_cli("postfix-config", *s)
+        assert generated.returncode == 0, generated.stderr
+        assert "maplookup.uid('%s', '+', 5000)" in generated.stdout
+        assert "maplookup.gid('%s', '+', 5000)" in generated.stdout
     finally:
         code = stop_server(server)
-        log_text = (tmp_path / "serve.log").read_text()
+        log_text = first_log.read_text()
     assert code == 0, log_text
-    # The private cluster was stopped with the server.
+    assert "demo data loaded" in log_text
+    assert "already holds data" not in log_text
+    # The private cluster was stopped with the server, and its published ids are gone.
     assert read_running_dsn(state_dir) is None
+    assert not (state_dir / "server-ids").exists()
+
+    # A restart keeps the data and says so.
+    second_log = tmp_path / "serve-again.log"
+    server = _start_demo(state_dir, port, second_log)
+    try:
+        answer = maplookup_cli(
+            "query", "vmailbox", "someone@new.example", "--server", f"127.0.0.1:{port}"
+        )
+        assert (answer.returncode, answer.stdout) == (0, "new.example/someone/\n")
+    finally:
+        code = stop_server(server)
+        log_text = second_log.read_text()
+    assert code == 0, log_text
+    assert (
+        "demo: database already holds data: kept it, example data not loaded "
+        f"(state dir {state_dir})" in log_text
+    ), log_text
+    assert "demo data loaded" not in log_text
     subprocess.run(["rm", "-rf", str(state_dir)], check=False)
