@@ -92,7 +92,6 @@ def server_ids(args: argparse.Namespace) -> ServerIds:
         settings = None
     uses_embedded = (
         not getattr(args, "dsn", None)
-        and not os.environ.get("MAPLOOKUP_DSN")
         and (settings is None or settings.database.dsn is None)
     )
     if uses_embedded:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
+from pathlib import Path
 
 import asyncpg
 import trio
@@ -115,6 +116,8 @@ def run_serve(
             except OSError as exc:
                 log.warning("cannot write %s/server-ids: %s", cluster.state_dir, exc)
             where = f"state dir {cluster.state_dir}"
+            if reload_settings is not None:
+                reload_settings = _publishing_ids(reload_settings, cluster.state_dir)
             if settings.user is not None:
                 # Its socket directory belongs to the cluster's own user: use loopback TCP.
                 dsn = loopback_dsn(dsn)
@@ -142,6 +145,22 @@ def run_serve(
             log.error("%s", exc)
             return 1
     return 0
+
+
+def _publishing_ids(
+    reload_settings: Callable[[], Settings], state_dir: Path
+) -> Callable[[], Settings]:
+    """``reload_settings`` that also republishes the default ids a reload may have changed."""
+
+    def reload() -> Settings:
+        settings = reload_settings()
+        try:
+            write_server_ids(state_dir, settings.lookup.default_uid, settings.lookup.default_gid)
+        except OSError as exc:  # e.g. after dropping root: the ids in the file are stale
+            log.warning("cannot write %s/server-ids: %s", state_dir, exc)
+        return settings
+
+    return reload
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from maplookup.config import Settings
 from maplookup.demo import DEMO_GID, DEMO_UID, with_demo_defaults
 
@@ -17,3 +19,14 @@ def test_ids_from_config_environment_or_flags_win() -> None:
     assert (lookup.default_uid, lookup.default_gid, lookup.recipient_delimiter) == (700, 5000, "-")
     both = Settings.model_validate({"lookup": {"default_uid": 700, "default_gid": 800}})
     assert with_demo_defaults(both) is both
+
+
+def test_a_reload_republishes_the_default_ids(tmp_path: Path) -> None:
+    """Admin commands learn the embedded server's ids from its state dir: a SIGHUP that
+    changes them must change the file too, or postfix-config writes the old ones."""
+    from maplookup.serve_main import _publishing_ids
+
+    new = Settings.model_validate({"lookup": {"default_uid": 7000, "default_gid": 7001}})
+    reload = _publishing_ids(lambda: new, tmp_path)
+    assert reload() is new
+    assert (tmp_path / "server-ids").read_text().split() == ["7000", "7001"]
