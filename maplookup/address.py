@@ -115,3 +115,35 @@ def split_extension(local_part: str, delimiter: str) -> tuple[str, str | None]:
     if cut <= 0:
         return local_part, None
     return local_part[:cut], local_part[cut:]
+
+
+def split_address_list(value: str) -> list[str]:
+    """The addresses of a table result, in external form, split as Postfix's tok822 parser
+    splits them for a plain list: at commas and white space outside double quotes.
+
+    ``a@x, "joe user"@y z@w`` gives ``['a@x', '"joe user"@y', 'z@w']``.  Comments and
+    ``<...>`` are not read (the callers refuse them); an unbalanced quote runs to the end.
+    """
+    addresses: list[str] = []
+    current: list[str] = []
+    in_quote = False
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if in_quote and c == "\\" and i + 1 < len(value):
+            current.append(value[i : i + 2])
+            i += 2
+            continue
+        if c == '"':
+            in_quote = not in_quote
+        elif not in_quote and (c == "," or c.isspace()):
+            if current:
+                addresses.append("".join(current))
+                current = []
+            i += 1
+            continue
+        current.append(c)
+        i += 1
+    if current:
+        addresses.append("".join(current))
+    return addresses

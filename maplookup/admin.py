@@ -15,9 +15,11 @@ from typing import Any
 import asyncpg
 
 from maplookup import schema
+from maplookup.address import fold, unquote_local
 
 _DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
 _LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AdminError(Exception):
@@ -40,7 +42,8 @@ class Address:
 
 
 def parse_domain(text: str) -> str:
-    domain = text.strip().lower().rstrip(".")
+    """A domain name, folded as Postfix folds table keys (full Unicode case folding)."""
+    domain = fold(text.strip()).rstrip(".")
     if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
         raise AdminError(f"invalid domain name: {text!r}")
     if len(domain) > 253:
@@ -49,21 +52,64 @@ def parse_domain(text: str) -> str:
 
 
 def parse_address(text: str, *, allow_catchall: bool = True) -> Address:
-    """``user@domain`` or (when allowed) ``@domain``, folded to lower case."""
-    local, sep, domain = text.strip().rpartition("@")
+    """``user@domain`` or (when allowed) ``@domain``, unquoted and folded as Postfix folds keys.
+
+    A quoted local part (``"taro."@example.com``) is read in its internal form, as Postfix
+    looks it up; folding is Postfix's (src/util/casefold.c), so ``Straße@x`` is stored as
+    ``strasse@x`` and found for every spelling Postfix folds to it.
+    """
+    local, sep, domain = unquote_local(text.strip()).rpartition("@")
     if not sep:
         raise AdminError(f"invalid address {text!r}: no '@'")
     if not local and not allow_catchall:
         raise AdminError(f"invalid address {text!r}: a catch-all is not allowed here")
     if not _LOCAL_RE.match(local) or len(local) > 64:
         raise AdminError(f"invalid local part in {text!r}")
-    return Address(local.lower(), parse_domain(domain))
+    return Address(fold(local), parse_domain(domain))
 
 
 def parse_target(text: str) -> str:
-    """An alias target: ``user@domain`` or ``@domain`` (keep the local part, other domain)."""
-    address = parse_address(text)
-    return f"@{address.domain}" if address.is_catchall else str(address)
+    """An alias target in internal (unquoted) form, its case kept.
+
+    Postfix returns a table's result as written (only keys are folded), so a target keeps
+    its case.  Three kinds, as virtual(5) and VIRTUAL_README have them:
+
+    * ``user@domain``, quoted or not (``"joe user"@example.net`` is stored unquoted and
+      quoted again in every answer and export);
+    * ``@domain``: the received local part at another domain (only as the sole target);
+    * ``name``, without ``@``: a local account, which Postfix completes with ``@$myorigin``.
+    """
+    stripped = text.strip()
+    internal = unquote_local(stripped)
+    if not internal or _CONTROL_RE.search(internal):
+        raise AdminError(f"invalid target {text!r}")
+    at = internal.rfind("@")
+    if at < 0:
+        return internal  # a local account name
+    domain = internal[at + 1 :]
+    if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
+        raise AdminError(f"invalid domain in target {text!r}")
+    if len(internal[:at]) > 64:
+        raise AdminError(f"local part longer than 64 characters in target {text!r}")
+    return internal
+
+
+def parse_targets(texts: list[str]) -> list[str]:
+    """Alias targets (see :func:`parse_target`); ``@domain`` only as the sole target.
+
+    Since Postfix 3.2 a result is read as ``@domain`` only when it starts the whole result,
+    and then the whole list is taken as one quoted local part (``"u@h.test, x"@y.test``, mail
+    lost); elsewhere in a list it gives ``""@domain``.  Neither is what an admin means.
+    """
+    if not texts:
+        raise AdminError("an alias needs at least one target")
+    targets = [parse_target(t) for t in texts]
+    if len(targets) > 1 and any(t.startswith("@") for t in targets):
+        raise AdminError(
+            "a target @DOMAIN must be the only target of its alias: Postfix reads a list "
+            "holding one as a single odd address (split it into separate aliases)"
+        )
+    return targets
 
 
 def _check_id(name: str, value: int | None) -> None:
@@ -311,9 +357,7 @@ async def alias_add(
 ) -> tuple[Address, list[str]]:
     """Add an alias; returns the address and targets as stored (folded), for the CLI to show."""
     address = parse_address(address_text)
-    if not targets:
-        raise AdminError("an alias needs at least one target")
-    parsed = [parse_target(t) for t in targets]
+    parsed = parse_targets(targets)
     exists = await conn.fetchval(
         "SELECT true FROM maplookup.domains WHERE name = $1", address.domain
     )

@@ -90,9 +90,8 @@ def server_ids(args: argparse.Namespace) -> ServerIds:
         settings = load_settings(getattr(args, "config", None))
     except ConfigError:
         settings = None
-    uses_embedded = (
-        not getattr(args, "dsn", None)
-        and (settings is None or settings.database.dsn is None)
+    uses_embedded = not getattr(args, "dsn", None) and (
+        settings is None or settings.database.dsn is None
     )
     if uses_embedded:
         from maplookup.embedded import default_state_dir, read_server_ids

@@ -182,6 +182,10 @@ class LookupConfig(_Model):
     recipient_delimiter: Annotated[str, Field(max_length=16)] = "+"
     default_uid: PositiveInt | None = None
     default_gid: PositiveInt | None = None
+    # Postfix's smtputf8_enable (yes since compatibility_level 1): keys fold with full Unicode
+    # case folding (Straße = STRASSE = strasse) when true, ASCII letters only when false, as
+    # Postfix folds them (src/util/casefold.c).  Must match main.cf, like the delimiter.
+    smtputf8_enable: bool = True
 
     @field_validator("recipient_delimiter")
     @classmethod

@@ -12,8 +12,9 @@ import logging
 from typing import Protocol
 
 from maplookup.db_errors import DatabaseError
-from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, fold_key
+from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, decode_key, fold_key
 from maplookup.protocol import Reply, Request, Status
+from maplookup.virtual_answer import received_local_part, render_virtual
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class LookupBackend(Protocol):
     async def lookup(self, map_name: MapName, key: str, settings: LookupSettings) -> str | None: ...
 
 
+class HasLookupSettings(Protocol):
+    """Holds the lookup settings in force (replaced on reload)."""
+
+    settings: LookupSettings
+
+
 class DatabaseSource:
     """Answers straight from the SQL lookup functions, no cache in between."""
 
@@ -48,11 +55,26 @@ class DatabaseSource:
 _NOT_FOUND = Reply.notfound()
 
 
-class Lookup:
-    """Answers requests for the six maps from an AnswerSource."""
+class _FixedSettings:
+    def __init__(self, settings: LookupSettings) -> None:
+        self.settings = settings
 
-    def __init__(self, source: AnswerSource) -> None:
+
+class Lookup:
+    """Answers requests for the six maps from an AnswerSource.
+
+    ``settings`` holds the lookup settings in force (how keys fold, the recipient delimiter
+    that re-applies the received case onto ``virtual`` answers); by default those of a
+    DatabaseSource ``source``, which a reload replaces.
+    """
+
+    def __init__(self, source: AnswerSource, settings: HasLookupSettings | None = None) -> None:
         self._source = source
+        if settings is None:
+            settings = (
+                source if isinstance(source, DatabaseSource) else _FixedSettings(LookupSettings())
+            )
+        self._settings = settings
         self.temp_answers = 0
 
     async def answer(self, request: Request) -> Reply:
@@ -61,11 +83,19 @@ class Lookup:
             # PERM: Postfix logs a configuration error (451 4.3.5) rather than bouncing.
             shown = request.map_name[:64].decode("ascii", "backslashreplace")
             return Reply.perm(f"unknown map name '{shown}'")
-        key = fold_key(map_name, request.key)
+        settings = self._settings.settings
+        key = fold_key(map_name, request.key, settings.smtputf8_enable)
         if key is None:
             return _NOT_FOUND
         try:
             value = await self._source.fetch(map_name, key)
+            if value and map_name is MapName.VIRTUAL:
+                # The match is cached per folded key; the case of what is carried onto the
+                # targets is this request's own (DESIGN.md section 2, fact 11).
+                received = decode_key(map_name, request.key) or ""
+                value = render_virtual(
+                    value, received_local_part(received), settings.recipient_delimiter
+                )
         except DatabaseError as exc:
             self.temp_answers += 1
             return Reply.temp(f"database unavailable: {exc}")

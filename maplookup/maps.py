@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from maplookup.address import fold, unquote_local
+
 
 class MapName(enum.StrEnum):
     """The maps maplookup answers, named as Postfix will address them in socketmap requests."""
@@ -53,13 +55,21 @@ class LookupSettings:
     recipient_delimiter: str = "+"
     default_uid: int | None = None
     default_gid: int | None = None
+    # Postfix's smtputf8_enable: full Unicode case folding of keys when true, ASCII only when
+    # false (src/util/casefold.c).  Must match main.cf, like the delimiter.
+    smtputf8_enable: bool = True
 
 
 Query = tuple[str, tuple[object, ...]]
 
 
-# The SQL function behind each map is ``maplookup.<map name>``; after the key it takes these
-# parameters, bound from LookupSettings by ``_settings_args``.
+# The SQL function behind each map is ``maplookup.<map name>``, except for ``virtual``: the
+# server asks for the match and applies the received case itself (virtual_answer.py), while
+# pgsql: tables call ``maplookup.virtual``.  After the key each takes these parameters, bound
+# from LookupSettings by ``_settings_args``.
+_FUNCTIONS = {m: f"maplookup.{m.value}" for m in MapName} | {
+    MapName.VIRTUAL: "maplookup.virtual_match"
+}
 _MORE_PARAMETERS = {
     MapName.DOMAINS: "",
     MapName.ALIAS_DOMAINS: "",
@@ -86,7 +96,7 @@ def query_for(map_name: MapName, key: str, settings: LookupSettings) -> Query:
     Keys only ever travel as bound parameters, never spliced into SQL text.  The statements
     are constants, so asyncpg's per-connection statement cache prepares each once.
     """
-    query = f"SELECT maplookup.{map_name.value}($1::text{_MORE_PARAMETERS[map_name]})"
+    query = f"SELECT {_FUNCTIONS[map_name]}($1::text{_MORE_PARAMETERS[map_name]})"
     return query, (key, *_settings_args(map_name, settings))
 
 
@@ -100,20 +110,20 @@ def batch_query_for(map_name: MapName, settings: LookupSettings) -> Query:
     batches of 64 (bench/README.md, "Miss path").
     """
     query = (
-        f"SELECT maplookup.{map_name.value}(k{_MORE_PARAMETERS[map_name]})"
+        f"SELECT {_FUNCTIONS[map_name]}(k{_MORE_PARAMETERS[map_name]})"
         " FROM unnest($1::text[]) WITH ORDINALITY AS t(k, i) ORDER BY i"
     )
     return query, _settings_args(map_name, settings)
 
 
-def fold_key(map_name: MapName, raw_key: bytes) -> str | None:
-    """Fold a key as Postfix would for a case-insensitive table, or None if it cannot exist.
+def decode_key(map_name: MapName, raw_key: bytes) -> str | None:
+    """The key as text, in internal (unquoted) form for address maps; None if it cannot exist.
 
-    Address keys arrive in the case the sender typed (cleanup queries virtual_alias_maps with
-    the original case); domain keys arrive lower-cased.  Both are folded here.  A key that is
-    not valid UTF-8 or holds a NUL byte cannot be stored in PostgreSQL text, and an address
-    key without ``@`` or with an empty domain names no row: all of them are NOTFOUND without a
-    query (DESIGN.md §2.9: never TEMP, never a crash for such keys).
+    A key that is not valid UTF-8 or holds a NUL byte cannot be stored in PostgreSQL text:
+    NOTFOUND without a query (DESIGN.md §2.9: never TEMP, never a crash for such keys).
+    Postfix sends a local part that is not a dot-atom in quoted form
+    (``"joe+odd user"@example.org``, src/global/quote_822_local.c); the maps hold internal
+    forms, as a hash: table's lookup does after unquoting.
     """
     try:
         key = raw_key.decode("utf-8")
@@ -121,7 +131,22 @@ def fold_key(map_name: MapName, raw_key: bytes) -> str | None:
         return None
     if "\x00" in key:
         return None
-    key = key.lower()
+    return unquote_local(key) if map_name.is_address_map else key
+
+
+def fold_key(map_name: MapName, raw_key: bytes, smtputf8: bool = True) -> str | None:
+    """Fold a key as Postfix would for a ``hash:`` table, or None if it cannot exist.
+
+    Address keys arrive in the case the sender typed (cleanup queries virtual_alias_maps with
+    the original case), possibly quoted; domain keys arrive folded.  Both are unquoted
+    (:func:`decode_key`) and folded here as Postfix folds (src/util/casefold.c: full Unicode
+    case folding when ``smtputf8`` is Postfix's smtputf8_enable = yes, ASCII otherwise).  An
+    address key without ``@`` or with an empty domain names no row: NOTFOUND at once.
+    """
+    decoded = decode_key(map_name, raw_key)
+    if decoded is None:
+        return None
+    key = fold(decoded, smtputf8)
     if map_name.is_address_map:
         at = key.rfind("@")
         if at < 0 or at == len(key) - 1:

@@ -12,17 +12,85 @@ run, rather than answering from a schema whose semantics may differ.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import asyncpg
 
-SCHEMA_VERSION = 2
+from maplookup.address import fold
+
+SCHEMA_VERSION = 3
+
+_ASCII = "'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'"
 
 # version -> SQL bringing a database at version - 1 up to version (before schema.sql runs).
 MIGRATIONS: dict[int, str] = {
     # 2: change-notification triggers for the cache, and faster lookup functions; both are
     # created or replaced by schema.sql itself, so there is no table change to make.
     2: "",
+    # 3: keys folded as Postfix folds them (full Unicode case folding, not lower()), alias
+    # targets with their case, quoted local parts, local account names; '@domain' only alone.
+    3: f"""
+ALTER TABLE maplookup.domains DROP CONSTRAINT domain_name_folded,
+    ADD CONSTRAINT domain_name_folded CHECK (name = translate(name, {_ASCII}));
+ALTER TABLE maplookup.mailboxes DROP CONSTRAINT mailbox_local_part_folded,
+    ADD CONSTRAINT mailbox_local_part_folded CHECK (
+        local_part = translate(local_part, {_ASCII}));
+ALTER TABLE maplookup.aliases DROP CONSTRAINT alias_local_part_folded,
+    ADD CONSTRAINT alias_local_part_folded CHECK (
+        local_part = translate(local_part, {_ASCII}));
+ALTER TABLE maplookup.aliases DROP CONSTRAINT alias_targets_syntax,
+    ADD CONSTRAINT alias_targets_syntax CHECK (
+        array_to_string(targets, '') !~ '[[:cntrl:]]'
+        AND array_position(targets, '') IS NULL
+        AND array_to_string(targets, E'\\n') !~ '@(\\n|$)'
+        AND (cardinality(targets) = 1 OR array_to_string(targets, E'\\n') !~ '(^|\\n)@'));
+DROP FUNCTION IF EXISTS maplookup.expand_targets(text[], text, text);
+""",
+}
+
+
+async def _refold_keys(conn: asyncpg.Connection) -> None:
+    """Version 3: keys stored with lower() are stored folded as Postfix folds them.
+
+    Only non-ASCII keys can differ (``straße`` becomes ``strasse``).  Two keys that fold to
+    one are the same address to Postfix: the upgrade stops and names them.  A domain name is
+    referenced by its records, so one that would change stops the upgrade with what to do.
+    """
+    for name in await conn.fetch("SELECT name FROM maplookup.domains WHERE name !~ '^[ -~]*$'"):
+        if fold(name["name"]) != name["name"]:
+            raise SchemaError(
+                f"domain {name['name']!r} is {fold(name['name'])!r} under Postfix's case "
+                "folding: remove it and add it again, then run `maplookup db init` once more"
+            )
+    for table in ("mailboxes", "aliases"):
+        rows = await conn.fetch(
+            f"SELECT domain, local_part FROM maplookup.{table} WHERE local_part !~ '^[ -~]*$'"
+        )
+        for row in rows:
+            folded = fold(row["local_part"])
+            if folded == row["local_part"]:
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        f"UPDATE maplookup.{table} SET local_part = $3"
+                        " WHERE domain = $1 AND local_part = $2",
+                        row["domain"],
+                        row["local_part"],
+                        folded,
+                    )
+            except asyncpg.UniqueViolationError as exc:
+                raise SchemaError(
+                    f"{table}: {row['local_part']}@{row['domain']} and {folded}@{row['domain']}"
+                    " are one address under Postfix's case folding: remove one, then run "
+                    "`maplookup db init` again"
+                ) from exc
+
+
+# version -> Python run after that version's SQL (data changes SQL alone cannot make).
+DATA_MIGRATIONS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {
+    3: _refold_keys,
 }
 
 # Serialises concurrent `db init` runs ("mapl").
@@ -76,6 +144,8 @@ async def upgrade(conn: asyncpg.Connection) -> tuple[int | None, int]:
             for version in range(before + 1, SCHEMA_VERSION + 1):
                 if MIGRATIONS[version]:
                     await conn.execute(MIGRATIONS[version])
+                if version in DATA_MIGRATIONS:
+                    await DATA_MIGRATIONS[version](conn)
         await conn.execute(schema_sql())
         await conn.execute("UPDATE maplookup.schema_version SET version = $1", SCHEMA_VERSION)
     return before, SCHEMA_VERSION

@@ -1,6 +1,6 @@
 -- maplookup schema: the truth behind Postfix's virtual-hosting maps.
 --
--- Schema version 2 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
+-- Schema version 3 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
 -- Applied by `maplookup db init`; every statement is idempotent, so applying it again
 -- upgrades the lookup functions in place and leaves the data alone.
 --
@@ -9,8 +9,10 @@
 -- virtual_mailbox_maps / virtual_uid_maps / virtual_gid_maps, see src/global/dict_sockmap.c
 -- and DICT_FLAG_PARANOID) call the very same functions, so both paths agree by construction.
 --
--- Keys are stored case-folded and split into (domain, local_part); a catch-all has the
--- empty local part and is written `@domain` by the tools.
+-- Keys are stored in internal (unquoted) form, folded as Postfix folds table keys (full
+-- Unicode case folding, src/util/casefold.c: `Straße` is stored `strasse`; the tools fold,
+-- the constraints can only check that no ASCII capital is left), and split into (domain,
+-- local_part); a catch-all has the empty local part and is written `@domain` by the tools.
 
 CREATE SCHEMA IF NOT EXISTS maplookup;
 
@@ -18,7 +20,7 @@ CREATE TABLE IF NOT EXISTS maplookup.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     version integer NOT NULL
 );
-INSERT INTO maplookup.schema_version (version) VALUES (2)
+INSERT INTO maplookup.schema_version (version) VALUES (3)
     ON CONFLICT (singleton) DO NOTHING;
 
 -- A domain is either a mailbox domain (virtual_mailbox_domains) or an alias domain
@@ -36,7 +38,7 @@ CREATE TABLE IF NOT EXISTS maplookup.domains (
     default_gid integer CHECK (default_gid > 0),
     enabled boolean NOT NULL DEFAULT true,
     created_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT domain_name_folded CHECK (name = lower(name)),
+    CONSTRAINT domain_name_folded CHECK (name = translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     CONSTRAINT domain_name_syntax CHECK (
         name ~ '^[^@[:space:][:cntrl:],]+$' AND length(name) <= 253
         AND name !~ '^\.' AND name !~ '\.$' AND name !~ '\.\.'),
@@ -62,7 +64,7 @@ CREATE TABLE IF NOT EXISTS maplookup.mailboxes (
     PRIMARY KEY (domain, local_part),
     CONSTRAINT mailbox_in_mailbox_domain FOREIGN KEY (domain, domain_kind)
         REFERENCES maplookup.domains (name, kind) ON UPDATE RESTRICT ON DELETE RESTRICT,
-    CONSTRAINT mailbox_local_part_folded CHECK (local_part = lower(local_part)),
+    CONSTRAINT mailbox_local_part_folded CHECK (local_part = translate(local_part, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     CONSTRAINT mailbox_local_part_syntax CHECK (
         local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
     -- virtual(8) resolves the path below virtual_mailbox_base: keep it there.
@@ -71,9 +73,11 @@ CREATE TABLE IF NOT EXISTS maplookup.mailboxes (
         AND path !~ '[[:cntrl:]]' AND length(path) <= 1024)
 );
 
--- Aliases (virtual_alias_maps) in any hosted domain.  targets is a list of addresses; a
--- target '@other.tld' keeps the local part, as Postfix does for hash: tables
--- (src/global/mail_addr_map.c).
+-- Aliases (virtual_alias_maps) in any hosted domain.  targets is a list of addresses in
+-- internal (unquoted) form with their case as written (Postfix folds keys, never results):
+-- user@domain, a local account name without '@' (Postfix appends @$myorigin), or, as the
+-- sole target, '@other.tld', which keeps the received local part (src/global/mail_addr_map.c;
+-- since Postfix 3.2 '@' is read only at the start of the whole result).
 CREATE TABLE IF NOT EXISTS maplookup.aliases (
     domain text NOT NULL REFERENCES maplookup.domains (name)
         ON UPDATE RESTRICT ON DELETE RESTRICT,
@@ -82,15 +86,20 @@ CREATE TABLE IF NOT EXISTS maplookup.aliases (
     enabled boolean NOT NULL DEFAULT true,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (domain, local_part),
-    CONSTRAINT alias_local_part_folded CHECK (local_part = lower(local_part)),
+    CONSTRAINT alias_local_part_folded CHECK (local_part = translate(local_part, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')),
     CONSTRAINT alias_local_part_syntax CHECK (
         local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
     CONSTRAINT alias_has_targets CHECK (
         cardinality(targets) > 0 AND array_position(targets, NULL) IS NULL),
-    -- Postfix reads the answer as a comma-separated list: a target may hold no separator.
+    -- Answers are quoted as Postfix quotes (the server and maplookup.quote_local), so a
+    -- target may hold spaces and commas in its local part, but no control character (the
+    -- server separates targets with newlines), no empty target, no empty domain, and
+    -- '@domain' only alone.
     CONSTRAINT alias_targets_syntax CHECK (
-        array_to_string(targets, ',') !~ '[[:space:][:cntrl:]]'
-        AND array_to_string(targets, E'\n') ~ '^[^,\n]*@[^,\n@]+(\n[^,\n]*@[^,\n@]+)*$')
+        array_to_string(targets, '') !~ '[[:cntrl:]]'
+        AND array_position(targets, '') IS NULL
+        AND array_to_string(targets, E'\n') !~ '@(\n|$)'
+        AND (cardinality(targets) = 1 OR array_to_string(targets, E'\n') !~ '(^|\n)@'))
 );
 
 -- ---------------------------------------------------------------------------------------
@@ -101,10 +110,80 @@ CREATE TABLE IF NOT EXISTS maplookup.aliases (
 -- fallback keys, find the full key first, so they see the same answers.
 -- ---------------------------------------------------------------------------------------
 
+-- Keys arrive folded as Postfix folds them (src/util/casefold.c): the server folds what it
+-- is sent, and Postfix folds what it sends to a pgsql: table (DICT_FLAG_FOLD_FIX), with full
+-- Unicode case folding under smtputf8_enable = yes.  The functions fold only ASCII letters
+-- on top: a collation's lower() would undo Unicode case folding for some letters (Cherokee
+-- folds to its capitals), and folded text holds no ASCII capitals, so this is safe either way.
+CREATE OR REPLACE FUNCTION maplookup.ascii_lower(t text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $$
+    SELECT translate(t, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+$$;
+
+-- The internal (unquoted) form of an address, as src/global/quote_822_local.c's
+-- unquote_822_local: quotes and backslash escapes go from everything before the last '@' that
+-- is outside quotes; the domain is kept as it is.  virtual(8) asks a pgsql: table the quoted
+-- form first ("joe+odd user"@example.org), so the functions must read it as Postfix would.
+CREATE OR REPLACE FUNCTION maplookup.unquote_local(address text)
+RETURNS text LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE STRICT AS $$
+DECLARE
+    result text := '';
+    in_quote boolean := false;
+    bare_at_src integer := 0;
+    bare_at_dst integer := 0;
+    i integer := 1;
+    n integer := length(address);
+    c text;
+BEGIN
+    IF strpos(address, '"') = 0 AND strpos(address, '\') = 0 THEN
+        RETURN address;
+    END IF;
+    WHILE i <= n LOOP
+        c := substr(address, i, 1);
+        IF NOT in_quote AND c = '@' THEN
+            bare_at_src := i;
+            bare_at_dst := length(result);
+        END IF;
+        IF c = '"' THEN
+            in_quote := NOT in_quote;
+        ELSIF c = '\' THEN
+            IF i < n THEN
+                i := i + 1;
+                result := result || substr(address, i, 1);
+            END IF;
+        ELSE
+            result := result || c;
+        END IF;
+        i := i + 1;
+    END LOOP;
+    IF bare_at_src > 0 THEN
+        RETURN left(result, bare_at_dst) || substr(address, bare_at_src);
+    END IF;
+    RETURN result;
+END
+$$;
+
+-- The external form of an internal address (quote_822_local): the local part, everything
+-- before the last '@', is quoted unless it is a dot-atom; 8-bit characters are ordinary.
+CREATE OR REPLACE FUNCTION maplookup.quote_local(address text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $$
+    SELECT CASE
+        WHEN local_part ~ '^[^][()<>@,;:\\".[:space:][:cntrl:]]+(\.[^][()<>@,;:\\".[:space:][:cntrl:]]+)*$'
+            THEN address
+        ELSE '"' || replace(replace(local_part, '\', '\\'), '"', '\"') || '"' || rest
+    END
+    FROM (SELECT CASE WHEN at_pos = 0 THEN address ELSE left(address, at_pos - 1) END,
+                 CASE WHEN at_pos = 0 THEN '' ELSE substr(address, at_pos) END
+          FROM (SELECT CASE WHEN strpos(address, '@') = 0 THEN 0
+                            ELSE length(address) - strpos(reverse(address), '@') + 1 END)
+               AS p(at_pos)) AS parts(local_part, rest)
+$$;
+
 -- Split a key at its last '@' and the local part at its first recipient delimiter, the way
 -- src/global/split_addr.c does: never split postmaster/mailer-daemon/double-bounce, nor
--- owner-*/*-request when '-' is a delimiter, nor when the local part would be empty.
--- Returns no row for a key that is not an address.
+-- owner-*/*-request when '-' is a delimiter, nor when the base would be empty.  A quoted
+-- local part is unquoted first (the extension is split on the internal form, as
+-- src/global/mail_addr_find.c does).  Returns no row for a key that is not an address.
 CREATE OR REPLACE FUNCTION maplookup.split_address(
     key text, delimiter text,
     OUT local_part text, OUT domain text, OUT base_part text, OUT extension text)
@@ -112,7 +191,7 @@ RETURNS SETOF record
 -- ROWS 1: without it the planner assumes 1000 rows and scans whole tables in the callers.
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE ROWS 1 AS $$
 DECLARE
-    folded text := lower(key);
+    folded text := maplookup.ascii_lower(maplookup.unquote_local(key));
     at_pos integer;
     cut integer := 0;
     pos integer;
@@ -130,7 +209,8 @@ BEGIN
     IF coalesce(delimiter, '') <> '' AND local_part <> ''
        AND local_part NOT IN ('postmaster', 'mailer-daemon', 'double-bounce')
        AND NOT (strpos(delimiter, '-') > 0
-                AND (local_part LIKE 'owner-%' OR local_part LIKE '%-request')) THEN
+                AND (local_part LIKE 'owner-%'
+                     OR (length(local_part) > 8 AND local_part LIKE '%-request'))) THEN
         FOR i IN 1 .. length(delimiter) LOOP
             pos := strpos(local_part, substr(delimiter, i, 1));
             IF pos > 0 AND (cut = 0 OR pos < cut) THEN
@@ -150,14 +230,14 @@ $$;
 CREATE OR REPLACE FUNCTION maplookup.domains(key text)
 RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT d.name FROM maplookup.domains d
-    WHERE d.name = lower(key) AND d.kind = 'mailbox' AND d.enabled
+    WHERE d.name = maplookup.ascii_lower(key) AND d.kind = 'mailbox' AND d.enabled
 $$;
 
 -- virtual_alias_domains (forwarding-only and mirror domains)
 CREATE OR REPLACE FUNCTION maplookup.alias_domains(key text)
 RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT d.name FROM maplookup.domains d
-    WHERE d.name = lower(key) AND d.kind = 'alias' AND d.enabled
+    WHERE d.name = maplookup.ascii_lower(key) AND d.kind = 'alias' AND d.enabled
 $$;
 
 -- The enabled mailbox an address delivers to: exact, then without extension, then the
@@ -212,39 +292,29 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce(f.gid, default_gid)::text FROM maplookup.find_mailbox(key, delimiter) f
 $$;
 
--- Rewrite alias targets the way src/global/mail_addr_map.c does: a target '@other' becomes
--- <user>@other, where <user> is the local part that matched; then, when the match needed the
--- extension stripped, the unmatched extension is inserted before the last '@' of every target
--- (src/global/mail_addr_crunch.c), so user+ext@d -> a+ext@x and, for '@other', user+ext@other.  Returns the comma-separated list Postfix expects.
-CREATE OR REPLACE FUNCTION maplookup.expand_targets(
-    targets text[], local_part text, extension text)
-RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT string_agg(
-        -- Plain string surgery, not regexp_replace: the extension comes from the sender and
-        -- may hold characters a replacement pattern would interpret (\1, &).
-        CASE WHEN extension IS NULL THEN full_target
-             ELSE left(full_target, length(full_target) - strpos(reverse(full_target), '@'))
-                  || extension
-                  || right(full_target, strpos(reverse(full_target), '@'))
-        END, ',' ORDER BY n)
-    FROM unnest(targets) WITH ORDINALITY AS u(t, n),
-         LATERAL (SELECT CASE WHEN left(t, 1) = '@' THEN local_part || t ELSE t END)
-             AS f(full_target)
-$$;
-
--- virtual_alias_maps, in this order (DESIGN.md section 3):
+-- virtual_alias_maps, as a match: what a hash: table holding the same data would match for
+-- this key, and the targets it would return, before Postfix carries the received address onto
+-- them.  One text value, so the server can cache it per folded key and apply the case of each
+-- request (DESIGN.md section 2, fact 11): the kind of match, then the targets (internal form,
+-- as stored), each on a line of its own:
+--   'E' the key itself matched (targets as they are);
+--   'B' the key without its extension matched (the received extension goes onto each target);
+--   'C' the catch-all '@domain' matched (targets as they are, no extension).
+-- A target '@other' (only ever the sole target) takes the received local part
+-- (src/global/mail_addr_map.c).  The order of the tries (DESIGN.md section 3):
 --   1. alias of the exact address;
---   2. alias of the address without extension, extension carried onto each target;
---   3. in a mirror domain, the same address in the target domain, if that resolves there;
+--   2. alias of the address without extension;
+--   3. in a mirror domain, the same address in the target domain, if it resolves there (an
+--      export enumerates the mirror for a hash: table, so the match is exact, bare or, when
+--      the target domain has a catch-all, the catch-all '@mirror -> @target');
 --   4. NOTFOUND if the address is a real mailbox (a catch-all never swallows a mailbox);
 --   5. the catch-all alias of the domain.
-CREATE OR REPLACE FUNCTION maplookup.virtual(key text, delimiter text DEFAULT '+')
+CREATE OR REPLACE FUNCTION maplookup.virtual_match(key text, delimiter text DEFAULT '+')
 RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
     a record;
     dom record;
     found_targets text[];
-    mirrored text;
 BEGIN
     SELECT * INTO a FROM maplookup.split_address(key, delimiter);
     IF NOT FOUND THEN
@@ -260,13 +330,13 @@ BEGIN
         SELECT al.targets INTO found_targets FROM maplookup.aliases al
         WHERE al.domain = a.domain AND al.local_part = a.local_part AND al.enabled;
         IF FOUND THEN
-            RETURN maplookup.expand_targets(found_targets, a.local_part, NULL);
+            RETURN 'E' || E'\n' || array_to_string(found_targets, E'\n');
         END IF;
         IF a.base_part IS NOT NULL THEN
             SELECT al.targets INTO found_targets FROM maplookup.aliases al
             WHERE al.domain = a.domain AND al.local_part = a.base_part AND al.enabled;
             IF FOUND THEN
-                RETURN maplookup.expand_targets(found_targets, a.base_part, a.extension);
+                RETURN 'B' || E'\n' || array_to_string(found_targets, E'\n');
             END IF;
         END IF;
     END IF;
@@ -274,14 +344,15 @@ BEGIN
     IF dom.alias_of IS NOT NULL THEN
         -- Answer only for addresses that exist in the target domain, so that smtpd rejects
         -- unknown users of a mirror domain at RCPT instead of accepting and bouncing later.
-        mirrored := a.local_part || '@' || dom.alias_of;
-        IF a.local_part <> ''
-           AND (EXISTS (SELECT 1 FROM maplookup.find_mailbox(mirrored, delimiter))
-                OR maplookup.virtual(mirrored, delimiter) IS NOT NULL) THEN
-            RETURN mirrored;
+        IF a.local_part <> '' AND maplookup.local_part_exists(dom.alias_of, a.local_part) THEN
+            RETURN 'E' || E'\n' || a.local_part || '@' || dom.alias_of;
         END IF;
-        IF a.local_part = '' THEN
-            RETURN mirrored;
+        IF a.base_part IS NOT NULL
+           AND maplookup.local_part_exists(dom.alias_of, a.base_part) THEN
+            RETURN 'B' || E'\n' || a.base_part || '@' || dom.alias_of;
+        END IF;
+        IF maplookup.local_part_exists(dom.alias_of, '') THEN
+            RETURN 'C' || E'\n' || '@' || dom.alias_of;
         END IF;
         RETURN NULL;
     END IF;
@@ -294,12 +365,52 @@ BEGIN
     SELECT al.targets INTO found_targets FROM maplookup.aliases al
     WHERE al.domain = a.domain AND al.local_part = '' AND al.enabled;
     IF FOUND THEN
-        RETURN maplookup.expand_targets(found_targets, a.local_part, NULL);
+        RETURN 'C' || E'\n' || array_to_string(found_targets, E'\n');
     END IF;
     RETURN NULL;
 END
 $$;
 
+-- Whether an enabled mailbox or alias of an enabled domain has this exact local part ('' is
+-- the catch-all mailbox or alias).
+CREATE OR REPLACE FUNCTION maplookup.local_part_exists(domain_name text, local text)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM maplookup.mailboxes m JOIN maplookup.domains d ON d.name = m.domain
+        WHERE m.domain = domain_name AND m.local_part = local AND m.enabled AND d.enabled)
+    OR EXISTS (
+        SELECT 1 FROM maplookup.aliases al JOIN maplookup.domains d ON d.name = al.domain
+        WHERE al.domain = domain_name AND al.local_part = local AND al.enabled AND d.enabled)
+$$;
+
+-- The answer Postfix builds from a match (src/global/mail_addr_map.c, mail_addr_crunch.c):
+-- a sole target '@other' becomes <local part>@other; after a match without the extension,
+-- the extension goes before the last '@' of every other target (at the end of a local
+-- account name); every address is then quoted as quote_822_local does, and the list is
+-- joined with ','.  local_part and extension are those of the address as received.
+CREATE OR REPLACE FUNCTION maplookup.render_targets(
+    match text, local_part text, extension text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT string_agg(maplookup.quote_local(
+        CASE WHEN left(t, 1) = '@' THEN local_part || t
+             WHEN left(match, 1) <> 'B' OR extension IS NULL THEN t
+             WHEN strpos(t, '@') = 0 THEN t || extension
+             ELSE left(t, length(t) - strpos(reverse(t), '@')) || extension
+                  || right(t, strpos(reverse(t), '@'))
+        END), ',' ORDER BY n)
+    FROM unnest((string_to_array(match, E'\n'))[2:]) WITH ORDINALITY AS u(t, n)
+$$;
+
+-- virtual_alias_maps for a pgsql: table (the server asks virtual_match and applies the
+-- received case itself): the answer for the folded key, which is what Postfix sends a pgsql:
+-- table (DICT_FLAG_FOLD_FIX).
+CREATE OR REPLACE FUNCTION maplookup.virtual(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT maplookup.render_targets(m, a.local_part, a.extension)
+    FROM maplookup.virtual_match(key, delimiter) AS m,
+         maplookup.split_address(key, delimiter) AS a
+    WHERE m IS NOT NULL
+$$;
 -- ---------------------------------------------------------------------------------------
 -- Change notification, for the server's cache (DESIGN.md section 5).
 --

@@ -93,6 +93,7 @@ def lookup_settings(settings: Settings) -> LookupSettings:
         recipient_delimiter=settings.lookup.recipient_delimiter,
         default_uid=settings.lookup.default_uid,
         default_gid=settings.lookup.default_gid,
+        smtputf8_enable=settings.lookup.smtputf8_enable,
     )
 
 
@@ -206,7 +207,7 @@ class Service:
                 )
             else:
                 log.info("cache off: every lookup queries PostgreSQL")
-            lookup = Lookup(source)
+            lookup = Lookup(source, self._source)
             self._answerer = TimedAnswerer(
                 lookup, lookup_stats, query_log=_query_log(settings.query_log_sample_rate)
             )

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from maplookup import admin
+from maplookup.address import split_address_list
 from maplookup.admin import Address, AdminError
 
 from .problems import Origin
@@ -20,6 +21,7 @@ from .problems import Origin
 _TARGET_SPLIT_RE = re.compile(r"[ \t\n\r\v\f,]+")
 _ID_RE = re.compile(r"[0-9]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 # RFC 5322 syntax (quoted local parts, comments, <route>) that the database cannot hold.
 _UNSUPPORTED_IN_ADDRESS = frozenset('"\\<>();')
 
@@ -86,8 +88,8 @@ def _domain(text: str) -> str:
 
 
 def _address(text: str) -> Address:
-    if any(c in _UNSUPPORTED_IN_ADDRESS for c in text):
-        raise AdminError(f"{text!r}: quoted local parts, comments and <...> are not supported")
+    if any(c in "<>()" for c in _QUOTED_RE.sub("", text)):
+        raise AdminError(f"{text!r}: comments and <...> are not supported")
     if "@" not in text:
         raise AdminError(
             f"{text!r} has no '@' (a bare local part matches only local domains in Postfix; "
@@ -115,30 +117,20 @@ def _path(text: str) -> str:
 
 
 def _targets(value: str) -> list[str]:
-    targets: list[str] = []
-    for position, text in enumerate(t for t in _TARGET_SPLIT_RE.split(value) if t):
-        if any(c in _UNSUPPORTED_IN_ADDRESS for c in text):
-            raise AdminError(
-                f"target {text!r}: quoted addresses, comments and <...> are not supported"
-            )
-        if "@" not in text:
-            raise AdminError(
-                f"target {text!r} has no domain (Postfix would append @$myorigin; write the "
-                "full address)"
-            )
-        target = admin.parse_target(text)
-        if target.startswith("@") and position > 0:
-            # src/global/mail_addr_map.c prepends the user only when the whole value starts
-            # with '@': a later '@domain' would be sent to the address '@domain' itself.
-            raise AdminError(
-                f"target {text!r}: '@domain' keeps the local part only as the first target "
-                "(src/global/mail_addr_map.c); put it first or write user@domain"
-            )
-        if target not in targets:
-            targets.append(target)
-    if not targets:
+    """The targets of a virtual(5) result, as ``maplookup alias add`` takes them.
+
+    Quoted local parts, local account names and a sole ``@domain`` are read as Postfix reads
+    them (admin.parse_targets); comments and ``<...>`` are not.
+    """
+    texts: list[str] = []
+    for text in split_address_list(value):
+        if any(c in "<>()" for c in _QUOTED_RE.sub("", text)):
+            raise AdminError(f"target {text!r}: comments and <...> are not supported")
+        if text not in texts:
+            texts.append(text)
+    if not texts:
         raise AdminError("no targets")
-    return targets
+    return admin.parse_targets(texts)
 
 
 def _id(value: str, name: str) -> int:

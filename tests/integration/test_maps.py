@@ -52,6 +52,11 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.alias_add(conn, "off@nouid.example", ["user@example.com"])
     await admin.alias_set_enabled(conn, "off@nouid.example", False)
     await admin.alias_add(conn, "list@off.example", ["user@example.com"])
+    # Issue 12: Unicode folding, quoted local parts, local accounts, the case of targets.
+    await admin.mailbox_add(conn, "Straße@example.com")
+    await admin.alias_add(conn, "joe@forward.example", ["jsmith@example.net"])
+    await admin.alias_add(conn, "acct@forward.example", ["postmaster"])
+    await admin.alias_add(conn, "case@forward.example", ["Mail@Example.net"])
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,9 @@ CASES: list[tuple[str, str, str | None]] = [
     ("virtual", "LIST@Example.Com", "a@x.test,b@y.test"),
     ("virtual", "list+ext@example.com", "a+ext@x.test,b+ext@y.test"),
     # The extension is data, never a replacement pattern (found by the property test).
-    ("virtual", "list+\\1&@example.com", "a+\\1&@x.test,b+\\1&@y.test"),
+    # A backslash makes the local part a quoted string (src/global/quote_822_local.c): Postfix
+    # sends it quoted, and quotes the targets that carry it.
+    ("virtual", '"list+\\\\1&"@example.com', '"a+\\\\1&"@x.test,"b+\\\\1&"@y.test'),
     ("virtual", "fwd@example.com", "user@example.com"),
     ("virtual", "keep@example.com", "keep@elsewhere.test"),
     ("virtual", "keep+x@example.com", "keep+x@elsewhere.test"),
@@ -132,17 +139,37 @@ CASES: list[tuple[str, str, str | None]] = [
     ("virtual", "dis@example.com", "postmaster@example.com"),
     ("virtual", "some one@example.com", "postmaster@example.com"),
     ("virtual", "user@example.org", "user@example.com"),
-    ("virtual", "User+Tag@Example.ORG", "user+tag@example.com"),
+    # The extension is carried as received (src/global/mail_addr_map.c), the target as stored.
+    ("virtual", "User+Tag@Example.ORG", "user+Tag@example.com"),
     ("virtual", "x@nouid.org", "x@nouid.example"),
     ("virtual", "ghost@nouid.org", None),
     ("virtual", "off@nouid.example", None),
     ("virtual", "x@nouid.example", None),
     ("virtual", "info@forward.example", "user@example.com"),
     ("virtual", "other@forward.example", "other@example.com"),
-    ("virtual", "Other+T@Forward.Example", "other+t@example.com"),
+    # '@example.com' takes the local part as received.
+    ("virtual", "Other+T@Forward.Example", "Other+T@example.com"),
     ("virtual", "list@off.example", None),
     ("virtual", "user@unhosted.test", None),
     ("virtual", "no-at-sign", None),
+    # Keys fold as Postfix folds them (src/util/casefold.c), never with lower(): Straße and
+    # STRASSE are one address.
+    ("vmailbox", "straße@example.com", "example.com/strasse/"),
+    ("vmailbox", "STRASSE+X@example.com", "example.com/strasse/"),
+    ("vmailbox", "Straße@Example.COM", "example.com/strasse/"),
+    # Quoted local parts: split and looked up in their internal form, the answer quoted again
+    # (src/global/quote_822_local.c, mail_addr_find.c); cleanup sends the quoted form, smtpd
+    # the unquoted one after it.  Never the catch-all for a key that has its own alias.
+    ("virtual", '"joe+odd user"@forward.example', '"jsmith+odd user"@example.net'),
+    ("virtual", "joe+odd user@forward.example", '"jsmith+odd user"@example.net'),
+    ("virtual", '"Taro."@forward.example', '"Taro."@example.com'),
+    ("vmailbox", '"user+odd one"@example.com', "example.com/user/"),
+    # A target without '@' is a local account: Postfix appends @$myorigin itself, after the
+    # extension (src/global/mail_addr_crunch.c).
+    ("virtual", "Acct+Ext@forward.example", "postmaster+Ext"),
+    ("virtual", "acct@forward.example", "postmaster"),
+    # A target keeps the case it was written in: Postfix folds keys, never results.
+    ("virtual", "CASE@forward.example", "Mail@Example.net"),
     # uid / gid: mailbox's own, else domain default, else configured default (none here)
     ("uid", "user@example.com", "1001"),
     ("gid", "user@example.com", "5001"),
@@ -267,3 +294,58 @@ async def test_stalled_database_is_temp_within_the_timeout() -> None:
     assert reply.status is Status.TEMP
     for listener in listeners:
         await listener.aclose()
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("STRASSE@example.com", "example.com/strasse/"),
+        ("strasse@example.com", "example.com/strasse/"),
+        # ASCII folding leaves the sharp s: as a hash: table exported from this database and
+        # built by postmap with smtputf8_enable = no, it does not match the stored strasse.
+        ("straße@example.com", None),
+        ("JÜRGEN@example.com", None),
+        ("jürgen@EXAMPLE.com", "example.com/jürgen/"),
+    ],
+)
+async def test_ascii_only_folding_when_smtputf8_is_off(
+    dataset_dsn: str, key: str, expected: str | None
+) -> None:
+    settings = LookupSettings(smtputf8_enable=False)
+    reply = await _answer(dataset_dsn, "vmailbox", key.encode(), settings)
+    assert reply == (Reply.notfound() if expected is None else Reply.ok(expected))
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        # virtual(8) asks a pgsql: table the quoted form first (mail_addr_find.c), folded.
+        ("SELECT maplookup.vmailbox('\"user+odd one\"@example.com', '+')", "example.com/user/"),
+        ("SELECT maplookup.vmailbox('strasse+x@example.com', '+')", "example.com/strasse/"),
+        ("SELECT maplookup.uid('\"user+odd one\"@example.com', '+', NULL)", "1001"),
+        # The same semantics as the server's for the folded key a pgsql: table is sent.
+        (
+            "SELECT maplookup.virtual('\"joe+odd user\"@forward.example', '+')",
+            '"jsmith+odd user"@example.net',
+        ),
+        ("SELECT maplookup.virtual('acct+ext@forward.example', '+')", "postmaster+ext"),
+        ("SELECT maplookup.virtual('other+t@forward.example', '+')", "other+t@example.com"),
+        ("SELECT maplookup.virtual('list+x@example.com', '+')", "a+x@x.test,b+x@y.test"),
+        ("SELECT maplookup.virtual('user+x@example.com', '+')", None),
+        ("SELECT maplookup.quote_local('a..b@x')", '"a..b"@x'),
+        ("SELECT maplookup.quote_local('a\"b\\c@x')", '"a\\"b\\\\c"@x'),
+        ('SELECT maplookup.unquote_local(\'"a\\"b\\\\c"@"x"\')', 'a"b\\c@"x"'),
+    ],
+)
+def test_the_sql_functions_read_keys_as_postfix_sends_them(
+    dataset_dsn: str, query: str, expected: str | None
+) -> None:
+    async def fetch() -> str | None:
+        conn = await asyncpg.connect(dataset_dsn)
+        try:
+            value: str | None = await conn.fetchval(query)
+            return value
+        finally:
+            await conn.close()
+
+    assert asyncio.run(fetch()) == expected

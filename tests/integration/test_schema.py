@@ -73,7 +73,7 @@ def test_version_1_is_upgraded_in_place_keeping_data(empty_dsn: str) -> None:
     )
     assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 1
     assert _init(empty_dsn) == (1, schema.SCHEMA_VERSION)
-    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 2
+    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 3
     assert _fetch(empty_dsn, "SELECT maplookup.vmailbox('User+x@example.com')") == (
         "example.com/user/"
     )
@@ -127,6 +127,6 @@ def test_cli_db_init_reports_the_upgrade(
 
     run_sql(empty_dsn, V1_SQL)
     assert main(["db", "init", "--dsn", empty_dsn]) == 0
-    assert "upgraded from version 1 to 2" in capsys.readouterr().out
+    assert "upgraded from version 1 to 3" in capsys.readouterr().out
     assert main(["db", "init", "--dsn", empty_dsn]) == 0
     assert "is current" in capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_one_statement_per_map_and_settings_in_order_and_within_the_limit() -> N
         ["a0@d", "a1@d", "a2@d"],
         ["x0@d", "x1@d"],
     ]
-    assert all("maplookup.virtual(" in q for q, keys in statements if keys[0].startswith("a"))
+    assert all("maplookup.virtual_match(" in q for q, keys in statements if keys[0].startswith("a"))
     # A batch of one is the single-key statement the pgsql: tables also send.
     single = run_batcher([job("only@d")], workers=1, max_keys=32)[1]
     assert single == [("SELECT maplookup.vmailbox($1::text, $2::text)", ["only@d"])]
