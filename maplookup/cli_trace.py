@@ -98,6 +98,12 @@ def add_commands(commands: Any) -> None:
         help="as Postfix's virtual_minimum_uid: virtual(8) defers mail for lower uids "
         "(default 100)",
     )
+    parser.add_argument(
+        "--myorigin",
+        metavar="DOMAIN",
+        help="as Postfix's myorigin: appended to a local account an alias points to "
+        "(default: this host's name, Postfix's default)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the tree")
     add_database_options(parser)
     parser.set_defaults(func=cmd_trace)
@@ -123,8 +129,11 @@ def _settings(args: argparse.Namespace) -> tuple[LookupSettings, PostfixSettings
     uid = args.default_uid if args.default_uid is not None else server.uid
     gid = args.default_gid if args.default_gid is not None else server.gid
     return (
-        LookupSettings(lookup.recipient_delimiter, uid, gid),
-        PostfixSettings(virtual_minimum_uid=args.virtual_minimum_uid),
+        LookupSettings(lookup.recipient_delimiter, uid, gid, lookup.smtputf8_enable),
+        PostfixSettings(
+            virtual_minimum_uid=args.virtual_minimum_uid,
+            **({"myorigin": args.myorigin} if args.myorigin else {}),
+        ),
     )
 
 
@@ -302,7 +311,9 @@ def render_json(result: TraceResult) -> dict[str, Any]:
             "recipient_delimiter": result.settings.recipient_delimiter,
             "default_uid": result.settings.default_uid,
             "default_gid": result.settings.default_gid,
+            "smtputf8_enable": result.settings.smtputf8_enable,
             "virtual_minimum_uid": postfix.virtual_minimum_uid,
+            "myorigin": postfix.myorigin,
             "virtual_alias_recursion_limit": postfix.virtual_alias_recursion_limit,
             "virtual_alias_expansion_limit": postfix.virtual_alias_expansion_limit,
             "virtual_alias_address_length_limit": postfix.virtual_alias_address_length_limit,

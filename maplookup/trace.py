@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import enum
 import re
+import socket
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from maplookup.maps import LookupSettings, MapName, fold_key, query_for
+from maplookup.address import fold, split_address_list, unquote_local
+from maplookup.maps import LookupSettings, MapName, decode_key, fold_key, query_for
+from maplookup.virtual_answer import received_local_part, render_virtual
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,9 @@ class PostfixSettings:
     virtual_alias_expansion_limit: int = 1000
     virtual_alias_address_length_limit: int = 1000
     virtual_minimum_uid: int = 100
+    # Appended to a local account name an alias points to (trivial-rewrite's "local"
+    # rewriting; $myhostname by default, which is the host name).
+    myorigin: str = field(default_factory=socket.gethostname)
 
 
 # Not a Postfix limit: a guard so that a pathological data set cannot make the trace itself
@@ -168,8 +174,13 @@ def parse_trace_address(text: str) -> str:
     return address
 
 
+def _fold_address(address: str) -> str:
+    """An address as Postfix compares addresses (been_here's BH_FLAG_FOLD, table keys)."""
+    return fold(unquote_local(address))
+
+
 def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return fold(unquote_local(address).rpartition("@")[2])
 
 
 def _atol(text: str) -> int:
@@ -186,20 +197,31 @@ class _Tracer:
         self._settings = settings
         self._postfix = postfix
         self._answers: dict[tuple[MapName, str], str | None] = {}
+        self._smtputf8 = settings.smtputf8_enable
         self._deliveries: dict[tuple[str, bool], Delivery] = {}
         self._parents: dict[int, AliasNode] = {}
 
     async def lookup(self, map_name: MapName, key: str) -> str | None:
-        """What the server answers: None for NOTFOUND.  Same snapshot, so memoised."""
-        folded = fold_key(map_name, key.encode("utf-8"))
+        """What the server answers: None for NOTFOUND.  Same snapshot, so memoised.
+
+        As the server (lookup.py): the statement for the folded key, and for ``virtual`` the
+        received case applied onto the match (virtual_answer.py).
+        """
+        folded = fold_key(map_name, key.encode("utf-8"), self._smtputf8)
         if folded is None:
             return None
         if (map_name, folded) not in self._answers:
             query, args = query_for(map_name, folded, self._settings)
-            value = await self._conn.fetchval(query, *args)
+            fetched = await self._conn.fetchval(query, *args)
             # The server answers NOTFOUND for NULL and for an empty string (lookup.py).
-            self._answers[map_name, folded] = str(value) if value else None
-        return self._answers[map_name, folded]
+            self._answers[map_name, folded] = str(fetched) if fetched else None
+        value = self._answers[map_name, folded]
+        if value is not None and map_name is MapName.VIRTUAL:
+            received = decode_key(map_name, key.encode("utf-8")) or ""
+            value = render_virtual(
+                value, received_local_part(received), self._settings.recipient_delimiter
+            )
+        return value
 
     async def classify(self, domain: str) -> DomainClass:
         # resolve.c tests virtual_alias_domains first, then virtual_mailbox_domains.
@@ -229,7 +251,7 @@ class _Tracer:
             node = vector[arg]
             count = 0
             while True:
-                folded = node.address.lower()
+                folded = _fold_address(node.address)
                 if folded in been_here:
                     node.kind = NodeKind.SELF
                     break
@@ -250,9 +272,13 @@ class _Tracer:
                         tuple(loop),
                     )
                 answer = await self.lookup(MapName.VIRTUAL, node.address)
-                # mail_addr_map() splits the answer as an address list; the schema allows
-                # no white space in targets, so splitting on ',' is the same thing.
-                targets = [t.strip() for t in (answer or "").split(",") if t.strip()]
+                # mail_addr_map() parses the answer as an address list (quotes respected);
+                # a name without '@' is a local account, completed with @$myorigin by
+                # trivial-rewrite's "local" rewriting (mail_addr_crunch.c).
+                targets = [
+                    t if "@" in unquote_local(t) else f"{t}@{self._postfix.myorigin}"
+                    for t in split_address_list(answer or "")
+                ]
                 if not targets:
                     node.kind = NodeKind.FINAL
                     break
@@ -274,7 +300,7 @@ class _Tracer:
                     else:
                         vector.append(child)
                     # "Allow an address to expand into itself once."
-                    if target.lower() == folded:
+                    if _fold_address(target) == folded:
                         been_here.add(folded)
                 nodes += len(targets)
                 if nodes > MAX_TRACE_ADDRESSES:
@@ -296,14 +322,14 @@ class _Tracer:
         ``been_here`` by now.  Without one on the cycle, the same lookups come round again
         and again until a limit refuses the message: report that now, as a loop.
         """
-        folded = node.address.lower()
+        folded = _fold_address(node.address)
         path = [node.address]
         parent = self._parents.get(id(node))
         while parent is not None:
             path.append(parent.address)
-            if parent.address.lower() == folded:
+            if _fold_address(parent.address) == folded:
                 cycle = path[::-1]
-                if not any(a.lower() in been_here for a in cycle):
+                if not any(_fold_address(a) in been_here for a in cycle):
                     return cycle
                 return []
             parent = self._parents.get(id(parent))
@@ -313,7 +339,7 @@ class _Tracer:
 
     async def deliver(self, address: str, *, at_rcpt: bool) -> Delivery:
         """The fate of one final recipient; ``at_rcpt``: it is the address smtpd checks."""
-        key = (address.lower(), at_rcpt)
+        key = (_fold_address(address), at_rcpt)
         if key not in self._deliveries:
             self._deliveries[key] = await self._deliver(address, at_rcpt)
         return self._deliveries[key]
@@ -396,10 +422,10 @@ async def _trace(
             continue
         node.delivery = await tracer.deliver(node.address, at_rcpt=node is root)
         # cleanup_out_recipient.c writes each expanded address once (been_here, BH_FLAG_FOLD).
-        if node.address.lower() in written:
+        if _fold_address(node.address) in written:
             node.duplicate = True
         else:
-            written.add(node.address.lower())
+            written.add(_fold_address(node.address))
             recipients.append(node)
     return TraceResult(
         address=address,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
+from maplookup.address import quote_local
 from maplookup.admin import AdminError
 
 from .records import ALIAS_OF_PREFIX, GIDS, UIDS
@@ -49,7 +50,8 @@ _HEADERS = {
     ),
     "virtual": (
         "virtual_alias_maps: address -> targets (comma-separated).  `@domain` is a catch-all;",
-        "a first target `@other` keeps the local part.",
+        "a target `@other` (only ever alone) keeps the local part; a target without `@` is a",
+        "local account, which Postfix completes with `@$myorigin`.",
         "`@mirror @target` lines are the hash-table equivalent of mirror domains: a hash table",
         "forwards every address, maplookup only addresses that exist in the target domain.",
         "maplookup applies a catch-all alias only to addresses that are not mailboxes; a hash",
@@ -276,19 +278,10 @@ async def _export_aliases(
                 f"virtual: catch-all alias {key} not exported (never used in a mirror domain)"
             )
             continue
-        firsts = [t for t in targets if t.startswith("@")]
-        if firsts and not targets[0].startswith("@"):
-            # Only a first '@domain' target keeps the local part (src/global/mail_addr_map.c).
-            targets.remove(firsts[0])
-            targets.insert(0, firsts[0])
-        if len(firsts) > 1:
-            writer.comment(
-                f"not exportable: {key} has several '@domain' targets; a hash table keeps the "
-                f"local part for the first only: {','.join(targets)}"
-            )
-            result.warnings.append(f"virtual: alias {key} not exported (several '@domain' targets)")
-            continue
-        _checked(writer, result, "alias", key, ", ".join(targets), row["enabled"])
+        # Targets are stored unquoted; a hash: table holds them as Postfix reads results, in
+        # external form (src/global/quote_822_local.c).  '@domain' is only ever alone.
+        value = ", ".join(t if t.startswith("@") else quote_local(t) for t in targets)
+        _checked(writer, result, "alias", key, value, row["enabled"])
 
 
 def export_summary(result: ExportResult) -> list[str]:

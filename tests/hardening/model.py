@@ -3,6 +3,12 @@
 It answers what each map must answer for a dataset held in Python dicts, so property tests can
 compare the server against it.  Sources, rule by rule:
 
+* DESIGN.md §2, facts 10 to 12: keys fold with full Unicode case folding (Python's
+  ``str.casefold``, which equals Postfix's casefold.c on every code point); a quoted local part
+  is read unquoted and every address in an answer is quoted again (quote_822_local.c, whose
+  two functions are taken from ``maplookup.address``, tested on Postfix's own examples); what
+  is carried onto an alias answer (the extension, the local part for ``@other``) keeps the
+  case it was received in.
 * DESIGN.md §3: keys are case-folded and split at their last ``@``; the recipient delimiter
   (a set of characters) marks an extension; disabled rows do not exist; anything malformed is
   NOTFOUND; the table of answers per map.
@@ -21,9 +27,10 @@ Nothing here calls the database.  A value of None means NOTFOUND.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from maplookup.address import quote_local, unquote_local
 
 ADDRESS_MAPS = frozenset({"virtual", "vmailbox", "uid", "gid"})
 DOMAIN_MAPS = frozenset({"domains", "alias_domains"})
@@ -131,6 +138,7 @@ class MapModel:
         key = self.fold(map_name, raw_key)
         if key is None:
             return None
+        received = unquote_local(raw_key.decode("utf-8"))
         if map_name == "domains":
             return self._domain_of_kind(key, "mailbox")
         if map_name == "alias_domains":
@@ -140,7 +148,10 @@ class MapModel:
             return None if found is None else found[0].path
         if map_name in ("uid", "gid"):
             return self._id(map_name, key)
-        return self._virtual(key)
+        match = self._virtual(key)
+        if match is None:
+            return None
+        return self._render(match, received[: received.rfind("@")])
 
     @staticmethod
     def fold(map_name: str, raw_key: bytes) -> str | None:
@@ -150,7 +161,9 @@ class MapModel:
             return None
         if "\x00" in key:
             return None
-        key = key.lower()
+        if map_name in ADDRESS_MAPS:
+            key = unquote_local(key)
+        key = key.casefold()
         if map_name in ADDRESS_MAPS:
             at = key.rfind("@")
             if at < 0 or at == len(key) - 1:
@@ -171,12 +184,13 @@ class MapModel:
             return None
         local, domain = key[:at], key[at + 1 :]
         base = extension = None
+        low = local.lower()  # split_addr.c compares these names case-insensitively
         splittable = (
             self.delimiter
             and local
-            and local not in _NEVER_SPLIT
+            and low not in _NEVER_SPLIT
             and not (
-                "-" in self.delimiter and (local.startswith("owner-") or local.endswith("-request"))
+                "-" in self.delimiter and (low.startswith("owner-") or low.endswith("-request"))
             )
         )
         if splittable:
@@ -216,18 +230,36 @@ class MapModel:
         value = next((v for v in chain if v is not None), None)
         return None if value is None else str(value)
 
-    @staticmethod
-    def _expand(targets: Iterable[str], local_part: str, extension: str | None) -> str:
+    def _render(self, match: tuple[str, tuple[str, ...]], received_local: str) -> str:
+        """Postfix's mail_addr_map: '@other' takes the received local part; after a match
+        without the extension ("B"), the received extension goes before each target's last
+        '@' (at the end of a local account name); every address quoted."""
+        kind, targets = match
+        extension = None
+        if kind == "B":
+            received = self._split(received_local + "@x")
+            extension = None if received is None else received.extension
         out = []
         for target in targets:
-            full = local_part + target if target.startswith("@") else target
-            if extension is not None:
-                at = full.rfind("@")
-                full = full[:at] + extension + full[at:]
-            out.append(full)
+            if target.startswith("@"):
+                full = received_local + target
+            elif extension is not None:
+                at = target.rfind("@")
+                full = target + extension if at < 0 else target[:at] + extension + target[at:]
+            else:
+                full = target
+            out.append(quote_local(full))
         return ",".join(out)
 
-    def _virtual(self, key: str) -> str | None:
+    def _exists(self, domain: str, local: str) -> bool:
+        """An enabled mailbox or alias of an enabled domain (disabled ones do not exist)."""
+        if domain not in self._domains:
+            return False
+        return (domain, local) in self._mailboxes or (domain, local) in self._aliases
+
+    def _virtual(self, key: str) -> tuple[str, tuple[str, ...]] | None:
+        """The match a hash: table would make: ("E" exact | "B" without extension |
+        "C" catch-all, targets as stored)."""
         split = self._split(key)
         if split is None:
             return None
@@ -238,24 +270,26 @@ class MapModel:
         if local:
             alias = self._aliases.get((split.domain, local))
             if alias is not None:
-                return self._expand(alias.targets, local, None)
+                return "E", alias.targets
             if split.base_part is not None:
                 alias = self._aliases.get((split.domain, split.base_part))
                 if alias is not None:
-                    return self._expand(alias.targets, split.base_part, split.extension)
+                    return "B", alias.targets
         if domain.alias_of is not None:
-            mirrored = f"{local}@{domain.alias_of}"
-            if not local:
-                return mirrored
-            resolves = (
-                self._find_mailbox(mirrored, include_catchall=True) is not None
-                or self._virtual(mirrored) is not None
-            )
-            return mirrored if resolves else None
+            # Answered only for addresses that exist in the target domain, as from a hash:
+            # table enumerating the mirror: exact, without extension, or its catch-all.
+            target = domain.alias_of
+            if local and self._exists(target, local):
+                return "E", (f"{local}@{target}",)
+            if split.base_part is not None and self._exists(target, split.base_part):
+                return "B", (f"{split.base_part}@{target}",)
+            if self._exists(target, ""):
+                return "C", (f"@{target}",)
+            return None
         # A catch-all never swallows a real mailbox.
         if local and self._find_mailbox(key, include_catchall=False) is not None:
             return None
         catchall = self._aliases.get((split.domain, ""))
         if catchall is not None:
-            return self._expand(catchall.targets, local, None)
+            return "C", catchall.targets
         return None

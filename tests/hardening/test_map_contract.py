@@ -54,7 +54,9 @@ LOCAL_PARTS = (
     "x-y",
     "é",
 )
-TARGETS = ("x@ext.test", "@ext.test", "user@a.test", "@b.test", "y+z@ext.test")
+TARGETS = ("x@ext.test", "user@a.test", "y+z@ext.test", "Mixed@Ext.test", "local", "a b@ext.test")
+# '@domain' targets stand alone (Postfix reads '@' only at the start of the whole result).
+SOLE_TARGETS = ("@ext.test", "@b.test")
 # Extensions as senders write them, including characters that mean something to regexes.
 EXTENSIONS = ("tag", "", "x+y", "a-b", "é", "&", "\\1", "\\\\", "$1", "%")
 DELIMITERS = ("+", "-", "+-", ".", "+=", "")
@@ -129,7 +131,12 @@ def datasets(draw: st.DrawFn) -> Dataset:
     aliases = []
     for domain in present:
         for local in draw(st.sets(st.sampled_from(("", *LOCAL_PARTS)), max_size=4)):
-            targets = draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3))
+            targets = draw(
+                st.one_of(
+                    st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3),
+                    st.sampled_from(SOLE_TARGETS).map(lambda t: [t]),
+                )
+            )
             aliases.append(
                 Alias(domain, local, tuple(targets), enabled=draw(st.integers(0, 4).map(bool)))
             )
@@ -254,8 +261,9 @@ async def _check(database: Database, case: Case) -> None:
     straight = Lookup(DatabaseSource(faulty, lookup_settings))
     cache = AnswerCache(CacheSettings(max_entries=1000))
     cache.set_live(True)
-    cached_source: AnswerSource = CachingSource(DatabaseSource(faulty, lookup_settings), cache)
-    cached = Lookup(cached_source)
+    behind_cache = DatabaseSource(faulty, lookup_settings)
+    cached_source: AnswerSource = CachingSource(behind_cache, cache)
+    cached = Lookup(cached_source, behind_cache)
 
     requests = [(m, k) for k in case.keys for m in sorted(ALL_MAPS)]
     requests.append((case.extra_map, case.keys[0]))
