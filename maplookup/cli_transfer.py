@@ -21,6 +21,7 @@ from maplookup.cli_common import (
     EXIT_USAGE,
     add_database_options,
     fail,
+    server_ids,
     with_connection,
 )
 
@@ -158,7 +159,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         fail(str(exc))
 
     async def action(conn: asyncpg.Connection) -> None:
-        result = await transfer.export_maps(conn, args.output)
+        # A hash: table has no configuration: the server's default ids go into the files.
+        ids = server_ids(args)
+        result = await transfer.export_maps(
+            conn, args.output, default_uid=ids.uid, default_gid=ids.gid
+        )
         for warning in result.warnings:
             print(f"maplookup: warning: {warning}", file=sys.stderr)
         print("\n".join(transfer.export_summary(result)))

@@ -76,18 +76,21 @@ def pgsql_query(map_name: MapName, options: PostfixConfigOptions) -> str:
     """The query virtual(8) runs: the server's SQL function, with the server's settings.
 
     ``WHERE v IS NOT NULL`` turns "not found" into no row; a NULL row would make Postfix log
-    "empty lookup result ... ignored" on every miss.
+    "empty lookup result ... ignored" on every miss.  ``client_key``/``client_value`` undo
+    the LATIN1 session of Postfix before 3.8 (schema.sql), without which a UTF-8 address is
+    not found by virtual(8) (or found as someone else) after smtpd accepted it.
     """
     delimiter = _sql_literal(options.recipient_delimiter)
+    key = "maplookup.client_key('%s')"
     if map_name is MapName.VMAILBOX:
-        call = f"maplookup.vmailbox('%s', {delimiter})"
+        call = f"maplookup.vmailbox({key}, {delimiter})"
     elif map_name is MapName.UID:
-        call = f"maplookup.uid('%s', {delimiter}, {_sql_int(options.default_uid)})"
+        call = f"maplookup.uid({key}, {delimiter}, {_sql_int(options.default_uid)})"
     elif map_name is MapName.GID:
-        call = f"maplookup.gid('%s', {delimiter}, {_sql_int(options.default_gid)})"
+        call = f"maplookup.gid({key}, {delimiter}, {_sql_int(options.default_gid)})"
     else:
         raise ValueError(f"{map_name.value} is not read by virtual(8)")
-    return f"SELECT v FROM {call} AS v WHERE v IS NOT NULL"
+    return f"SELECT maplookup.client_value(v) FROM {call} AS v WHERE v IS NOT NULL"
 
 
 def _database_name(dsn: str) -> str:

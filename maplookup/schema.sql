@@ -278,18 +278,61 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT f.path FROM maplookup.find_mailbox(key, delimiter) f
 $$;
 
--- virtual_uid_maps: the mailbox's own uid, else the domain default, else default_uid.
+-- virtual_uid_maps and virtual_gid_maps: one rule for the socketmap server, the pgsql: tables
+-- and an exported hash: table.  virtual(8) asks user+ext@d, user@d, then @d of every table
+-- (src/global/mail_addr_find.c), so whatever '@d' answers is what any address of the domain
+-- gets when its own keys answer nothing.  Hence:
+--   a mailbox (exact, or without the extension): its own id, else the domain default, else
+--     the configured default, else the catch-all mailbox's own id (what '@d' would give);
+--   any other address of an enabled mailbox domain, and '@d' itself (the catch-all
+--     mailbox's deliveries): the catch-all mailbox's own id, else the domain default, else
+--     the configured default;
+--   NULL (not found) outside enabled mailbox domains, or when none of these has a value.
+CREATE OR REPLACE FUNCTION maplookup.mailbox_id(
+    key text, delimiter text, default_id integer, want_uid boolean)
+RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    a record;
+    domain_default integer;
+    catchall integer;
+    own integer;
+BEGIN
+    SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT CASE WHEN want_uid THEN d.default_uid ELSE d.default_gid END INTO domain_default
+    FROM maplookup.domains d WHERE d.name = a.domain AND d.kind = 'mailbox' AND d.enabled;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT CASE WHEN want_uid THEN c.uid ELSE c.gid END INTO catchall
+    FROM maplookup.mailboxes c WHERE c.domain = a.domain AND c.local_part = '' AND c.enabled;
+    IF a.local_part <> '' THEN
+        SELECT CASE WHEN want_uid THEN m.uid ELSE m.gid END INTO own
+        FROM maplookup.mailboxes m
+        WHERE m.domain = a.domain AND m.enabled
+          AND m.local_part IN (a.local_part, coalesce(a.base_part, a.local_part))
+        ORDER BY m.local_part = a.local_part DESC
+        LIMIT 1;
+        IF FOUND THEN
+            RETURN coalesce(own, domain_default, default_id, catchall);
+        END IF;
+    END IF;
+    RETURN coalesce(catchall, domain_default, default_id);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION maplookup.uid(
     key text, delimiter text DEFAULT '+', default_uid integer DEFAULT NULL)
 RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(f.uid, default_uid)::text FROM maplookup.find_mailbox(key, delimiter) f
+    SELECT maplookup.mailbox_id(key, delimiter, default_uid, true)::text
 $$;
 
--- virtual_gid_maps: the mailbox's own gid, else the domain default, else default_gid.
 CREATE OR REPLACE FUNCTION maplookup.gid(
     key text, delimiter text DEFAULT '+', default_gid integer DEFAULT NULL)
 RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(f.gid, default_gid)::text FROM maplookup.find_mailbox(key, delimiter) f
+    SELECT maplookup.mailbox_id(key, delimiter, default_gid, false)::text
 $$;
 
 -- virtual_alias_maps, as a match: what a hash: table holding the same data would match for
@@ -411,6 +454,45 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
          maplookup.split_address(key, delimiter) AS a
     WHERE m IS NOT NULL
 $$;
+-- ---------------------------------------------------------------------------------------
+-- pgsql: tables of Postfix before 3.8 (Debian 12 has 3.7) talk to PostgreSQL in LATIN1
+-- (src/global/dict_pgsql.c: PQsetClientEncoding(host->db, "LATIN1"), "Postfix does not send
+-- multi-byte characters"), while the keys it sends are UTF-8 bytes: a UTF-8 server then reads
+-- `zoë@x` as `zoÃ«@x`, and an answer holding `ë` reaches Postfix as one LATIN1 byte.  The
+-- generated queries wrap the key and the answer in these two functions, which undo both
+-- conversions when, and only when, the session is LATIN1 over a UTF-8 database (Postfix 3.8
+-- and later say UTF8 by default: then they change nothing).
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION maplookup.client_key(key text)
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    IF key IS NULL OR octet_length(key) = length(key)
+       OR current_setting('client_encoding') <> 'LATIN1'
+       OR current_setting('server_encoding') <> 'UTF8' THEN
+        RETURN key;
+    END IF;
+    RETURN convert_from(convert_to(key, 'LATIN1'), 'UTF8');
+EXCEPTION WHEN character_not_in_repertoire OR untranslatable_character
+               OR invalid_parameter_value THEN
+    RETURN NULL;  -- not UTF-8 bytes: no such key
+END
+$$;
+
+CREATE OR REPLACE FUNCTION maplookup.client_value(value text)
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    IF value IS NULL OR octet_length(value) = length(value)
+       OR current_setting('client_encoding') <> 'LATIN1'
+       OR current_setting('server_encoding') <> 'UTF8' THEN
+        RETURN value;
+    END IF;
+    -- Each UTF-8 byte as the LATIN1 character of that code: the conversion to the client's
+    -- LATIN1 then hands Postfix the UTF-8 bytes themselves.
+    RETURN convert_from(convert_to(value, 'UTF8'), 'LATIN1');
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------
 -- Change notification, for the server's cache (DESIGN.md section 5).
 --

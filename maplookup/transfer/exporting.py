@@ -19,8 +19,8 @@ import asyncpg
 from maplookup.address import quote_local
 from maplookup.admin import AdminError
 
-from .records import ALIAS_OF_PREFIX, GIDS, UIDS
-from .source import _SPACE, DISABLED_MARKER
+from .records import ALIAS_OF_PREFIX, GIDS, UIDS, fallback_note, inherited_note
+from .source import _SPACE, DISABLED_MARKER, NOTE_MARKER
 
 # Export file names, in the order of the import options.
 EXPORT_FILES = ("domains", "alias_domains", "vmailbox", "virtual", "uids", "gids")
@@ -60,15 +60,14 @@ _HEADERS = {
         "maplookup: `maplookup import --virtual FILE`.",
     ),
     "uids": (
-        "virtual_uid_maps: mailbox -> uid; `@domain uid` is the domain's default.",
-        "Only explicit values: mailboxes without one use the domain's default, and a mailbox",
-        "whose domain has no default uses the server's configured default (not written here).",
+        "virtual_uid_maps: mailbox -> uid; `@domain uid` answers every other address of the",
+        "domain: the catch-all mailbox's own uid, else the domain default, else the server's",
+        "default (a `# maplookup-note:` says which, for import; Postfix ignores comments).",
         "Postfix: virtual_uid_maps = lmdb:/etc/postfix/uids.",
         "maplookup: `maplookup import --uids FILE`.",
     ),
     "gids": (
-        "virtual_gid_maps: mailbox -> gid; `@domain gid` is the domain's default.",
-        "Only explicit values, as in the uids file.",
+        "virtual_gid_maps: mailbox -> gid; `@domain gid` as in the uids file.",
         "Postfix: virtual_gid_maps = lmdb:/etc/postfix/gids.",
         "maplookup: `maplookup import --gids FILE`.",
     ),
@@ -145,9 +144,20 @@ def prepare_export_directory(directory: Path, *, force: bool) -> None:
         raise AdminError(f"cannot create {directory}: {exc.strerror or exc}") from exc
 
 
-async def export_maps(conn: asyncpg.Connection, directory: Path) -> ExportResult:
+async def export_maps(
+    conn: asyncpg.Connection,
+    directory: Path,
+    *,
+    default_uid: int | None = None,
+    default_gid: int | None = None,
+) -> ExportResult:
     """Write the six source files into ``directory`` (see prepare_export_directory) from one
-    consistent snapshot; each file appears complete or not at all."""
+    consistent snapshot; each file appears complete or not at all.
+
+    ``default_uid``/``default_gid`` are the server's configured defaults (lookup.default_uid
+    and default_gid): a hash: table has no configuration, so they are written where
+    virtual(8) would need them.
+    """
     result = ExportResult()
     writers: dict[str, _MapWriter] = {}
     try:
@@ -157,7 +167,7 @@ async def export_maps(conn: asyncpg.Connection, directory: Path) -> ExportResult
                 writers[name] = _MapWriter(directory, name, database)
             await _export_domains(conn, writers, result)
             await _export_mailboxes(conn, writers["vmailbox"], result)
-            await _export_ids(conn, writers, result)
+            await _export_ids(conn, writers, result, {"uid": default_uid, "gid": default_gid})
             await _export_aliases(conn, writers["virtual"], result)
         for writer in writers.values():
             writer.commit()
@@ -208,47 +218,69 @@ async def _export_mailboxes(
 
 
 async def _export_ids(
-    conn: asyncpg.Connection, writers: dict[str, _MapWriter], result: ExportResult
+    conn: asyncpg.Connection,
+    writers: dict[str, _MapWriter],
+    result: ExportResult,
+    defaults: dict[str, int | None],
 ) -> None:
-    """Domain defaults as ``@d N``, mailbox values as ``user@d N``.
+    """uid and gid tables under which virtual(8) gets what maplookup answers.
 
-    A catch-all mailbox's own id also has the key ``@d`` in a hash table: it is written as
-    ``@d`` when the domain has no default (import then makes it the domain default, which is what
-    the hash table means), and reported as not exportable when the domain's default differs.
+    virtual(8) asks ``user+ext@d``, ``user@d``, then ``@d`` (src/global/mail_addr_find.c),
+    and maplookup's rule (schema.sql, ``maplookup.mailbox_id``) is built on that: ``@d``
+    holds the domain's fallback, the catch-all mailbox's own id, else the domain default,
+    else the server's configured default (``defaults``, by column); a mailbox's own id has
+    its own line.  A mailbox that inherits a value other than the fallback (the domain
+    default while the catch-all mailbox has an id of its own) gets a line too, marked
+    ``# maplookup-note: inherited`` for import.  When ``@d`` is not the domain default, a
+    ``# maplookup-note:`` says what it is and what the domain default is, so import gives
+    back the same records.
     """
+    domains = await conn.fetch(
+        "SELECT name, default_uid, default_gid FROM maplookup.domains WHERE kind = 'mailbox'"
+        " ORDER BY name"
+    )
+    catchalls = {
+        r["domain"]: r
+        for r in await conn.fetch(
+            "SELECT domain, uid, gid FROM maplookup.mailboxes WHERE local_part = '' AND enabled"
+        )
+    }
+    mailboxes: dict[str, list[asyncpg.Record]] = {}
+    async for row in conn.cursor(
+        "SELECT domain, local_part, uid, gid, enabled FROM maplookup.mailboxes"
+        " WHERE local_part <> '' ORDER BY domain, local_part",
+        prefetch=10_000,
+    ):
+        mailboxes.setdefault(row["domain"], []).append(row)
     for category, column in ((UIDS, "uid"), (GIDS, "gid")):
         writer = writers[category]
-        pending: tuple[str, int] | None = None  # the domain default of the current domain
-        async for row in conn.cursor(
-            f"SELECT domain, local_part, value, source FROM ("
-            f" SELECT name AS domain, '' AS local_part, default_{column} AS value,"
-            f"  0 AS source FROM maplookup.domains WHERE default_{column} IS NOT NULL"
-            f" UNION ALL"
-            f" SELECT domain, local_part, {column}, 1 FROM maplookup.mailboxes"
-            f"  WHERE {column} IS NOT NULL) AS ids"
-            f" ORDER BY domain, local_part, source",
-            prefetch=10_000,
-        ):
-            key = f"{row['local_part']}@{row['domain']}"
-            value = row["value"]
-            if row["source"] == 0:
-                pending = (row["domain"], value)
-                _checked(writer, result, column, key, str(value), True)
-            elif row["local_part"] == "":
-                if pending is None or pending[0] != row["domain"]:
-                    writer.comment(f"{key}: {column} of the catch-all mailbox")
-                    _checked(writer, result, column, key, str(value), True)
-                elif pending[1] != value:
-                    writer.comment(
-                        f"not exportable: the catch-all mailbox {key} has {column} {value}, the "
-                        f"domain default is {pending[1]}; a hash table has one {key} key"
-                    )
-                    result.warnings.append(
-                        f"{writer.path.name}: {column} {value} of the catch-all mailbox {key} "
-                        f"not exported (the domain default {pending[1]} has the same key)"
-                    )
-            else:
-                _checked(writer, result, column, key, str(value), True)
+        configured = defaults.get(column)
+        for domain in domains:
+            name = domain["name"]
+            default: int | None = domain[f"default_{column}"]
+            catchall = catchalls.get(name)
+            own_catchall: int | None = None if catchall is None else catchall[column]
+            fallback = next((v for v in (own_catchall, default, configured) if v is not None), None)
+            key = f"@{name}"
+            if fallback is not None:
+                if own_catchall is not None or default is None:
+                    source = "catch-all" if own_catchall is not None else "server"
+                    writer.file.write(f"{NOTE_MARKER}{fallback_note(key, source, default)}\n")
+                _checked(writer, result, column, key, str(fallback), True)
+            for row in mailboxes.get(name, ()):
+                mailbox_key = f"{row['local_part']}@{name}"
+                own: int | None = row[column]
+                if own is not None:
+                    _checked(writer, result, column, mailbox_key, str(own), True)
+                    continue
+                if not row["enabled"]:
+                    continue
+                inherited = next(
+                    (v for v in (default, configured, own_catchall) if v is not None), None
+                )
+                if inherited is not None and inherited != fallback:
+                    writer.file.write(f"{NOTE_MARKER}{inherited_note(mailbox_key)}\n")
+                    _checked(writer, result, column, mailbox_key, str(inherited), True)
 
 
 async def _export_aliases(

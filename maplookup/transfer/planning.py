@@ -8,6 +8,8 @@ imply, and which virtual lines are the hash-table form of a mirror domain.  It r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .plan import DbState, NewDomain, NewMailbox, Plan
 from .problems import Origin, Problem
 from .reading import Parsed
@@ -250,37 +252,52 @@ class _Planner:
     def ids(self, category: str, records: dict[tuple[str, str], IdRecord], name: str) -> None:
         column = "uid" if category == UIDS else "gid"
         for key, record in records.items():
-            domain = record.address.domain
             if record.address.is_catchall:
-                self.domain_id(category, column, record, name)
-                continue
-            new = self.plan.mailboxes.get(key)
-            if new is not None:
-                setattr(new, column, record.value)
-                self.plan.counts[category].added += 1
-                continue
-            existing = self.db.mailboxes.get(key)
-            if existing is None:
-                failed = self.failed_mailboxes.get(key)
-                self.error(
-                    record.origin,
-                    f"mailbox {record.address} was not imported (see {failed})"
-                    if failed
-                    else f"no mailbox {record.address} (in the vmailbox file or the database) "
-                    f"for this {name}",
-                    category,
-                )
-                continue
-            old: int | None = getattr(existing, column)
-            if old == record.value:
-                self.plan.counts[category].unchanged += 1
-            elif old is None:
-                self.plan.counts[category].added += 1
-                self.plan.mailbox_ids[category].append((domain, key[1], record.value))
-            elif self.differs(
-                record.origin, f"{name} of {record.address}", str(old), str(record.value), category
-            ):
-                self.plan.mailbox_ids[category].append((domain, key[1], record.value))
+                if record.fallback is None:
+                    self.domain_id(category, column, record, name)
+                    continue
+                # Export's note: '@d' holds the catch-all mailbox's own id, or the server's
+                # default; the domain's own default is in the note.
+                if record.domain_default is not None:
+                    self.domain_id(
+                        category, column, replace(record, value=record.domain_default), name
+                    )
+                if record.fallback != "catch-all":
+                    continue
+            self.mailbox_id(category, column, key, record, name)
+
+    def mailbox_id(
+        self, category: str, column: str, key: tuple[str, str], record: IdRecord, name: str
+    ) -> None:
+        """``user@d N`` (or, by export's note, ``@d N`` of the catch-all mailbox)."""
+        domain = record.address.domain
+        new = self.plan.mailboxes.get(key)
+        if new is not None:
+            setattr(new, column, record.value)
+            self.plan.counts[category].added += 1
+            return
+        existing = self.db.mailboxes.get(key)
+        if existing is None:
+            failed = self.failed_mailboxes.get(key)
+            self.error(
+                record.origin,
+                f"mailbox {record.address} was not imported (see {failed})"
+                if failed
+                else f"no mailbox {record.address} (in the vmailbox file or the database) "
+                f"for this {name}",
+                category,
+            )
+            return
+        old: int | None = getattr(existing, column)
+        if old == record.value:
+            self.plan.counts[category].unchanged += 1
+        elif old is None:
+            self.plan.counts[category].added += 1
+            self.plan.mailbox_ids[category].append((domain, key[1], record.value))
+        elif self.differs(
+            record.origin, f"{name} of {record.address}", str(old), str(record.value), category
+        ):
+            self.plan.mailbox_ids[category].append((domain, key[1], record.value))
 
     def domain_id(self, category: str, column: str, record: IdRecord, name: str) -> None:
         """``@domain N``: the domain default (what virtual(8)'s @domain fallback key means)."""

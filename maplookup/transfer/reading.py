@@ -32,6 +32,7 @@ from .records import (
     _id,
     _path,
     _targets,
+    parse_note,
 )
 from .source import Entry, parse_source
 
@@ -267,14 +268,39 @@ def _id_reader(category: str, name: str) -> Callable[[Parsed, bytes, str, int, P
     def read(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
         problems = parsed.problems
         # No markers: uid/gid lines have no enabled flag (a disabled mailbox keeps its uid).
+        notes: list[tuple[Origin, str]] = []
         entries = parse_source(
-            data, source, category, problems, rank=rank, markers=False, progress=progress
+            data,
+            source,
+            category,
+            problems,
+            rank=rank,
+            markers=False,
+            progress=progress,
+            notes=notes,
         )
+        inherited: set[str] = set()
+        fallbacks: dict[str, tuple[str, int | None]] = {}
+        for origin, text in notes:
+            note = parse_note(text)
+            if note is None:
+                problems.append(Problem(origin, f"unknown maplookup note {text!r}", category))
+            elif note[0] == "inherited":
+                inherited.add(note[1])
+            else:
+                fallbacks[note[1]] = (note[2] or "", note[3])
+        entries = [e for e in entries if e.key not in inherited]
         records = _convert(
             entries,
             category,
             problems,
-            lambda e: IdRecord(_address(e.key), _id(e.value, name), e.origin),
+            lambda e: IdRecord(
+                _address(e.key),
+                _id(e.value, name),
+                e.origin,
+                fallback=fallbacks[e.key][0] if e.key in fallbacks else None,
+                domain_default=fallbacks[e.key][1] if e.key in fallbacks else None,
+            ),
         )
         setattr(
             parsed,

@@ -69,12 +69,54 @@ class AliasRecord:
 
 @dataclass(slots=True)
 class IdRecord:
-    """A uid or gid; ``address.local_part == ''`` is the domain default (the ``@d`` key)."""
+    """A uid or gid; ``address.local_part == ''`` is the ``@d`` key.
+
+    ``@d`` is the domain default, unless export's note says otherwise (``fallback``): the
+    key a hash: table answers for every address of the domain without a key of its own
+    (virtual(8) asks it last), which maplookup fills with the catch-all mailbox's own id
+    (``fallback == "catch-all"``), else the domain default, else the server's configured
+    default (``fallback == "server"``); ``domain_default`` is then the domain's own.
+    """
 
     address: Address
     value: int
     origin: Origin
     enabled: bool = True  # always: uid/gid files have no disabled marker
+    fallback: str | None = None
+    domain_default: int | None = None
+
+
+# The notes export writes in the uids and gids files (``# maplookup-note: ...``), so that import
+# gives back the records: the value of ``@d`` when it is not the domain default, and the
+# lines repeating a mailbox's inherited id where the hash: table needs them.
+FALLBACK_NOTE = "{key} is the fallback: {source}; domain default {default}"
+INHERITED_NOTE = "inherited, not the mailbox's own: {key}"
+
+
+def fallback_note(key: str, source: str, default: int | None) -> str:
+    return FALLBACK_NOTE.format(
+        key=key, source=source, default="none" if default is None else default
+    )
+
+
+def inherited_note(key: str) -> str:
+    return INHERITED_NOTE.format(key=key)
+
+
+def parse_note(text: str) -> tuple[str, str, str | None, int | None] | None:
+    """``("fallback", key, source, default)`` or ``("inherited", key, None, None)``."""
+    inherited = INHERITED_NOTE.split("{key}")[0]
+    if text.startswith(inherited):
+        return "inherited", text[len(inherited) :].strip(), None, None
+    key, sep, rest = text.partition(" is the fallback: ")
+    if not sep:
+        return None
+    source, sep, default = rest.partition("; domain default ")
+    if not sep or source not in ("catch-all", "server"):
+        return None
+    if default == "none":
+        return "fallback", key, source, None
+    return ("fallback", key, source, int(default)) if default.isdigit() else None
 
 
 def _domain(text: str) -> str:

@@ -22,6 +22,8 @@ _SPACE = " \t\n\r\v\f"
 _SPACE_RE = re.compile(r"[ \t\n\r\v\f]")
 
 DISABLED_MARKER = "# disabled: "
+# Comments export writes for import only (Postfix ignores comments): see records.py.
+NOTE_MARKER = "# maplookup-note: "
 
 
 # -- reading source files ----------------------------------------------------------------------
@@ -47,8 +49,13 @@ def parse_source(
     value_required: bool = True,
     markers: bool = True,
     progress: Progress = _SILENT,
+    notes: list[tuple[Origin, str]] | None = None,
 ) -> list[Entry]:
-    """Split a source file into entries the way postmap does; bad lines go to ``problems``."""
+    """Split a source file into entries the way postmap does; bad lines go to ``problems``.
+
+    ``notes`` collects the text of ``# maplookup-note: `` comments, which export writes for import
+    (a comment to Postfix).
+    """
     entries: list[Entry] = []
     lines = data.split(b"\n")
     show_progress = len(lines) > PROGRESS_MIN_LINES
@@ -74,6 +81,8 @@ def parse_source(
         stripped = raw.lstrip(_SPACE)
         if not stripped or stripped[0] == "#":
             # A comment neither starts nor ends a logical line (readlline.c).
+            if notes is not None and raw.startswith(NOTE_MARKER):
+                notes.append((Origin(source, number, rank), raw[len(NOTE_MARKER) :].strip(_SPACE)))
             if markers and raw.startswith(DISABLED_MARKER):
                 body = raw[len(DISABLED_MARKER) :].strip(_SPACE)
                 if body:

@@ -84,7 +84,7 @@ def test_add_list_disable_enable_remove(dsn: str, capsys: pytest.CaptureFixture[
         ("forward.example", "alias", None),
     ]
     assert fetch(dsn, "SELECT targets FROM maplookup.aliases WHERE local_part = 'list'") == [
-        (["a@x.test", "b@y.test"],)
+        (["a@x.test", "B@Y.test"],)
     ]
     code, out, _ = run_cli(capsys, "mailbox", "list", *d)
     assert code == 0

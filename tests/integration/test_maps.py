@@ -8,6 +8,8 @@ functions of schema.sql -> Reply, which is the server's whole path minus the soc
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Callable
 
 import asyncpg
@@ -18,6 +20,7 @@ from maplookup.db import PoolSettings, open_database
 from maplookup.lookup import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
+from tests.helpers import require_tool
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -42,6 +45,12 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.mailbox_add(conn, "@catch.example", path="catch.example/all/")
     await admin.mailbox_add(conn, "real@catch.example", uid=7001, gid=7002)
     await admin.mailbox_add(conn, "user@off.example")
+    await admin.domain_add(conn, "fallback.example")
+    await admin.mailbox_add(
+        conn, "@fallback.example", path="fallback.example/all/", uid=6100, gid=6101
+    )
+    await admin.mailbox_add(conn, "plain@fallback.example")
+    await admin.mailbox_add(conn, "own@fallback.example", uid=6200)
 
     await admin.alias_add(conn, "list@example.com", ["a@x.test", "b@y.test"])
     await admin.alias_add(conn, "fwd@example.com", ["user@example.com"])
@@ -180,9 +189,19 @@ CASES: list[tuple[str, str, str | None]] = [
     ("uid", "@catch.example", "7000"),
     ("uid", "who@catch.example", "7000"),
     ("uid", "x@nouid.example", None),
-    ("uid", "nobody@example.com", None),
+    # Any other address of a mailbox domain gets what '@example.com' holds in a hash: table
+    # (virtual(8) asks it last): the catch-all mailbox's, else the domain's default.
+    ("uid", "nobody@example.com", "5000"),
     ("gid", "unknown@unhosted.test", None),
-    ("uid", "dis@example.com", None),
+    ("uid", "dis@example.com", "5000"),
+    ("uid", "@example.com", "5000"),
+    ("uid", "x@off.example", None),
+    # A mailbox without ids in a domain without defaults gets the catch-all mailbox's: what
+    # virtual(8) gets through the pgsql: table's '@fallback.example' key (issue 12.7).
+    ("uid", "plain@fallback.example", "6100"),
+    ("gid", "plain+x@fallback.example", "6101"),
+    ("uid", "own@fallback.example", "6200"),
+    ("uid", "who@fallback.example", "6100"),
 ]
 
 
@@ -227,6 +246,10 @@ async def test_configured_default_ids(dataset_dsn: str) -> None:
     assert await _answer(dataset_dsn, "gid", b"x@nouid.example", settings) == Reply.ok("98")
     # The domain default still wins over the configured default.
     assert await _answer(dataset_dsn, "uid", b"plain@example.com", settings) == Reply.ok("5000")
+    # And the configured default over a catch-all mailbox's own id, for a mailbox; the
+    # catch-all's deliveries keep theirs.
+    assert await _answer(dataset_dsn, "uid", b"plain@fallback.example", settings) == Reply.ok("99")
+    assert await _answer(dataset_dsn, "uid", b"who@fallback.example", settings) == Reply.ok("6100")
     # Unhosted addresses stay NOTFOUND even with a configured default.
     assert await _answer(dataset_dsn, "uid", b"x@unhosted.test", settings) == Reply.notfound()
 
@@ -349,3 +372,34 @@ def test_the_sql_functions_read_keys_as_postfix_sends_them(
             await conn.close()
 
     assert asyncio.run(fetch()) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("jürgen@example.com", "example.com/jürgen/"),
+        ("strasse@example.com", "example.com/strasse/"),
+        ("nobody@example.com", ""),
+    ],
+)
+def test_pgsql_queries_survive_postfix_37s_latin1_session(
+    dataset_dsn: str, key: str, expected: str
+) -> None:
+    """Postfix before 3.8 opens its pgsql: connections in LATIN1 (dict_pgsql.c) and sends
+    UTF-8 bytes: the generated query must find jürgen and hand back UTF-8 bytes, as psql in a
+    LATIN1 session does here byte for byte."""
+    from maplookup.maps import MapName
+    from maplookup.postfix_config import PostfixConfigOptions, pgsql_query
+
+    psql = require_tool("psql", "postgresql-client")
+    options = PostfixConfigOptions(pgsql_dsn=dataset_dsn)
+    query = pgsql_query(MapName.VMAILBOX, options).replace("%s", key)
+    result = subprocess.run(
+        [psql, "-X", "-At", "-v", "ON_ERROR_STOP=1", dataset_dsn],
+        input=query.encode("utf-8"),
+        env={**os.environ, "PGCLIENTENCODING": "LATIN1"},
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode("utf-8").strip() == expected

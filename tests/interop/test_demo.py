@@ -86,7 +86,7 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         assert "uid 5000  gid 5000" in trace.stdout
         generated = maplookup_cli("postfix-config", *s)
         assert generated.returncode == 0, generated.stderr
-        assert "maplookup.uid('%s', '+', 5000)" in generated.stdout
+        assert "maplookup.uid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
         assert "maplookup.gid('%s', '+', 5000)" in generated.stdout
     finally:
         code = stop_server(server)
