@@ -20,7 +20,9 @@ compare the server against it.  Sources, rule by rule:
   extension, catch-all; an alias target ``@other`` becomes ``<matched local part>@other`` and,
   when the match needed the extension stripped, the extension goes before the last ``@`` of
   every target; a mirror domain answers only for addresses that resolve in its target domain;
-  uid/gid: mailbox's own, else domain default, else configured default.
+  uid/gid: a mailbox's own, else domain default, else configured default, else the catch-all
+  mailbox's own; any other address of a mailbox domain: the catch-all mailbox's own, else
+  the domain default, else the configured default (what '@d' gives virtual(8)).
 
 Nothing here calls the database.  A value of None means NOTFOUND.
 """
@@ -219,14 +221,30 @@ class MapModel:
         return None
 
     def _id(self, map_name: str, key: str) -> str | None:
-        found = self._find_mailbox(key, include_catchall=True)
-        if found is None:
+        """virtual(8) asks user+ext@d, user@d, then @d (mail_addr_find.c), so '@d' -- the
+        catch-all mailbox's own id, else the domain default, else the configured default --
+        is what an address gets when its own keys have nothing (DESIGN.md §3, uid/gid)."""
+        split = self._split(key)
+        if split is None:
             return None
-        mailbox, domain = found
-        if map_name == "uid":
-            chain = (mailbox.uid, domain.default_uid, self.default_uid)
-        else:
-            chain = (mailbox.gid, domain.default_gid, self.default_gid)
+        domain = self._domains.get(split.domain)
+        if domain is None or domain.kind != "mailbox":
+            return None
+        uid = map_name == "uid"
+        domain_default = domain.default_uid if uid else domain.default_gid
+        configured = self.default_uid if uid else self.default_gid
+        catchall = self._mailboxes.get((split.domain, ""))
+        own_catchall = None if catchall is None else (catchall.uid if uid else catchall.gid)
+        candidates = [split.local_part]
+        if split.base_part is not None:
+            candidates.append(split.base_part)
+        chain: tuple[int | None, ...] = (own_catchall, domain_default, configured)
+        for local_part in candidates:
+            mailbox = self._mailboxes.get((split.domain, local_part)) if local_part else None
+            if mailbox is not None:
+                own = mailbox.uid if uid else mailbox.gid
+                chain = (own, domain_default, configured, own_catchall)
+                break
         value = next((v for v in chain if v is not None), None)
         return None if value is None else str(value)
 

@@ -87,7 +87,7 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         generated = maplookup_cli("postfix-config", *s)
         assert generated.returncode == 0, generated.stderr
         assert "maplookup.uid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
-        assert "maplookup.gid('%s', '+', 5000)" in generated.stdout
+        assert "maplookup.gid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
     finally:
         code = stop_server(server)
         log_text = first_log.read_text()
