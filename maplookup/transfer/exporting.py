@@ -19,7 +19,15 @@ import asyncpg
 from maplookup.address import quote_local
 from maplookup.admin import AdminError
 
-from .records import ALIAS_OF_PREFIX, GIDS, UIDS, fallback_note, inherited_note
+from .records import (
+    ALIAS_OF_PREFIX,
+    DERIVED_BEGIN,
+    DERIVED_END,
+    GIDS,
+    UIDS,
+    fallback_note,
+    inherited_note,
+)
 from .source import _SPACE, DISABLED_MARKER, NOTE_MARKER
 
 # Export file names, in the order of the import options.
@@ -52,10 +60,9 @@ _HEADERS = {
         "virtual_alias_maps: address -> targets (comma-separated).  `@domain` is a catch-all;",
         "a target `@other` (only ever alone) keeps the local part; a target without `@` is a",
         "local account, which Postfix completes with `@$myorigin`.",
-        "`@mirror @target` lines are the hash-table equivalent of mirror domains: a hash table",
-        "forwards every address, maplookup only addresses that exist in the target domain.",
-        "maplookup applies a catch-all alias only to addresses that are not mailboxes; a hash",
-        "table applies it to all addresses that have no alias of their own.",
+        "Between `# maplookup-note: derived` notes: the hash-table form of two maplookup rules",
+        "(import skips them): a mirror domain answers only for the addresses of its target",
+        "(one line each), and a catch-all alias never takes a mailbox (identity lines).",
         "Postfix: virtual_alias_maps = lmdb:/etc/postfix/virtual.",
         "maplookup: `maplookup import --virtual FILE`.",
     ),
@@ -286,22 +293,34 @@ async def _export_ids(
 async def _export_aliases(
     conn: asyncpg.Connection, writer: _MapWriter, result: ExportResult
 ) -> None:
-    """Aliases, and ``@mirror @target`` for each mirror domain (source 0, sorted first)."""
-    mirror: str | None = None
+    """The aliases, then what a hash: table needs to answer as maplookup does.
+
+    Two rules of maplookup's have no line of their own in virtual(5), so export writes their
+    hash-table form (VIRTUAL_README's way), between ``# maplookup-note: derived`` notes
+    that import skips:
+
+    * a mirror domain answers only for addresses that exist in its target: one line per
+      address of the target (``user@mirror user@target``), and ``@mirror @target`` only
+      when the target has a catch-all; unknown users of the mirror are then refused at RCPT
+      under Postfix too, instead of accepted and bounced;
+    * a catch-all alias never swallows a mailbox: an identity line per mailbox of its domain
+      (``box@d box@d``), which Postfix's lookup stops at (cleanup lets an address expand
+      into itself once, src/cleanup/cleanup_map1n.c).
+    """
+    domains = {
+        r["name"]: r
+        for r in await conn.fetch("SELECT name, kind, alias_of, enabled FROM maplookup.domains")
+    }
+    own_aliases: dict[str, set[str]] = {}
     async for row in conn.cursor(
-        "SELECT domain, local_part, targets, enabled, source FROM ("
-        " SELECT name AS domain, '' AS local_part, ARRAY['@' || alias_of] AS targets, enabled,"
-        "  0 AS source FROM maplookup.domains WHERE alias_of IS NOT NULL"
-        " UNION ALL"
-        " SELECT domain, local_part, targets, enabled, 1 FROM maplookup.aliases) AS a"
-        " ORDER BY domain, local_part, source",
+        "SELECT domain, local_part, targets, enabled FROM maplookup.aliases"
+        " ORDER BY domain, local_part",
         prefetch=10_000,
     ):
         key = f"{row['local_part']}@{row['domain']}"
         targets: list[str] = list(row["targets"])
-        if row["source"] == 0:
-            mirror = row["domain"]
-        elif row["local_part"] == "" and mirror == row["domain"]:
+        domain = domains[row["domain"]]
+        if row["local_part"] == "" and domain["alias_of"] is not None:
             writer.comment(
                 f"not exported: catch-all alias {key} -> {','.join(targets)} is never used, "
                 f"{row['domain']} is a mirror domain"
@@ -310,10 +329,64 @@ async def _export_aliases(
                 f"virtual: catch-all alias {key} not exported (never used in a mirror domain)"
             )
             continue
+        if row["enabled"]:
+            own_aliases.setdefault(row["domain"], set()).add(row["local_part"])
         # Targets are stored unquoted; a hash: table holds them as Postfix reads results, in
         # external form (src/global/quote_822_local.c).  '@domain' is only ever alone.
         value = ", ".join(t if t.startswith("@") else quote_local(t) for t in targets)
         _checked(writer, result, "alias", key, value, row["enabled"])
+
+    locals_by_domain: dict[str, list[str]] = {}
+    for row in await conn.fetch(
+        "SELECT domain, local_part FROM maplookup.mailboxes WHERE enabled"
+        " UNION SELECT domain, local_part FROM maplookup.aliases WHERE enabled"
+        " ORDER BY 1, 2"
+    ):
+        locals_by_domain.setdefault(row["domain"], []).append(row["local_part"])
+    mailbox_locals: dict[str, list[str]] = {}
+    for row in await conn.fetch(
+        "SELECT domain, local_part FROM maplookup.mailboxes WHERE enabled AND local_part <> ''"
+        " ORDER BY 1, 2"
+    ):
+        mailbox_locals.setdefault(row["domain"], []).append(row["local_part"])
+
+    for name in sorted(domains):
+        domain = domains[name]
+        target = domain["alias_of"]
+        if target is None or not domain["enabled"] or not domains[target]["enabled"]:
+            continue
+        own = own_aliases.get(name, set())
+        lines = [
+            (f"{local}@{name}", quote_local(f"{local}@{target}"))
+            for local in locals_by_domain.get(target, ())
+            if local and local not in own
+        ]
+        if "" in locals_by_domain.get(target, ()):
+            lines.append((f"@{name}", f"@{target}"))
+        _derived(writer, result, f"{name} mirrors {target}: its addresses, one by one", lines)
+
+    for name in sorted(domains):
+        domain = domains[name]
+        own = own_aliases.get(name, set())
+        if domain["kind"] != "mailbox" or not domain["enabled"] or "" not in own:
+            continue
+        lines = [
+            (f"{local}@{name}", quote_local(f"{local}@{name}"))
+            for local in mailbox_locals.get(name, ())
+            if local not in own
+        ]
+        _derived(writer, result, f"the catch-all alias @{name} does not take its mailboxes", lines)
+
+
+def _derived(
+    writer: _MapWriter, result: ExportResult, why: str, lines: list[tuple[str, str]]
+) -> None:
+    if not lines:
+        return
+    writer.file.write(f"{NOTE_MARKER}{DERIVED_BEGIN} ({why})\n")
+    for key, value in lines:
+        _checked(writer, result, "derived line", key, value, True)
+    writer.file.write(f"{NOTE_MARKER}{DERIVED_END}\n")
 
 
 def export_summary(result: ExportResult) -> list[str]:

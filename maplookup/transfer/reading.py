@@ -19,6 +19,8 @@ from .records import (
     ALIAS_DOMAINS,
     ALIAS_OF_PREFIX,
     ALIASES,
+    DERIVED_BEGIN,
+    DERIVED_END,
     GIDS,
     MAILBOX_DOMAINS,
     MAILBOXES,
@@ -227,9 +229,29 @@ def _read_vmailbox(parsed: Parsed, data: bytes, source: str, rank: int, progress
     )
 
 
+def _without_derived(entries: list[Entry], notes: list[tuple[Origin, str]]) -> list[Entry]:
+    """The entries outside export's ``derived`` blocks (a hash: table's form of maplookup's
+    mirror and catch-all rules, which the records imply)."""
+    blocks: list[tuple[int, int]] = []
+    start: int | None = None
+    for origin, text in notes:
+        if text.startswith(DERIVED_BEGIN):
+            start = origin.line
+        elif text.startswith(DERIVED_END) and start is not None:
+            blocks.append((start, origin.line))
+            start = None
+    if not blocks:
+        return entries
+    return [e for e in entries if not any(a < e.origin.line < b for a, b in blocks)]
+
+
 def _read_virtual(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
     problems = parsed.problems
-    entries = parse_source(data, source, ALIASES, problems, rank=rank, progress=progress)
+    notes: list[tuple[Origin, str]] = []
+    entries = parse_source(
+        data, source, ALIASES, problems, rank=rank, progress=progress, notes=notes
+    )
+    entries = _without_derived(entries, notes)
     alias_entries: list[Entry] = []
     domain_entries: list[Entry] = []
     for entry in entries:

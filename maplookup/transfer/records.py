@@ -93,6 +93,12 @@ FALLBACK_NOTE = "{key} is the fallback: {source}; domain default {default}"
 INHERITED_NOTE = "inherited, not the mailbox's own: {key}"
 
 
+# The virtual file's lines that only make a hash: table answer as maplookup does (mirror
+# domains enumerated, identity lines next to a catch-all alias) stand between these notes.
+DERIVED_BEGIN = "derived: begin"
+DERIVED_END = "derived: end"
+
+
 def fallback_note(key: str, source: str, default: int | None) -> str:
     return FALLBACK_NOTE.format(
         key=key, source=source, default="none" if default is None else default
