@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep each seed's work directory")
     parser.add_argument("--dataset", action="store_true", help="print each data set")
+    parser.add_argument(
+        "--brief", action="store_true", help="leave the records out of the disagreement table"
+    )
     args = parser.parse_args(argv)
     exclude = frozenset(x for x in args.exclude.split(",") if x)
     os.environ.setdefault("MAPLOOKUP_ALLOW_ROOT", "true")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if bad:
-                print(format_table([result]), flush=True)
+                print(format_table([result], records=not args.brief), flush=True)
             for d in result.disagreements:
                 kinds[d.recipient.kind] += 1
     finally:
