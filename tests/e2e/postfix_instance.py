@@ -12,6 +12,7 @@ import pwd
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,22 @@ class PostfixError(Exception):
     pass
 
 
+def _override(base: str, overrides: Mapping[str, str], generated: str) -> str:
+    """``base`` with each overridden parameter's line replaced, then ``generated``, then the
+    overrides the base did not have."""
+    lines = []
+    done = set()
+    for line in base.splitlines():
+        name = line.partition("=")[0].strip()
+        if not line.startswith((" ", "\t", "#")) and name in overrides:
+            lines.append(f"{name} = {overrides[name]}")
+            done.add(name)
+        else:
+            lines.append(line)
+    rest = [f"{name} = {value}" for name, value in overrides.items() if name not in done]
+    return "\n".join(lines) + "\n" + generated + "".join(f"{line}\n" for line in rest)
+
+
 def _postfix_bin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
@@ -98,7 +115,17 @@ class PrivatePostfix:
     def log_file(self) -> Path:
         return self.base / "log" / "maillog"
 
-    def prepare(self, generated_main_cf: str, generated_master_cf: str) -> None:
+    def prepare(
+        self,
+        generated_main_cf: str,
+        generated_master_cf: str,
+        overrides: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write main.cf and master.cf.
+
+        ``overrides`` replace base main.cf parameters in place (so Postfix does not warn
+        about a parameter set twice); those the base does not set are appended at the end.
+        """
         postfix = pwd.getpwnam("postfix")
         self.base.chmod(0o755)
         for name in ("etc", "queue", "data", "log", "mail"):
@@ -106,7 +133,7 @@ class PrivatePostfix:
         os.chown(self.base / "data", postfix.pw_uid, postfix.pw_gid)
         # virtual(8) creates each mailbox as its owner's uid: the folders above must let it.
         self.mail_base.chmod(0o1777)
-        main_cf = BASE_MAIN_CF.format(base=self.base) + generated_main_cf
+        main_cf = _override(BASE_MAIN_CF.format(base=self.base), overrides or {}, generated_main_cf)
         master_cf = BASE_MASTER_CF.format(smtp_port=self.smtp_port) + generated_master_cf
         (self.config_dir / "main.cf").write_text(main_cf)
         (self.config_dir / "master.cf").write_text(master_cf)
