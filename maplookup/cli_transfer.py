@@ -113,6 +113,16 @@ def add_commands(commands: Any) -> None:
         "--output", "-o", required=True, type=Path, metavar="DIR", help="directory to write into"
     )
     exporter.add_argument("--force", action="store_true", help="overwrite existing files")
+    exporter.add_argument(
+        "--default-uid",
+        type=int,
+        metavar="N",
+        help="the server's lookup.default_uid, written where a hash: table needs it (default: "
+        "that of the server running on the embedded cluster, else the config's, else none)",
+    )
+    exporter.add_argument(
+        "--default-gid", type=int, metavar="N", help="default: as for --default-uid"
+    )
     add_database_options(exporter)
     exporter.set_defaults(func=cmd_export)
 
@@ -162,7 +172,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         # A hash: table has no configuration: the server's default ids go into the files.
         ids = server_ids(args)
         result = await transfer.export_maps(
-            conn, args.output, default_uid=ids.uid, default_gid=ids.gid
+            conn,
+            args.output,
+            default_uid=args.default_uid if args.default_uid is not None else ids.uid,
+            default_gid=args.default_gid if args.default_gid is not None else ids.gid,
         )
         for warning in result.warnings:
             print(f"maplookup: warning: {warning}", file=sys.stderr)

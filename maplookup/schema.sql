@@ -350,8 +350,9 @@ $$;
 --   3. in a mirror domain, the same address in the target domain, if it resolves there (an
 --      export enumerates the mirror for a hash: table, so the match is exact, bare or, when
 --      the target domain has a catch-all, the catch-all '@mirror -> @target');
---   4. NOTFOUND if the address is a real mailbox (a catch-all never swallows a mailbox);
---   5. the catch-all alias of the domain.
+--   4. if the domain has a catch-all alias: a mailbox answers for itself (the identity line
+--      of a hash: table: a catch-all never swallows a mailbox), any other address gets the
+--      catch-all's targets; without one, NOTFOUND.
 CREATE OR REPLACE FUNCTION maplookup.virtual_match(key text, delimiter text DEFAULT '+')
 RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
@@ -400,17 +401,26 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    IF a.local_part <> '' AND EXISTS (
-        SELECT 1 FROM maplookup.find_mailbox(key, delimiter, false)) THEN
-        RETURN NULL;
-    END IF;
-
     SELECT al.targets INTO found_targets FROM maplookup.aliases al
     WHERE al.domain = a.domain AND al.local_part = '' AND al.enabled;
-    IF FOUND THEN
-        RETURN 'C' || E'\n' || array_to_string(found_targets, E'\n');
+    IF NOT FOUND THEN
+        RETURN NULL;
     END IF;
-    RETURN NULL;
+    -- A catch-all alias never swallows a mailbox: the mailbox answers for itself, as the
+    -- identity line (box@d box@d) does in a hash: table next to '@d' (cleanup lets an address
+    -- expand into itself once, src/cleanup/cleanup_map1n.c).
+    IF a.local_part <> '' THEN
+        IF EXISTS (SELECT 1 FROM maplookup.mailboxes m WHERE m.domain = a.domain
+                   AND m.local_part = a.local_part AND m.enabled) THEN
+            RETURN 'E' || E'\n' || a.local_part || '@' || a.domain;
+        END IF;
+        IF a.base_part IS NOT NULL AND EXISTS (
+            SELECT 1 FROM maplookup.mailboxes m WHERE m.domain = a.domain
+            AND m.local_part = a.base_part AND m.enabled) THEN
+            RETURN 'B' || E'\n' || a.base_part || '@' || a.domain;
+        END IF;
+    END IF;
+    RETURN 'C' || E'\n' || array_to_string(found_targets, E'\n');
 END
 $$;
 

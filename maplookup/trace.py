@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from maplookup.address import fold, split_address_list, unquote_local
+from maplookup.address import fold, quote_local, split_address_list, unquote_local
 from maplookup.maps import LookupSettings, MapName, decode_key, fold_key, query_for
 from maplookup.virtual_answer import received_local_part, render_virtual
 
@@ -413,7 +413,9 @@ async def _trace(
     tracer = _Tracer(conn, settings, postfix)
     domain = _domain_of(address)
     domain_class = await tracer.classify(domain)
-    root = AliasNode(address)
+    # The address as Postfix writes it (smtpd and cleanup parse it): a quoted dot-atom such
+    # as "max"@example.com is max@example.com (src/global/quote_822_local.c).
+    root = AliasNode(quote_local(unquote_local(address)))
     vector, error = await tracer.expand(root)
     recipients: list[AliasNode] = []
     written: set[str] = set()

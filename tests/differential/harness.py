@@ -308,7 +308,13 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
             (generated / "master.cf").read_text(),
             COMMON_OVERRIDES,
         )
-        export_warnings = _maplookup("export", "--output", str(export_dir), "--dsn", dsn)
+        # The server's default ids go into the tables, as postfix-config puts them into the
+        # pgsql: queries: a hash: table has no configuration of its own.
+        export_warnings = _maplookup(
+            "export", "--output", str(export_dir), "--dsn", dsn,
+            "--default-uid", str(ds_mod.SERVER_DEFAULT_UID),
+            "--default-gid", str(ds_mod.SERVER_DEFAULT_GID),
+        )  # fmt: skip
         tables = b.config_dir / "maps"
         tables.mkdir(parents=True)
         for name in ("domains", "alias_domains", "vmailbox", "virtual", "uids", "gids"):
@@ -475,7 +481,11 @@ def run_instance(
 def trace_settings() -> tuple[LookupSettings, PostfixSettings]:
     return (
         LookupSettings("+", ds_mod.SERVER_DEFAULT_UID, ds_mod.SERVER_DEFAULT_GID),
-        PostfixSettings(virtual_minimum_uid=ds_mod.VIRTUAL_MINIMUM_UID),
+        # The instances' myorigin, which completes a local account an alias points to.
+        PostfixSettings(
+            virtual_minimum_uid=ds_mod.VIRTUAL_MINIMUM_UID,
+            myorigin=str(COMMON_OVERRIDES["myorigin"]),
+        ),
     )
 
 

@@ -304,10 +304,13 @@ class MapModel:
             if self._exists(target, ""):
                 return "C", (f"@{target}",)
             return None
-        # A catch-all never swallows a real mailbox.
-        if local and self._find_mailbox(key, include_catchall=False) is not None:
-            return None
         catchall = self._aliases.get((split.domain, ""))
-        if catchall is not None:
-            return "C", catchall.targets
-        return None
+        if catchall is None:
+            return None
+        # A catch-all never swallows a real mailbox: it answers for itself, as a hash:
+        # table's identity line (box@d box@d) does.
+        if local and (split.domain, local) in self._mailboxes:
+            return "E", (f"{local}@{split.domain}",)
+        if split.base_part is not None and (split.domain, split.base_part) in self._mailboxes:
+            return "B", (f"{split.base_part}@{split.domain}",)
+        return "C", catchall.targets
