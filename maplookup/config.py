@@ -237,6 +237,9 @@ DSN_VARIABLE = "MAPLOOKUP_DSN"
 # be set wherever maplookup runs without being an unknown setting.
 NOT_SETTINGS = (
     "MAPLOOKUP_TEST_DSN",  # tests/conftest.py: the PostgreSQL the tests use instead of their own
+    # tests/differential: how many random datasets, and which record kinds to leave out.
+    "MAPLOOKUP_DIFFERENTIAL_SEEDS",
+    "MAPLOOKUP_DIFFERENTIAL_EXCLUDE",
 )
 
 

@@ -151,6 +151,9 @@ class Service:
         self._dsn = dsn
         self._reload_settings = reload_settings
         self._running: Running | None = None
+        # Set once the server answers: a SIGHUP before that (a restarted worker, a reload
+        # right after start) waits for it instead of reloading a half-started server.
+        self._serving: trio.Event | None = None
         self._source: DatabaseSource | None = None
         self.reloads = 0
         self.rejected_reloads = 0
@@ -238,6 +241,7 @@ class Service:
             )
             self._running = running
             self._database = database
+            serving = self._serving = trio.Event()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._handle_signals, signals)
@@ -263,6 +267,7 @@ class Service:
                         # collection": 60 ms pauses became 3 ms).
                         gc.freeze()
                     self._notifier.ready(status=self._status_line())
+                    serving.set()
                     task_status.started(running)
             finally:
                 with trio.CancelScope(shield=True):
@@ -318,6 +323,11 @@ class Service:
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                serving = self._serving
+                assert serving is not None  # created before this task starts
+                if not serving.is_set():
+                    log.info("SIGHUP received while starting: reloading once serving")
+                    await serving.wait()
                 log.info("SIGHUP received: reloading the configuration")
                 self._notifier.reloading()
                 await self.reload()

@@ -498,6 +498,11 @@ async def _add_extras(conn: asyncpg.Connection) -> None:
     await admin.alias_add(conn, "old@example.com", ["@remote.test"])
     await admin.alias_set_enabled(conn, "old@example.com", False)
     await admin.alias_add(conn, "x@mirror.example", ["info@example.com"])
+    # One set of valid targets (issue 12.5): a quoted address, a local account and a target
+    # in its own case are accepted, exported and read back alike.
+    await admin.alias_add(
+        conn, "odd@example.com", ['"a..b"@example.net', "postmaster", "Mixed@Example.NET"]
+    )
 
 
 @pytest.fixture
@@ -560,6 +565,7 @@ def test_exported_files_format(exported: tuple[str, Path]) -> None:
     assert "\n@mirror.example\t" not in virtual  # example.com has no catch-all
     assert "# disabled: old@example.com\t@remote.test\n" in virtual
     assert "mirror.example\talias-of=example.com\n" in (out_dir / "alias_domains").read_text()
+    assert 'odd@example.com\t"a..b"@example.net, postmaster, Mixed@Example.NET\n' in virtual
     assert "# disabled: off.example\tOK\n" in (out_dir / "domains").read_text()
     uids = (out_dir / "uids").read_text()
     assert "@example.com\t5000\ninfo@example.com\t5001\n" in uids
