@@ -7,8 +7,6 @@ reason when Postfix is not installed, except under CI (CI=true), where that is a
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
 import shutil
 import socket
@@ -16,12 +14,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from maplookup import admin
 from maplookup.embedded import EmbeddedPostgres
-from tests.helpers import dsn_for_database
+from tests.helpers import database_factory
 
 # The suite runs as root on CI machines; servers it starts may keep root (tests that check
 # the refusal and the privilege drop set this themselves).
@@ -45,32 +41,10 @@ def pg_dsn() -> Iterator[str]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-_database_numbers = itertools.count(1)
-
-
 @pytest.fixture(scope="session")
 def make_database(pg_dsn: str) -> Callable[[], str]:
     """Create an empty database with the maplookup schema; returns its DSN."""
-
-    def create() -> str:
-        name = f"maplookup_test_{os.getpid()}_{next(_database_numbers)}"
-
-        async def run() -> None:
-            conn = await asyncpg.connect(pg_dsn)
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-            conn = await asyncpg.connect(dsn_for_database(pg_dsn, name))
-            try:
-                await admin.init_schema(conn)
-            finally:
-                await conn.close()
-
-        asyncio.run(run())
-        return dsn_for_database(pg_dsn, name)
-
-    return create
+    return database_factory(pg_dsn, "maplookup_test")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import os
 import shutil
 import subprocess
@@ -104,3 +105,31 @@ def run_async(action: Callable[[asyncpg.Connection], Awaitable[object]], dsn: st
             await conn.close()
 
     asyncio.run(run())
+
+
+def database_factory(pg_dsn: str, prefix: str) -> Callable[[], str]:
+    """A function creating a fresh database with the maplookup schema on ``pg_dsn``'s server
+    and returning its DSN (the ``make_database`` fixture, and the differential runner)."""
+    from maplookup import admin
+
+    numbers = itertools.count(1)
+
+    def create() -> str:
+        name = f"{prefix}_{os.getpid()}_{next(numbers)}"
+
+        async def run() -> None:
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+            conn = await asyncpg.connect(dsn_for_database(pg_dsn, name))
+            try:
+                await admin.init_schema(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+        return dsn_for_database(pg_dsn, name)
+
+    return create

@@ -62,8 +62,12 @@ def start_server(
     log_path: Path,
     socketmap_port: int | None = None,
     tcp_maps: tuple[str, ...] = ("vmailbox", "virtual"),
+    extra_args: tuple[str, ...] = (),
 ) -> RunningServer:
-    """``python -m maplookup serve`` as a subprocess; returns once every port accepts."""
+    """``python -m maplookup serve`` as a subprocess; returns once every port accepts.
+
+    ``extra_args`` go on the command line as they are (``--default-uid 1500``, ...).
+    """
     socketmap_port = socketmap_port or free_port()
     tcp_ports = {name: free_port() for name in tcp_maps}
     args = [
@@ -78,6 +82,7 @@ def start_server(
     ]
     for map_name, port in tcp_ports.items():
         args += ["--tcp-table", f"{map_name}=127.0.0.1:{port}"]
+    args += extra_args
     with log_path.open("ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(socketmap_port, tcp_ports, process)

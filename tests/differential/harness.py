@@ -22,7 +22,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -34,12 +33,11 @@ from pathlib import Path
 
 import asyncpg
 
-from maplookup import admin
 from maplookup.cli_trace import render_json
 from maplookup.maps import LookupSettings
 from maplookup.trace import PostfixSettings, trace_address
 from tests.e2e.postfix_instance import PostfixError, PrivatePostfix
-from tests.processes import free_port, wait_for_port
+from tests.processes import RunningServer, free_port, start_server, stop_server
 
 from . import dataset as ds_mod
 from .dataset import Dataset
@@ -209,39 +207,17 @@ def _postbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-@dataclass
-class Server:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_maplookup(dsn: str, log_path: Path) -> Server:
+def start_maplookup(dsn: str, log_path: Path) -> RunningServer:
     """``maplookup serve`` with the test's default ids (those postfix-config and trace get)."""
-    port = free_port()
-    args = [
-        sys.executable, "-m", "maplookup", "serve", "--dsn", dsn,
-        "--socketmap", f"127.0.0.1:{port}",
-        "--default-uid", str(ds_mod.SERVER_DEFAULT_UID),
-        "--default-gid", str(ds_mod.SERVER_DEFAULT_GID),
-    ]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(port, process)
-    try:
-        wait_for_port(port, process)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return start_server(
+        dsn,
+        log_path,
+        tcp_maps=(),
+        extra_args=(
+            "--default-uid", str(ds_mod.SERVER_DEFAULT_UID),
+            "--default-gid", str(ds_mod.SERVER_DEFAULT_GID),
+        ),
+    )  # fmt: skip
 
 
 def _postconf_n(config_dir: Path) -> dict[str, str]:
@@ -270,7 +246,7 @@ class Pair:
     dsn: str
     a: PrivatePostfix
     b: PrivatePostfix
-    server: Server
+    server: RunningServer
     export_dir: Path
     export_warnings: str
 
@@ -278,7 +254,7 @@ class Pair:
         for postfix in (self.a, self.b):
             with contextlib.suppress(Exception):  # best effort: stop the rest anyway
                 postfix.stop()
-        self.server.stop()
+        stop_server(self.server)
 
 
 def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
@@ -297,7 +273,7 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
             "postfix-config",
             "--output", str(generated),
             "--dsn", dsn,
-            "--socketmap", f"127.0.0.1:{server.port}",
+            "--socketmap", f"127.0.0.1:{server.socketmap_port}",
             "--virtual-mailbox-base", str(a.mail_base),
             "--virtual-minimum-uid", str(ds_mod.VIRTUAL_MINIMUM_UID),
             "--default-uid", str(ds_mod.SERVER_DEFAULT_UID),
@@ -355,7 +331,7 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
         if pair is not None:
             pair.stop()
         else:
-            server.stop()
+            stop_server(server)
             for postfix in (a, b):
                 if (postfix.config_dir / "main.cf").exists():
                     postfix.stop()
@@ -643,29 +619,9 @@ class SeedResult:
 
 def make_database_factory(pg_dsn: str) -> Callable[[], str]:
     """Fresh databases with the maplookup schema on ``pg_dsn``'s server (as conftest does)."""
-    from tests.helpers import dsn_for_database
+    from tests.helpers import database_factory
 
-    counter = iter(range(1, 1_000_000))
-
-    def create() -> str:
-        name = f"maplookup_diff_{os.getpid()}_{next(counter)}"
-
-        async def run() -> None:
-            conn = await asyncpg.connect(pg_dsn)
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-            conn = await asyncpg.connect(dsn_for_database(pg_dsn, name))
-            try:
-                await admin.init_schema(conn)
-            finally:
-                await conn.close()
-
-        asyncio.run(run())
-        return dsn_for_database(pg_dsn, name)
-
-    return create
+    return database_factory(pg_dsn, "maplookup_diff")
 
 
 def load_dataset(ds: Dataset, dsn: str) -> None:
