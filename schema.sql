@@ -1,1 +1,1 @@
-maplookup/schema.sql
+maplookup/db/schema.sql

@@ -286,7 +286,7 @@ def _worker_trio_asyncio(args: WorkerArgs) -> list[WorkloadResult]:
 def _worker_trio_thread_bridge(args: WorkerArgs) -> list[WorkloadResult]:
     import trio
 
-    from maplookup.db import PoolSettings, open_database
+    from maplookup.db.database import PoolSettings, open_database
 
     settings = PoolSettings(
         dsn=args.dsn,

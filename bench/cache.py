@@ -208,7 +208,7 @@ async def _prepare_database(dsn: str, mailboxes: int, domains: int) -> str:
     """Schema (idempotent) and the dataset; returns PostgreSQL's version."""
     import asyncpg
 
-    from maplookup.admin import init_schema
+    from maplookup.db.admin import init_schema
 
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -262,7 +262,7 @@ async def _server_worker(dsn: str, cache_on: bool, budget_s: float) -> None:
     import trio
 
     from maplookup.config import load_settings
-    from maplookup.service import Running, serve
+    from maplookup.serve.service import Running, serve
 
     settings = load_settings(
         overrides={
@@ -590,7 +590,7 @@ def _vm_rss_bytes() -> int:
 
 def _memory_worker(entries: int, use_tracemalloc: bool) -> dict[str, float]:
     """Bytes for ``entries`` stores: (strings, stores), by tracemalloc or by VmRSS."""
-    from maplookup.cache import AnswerCache, CacheSettings, domain_of
+    from maplookup.lookup.cache import AnswerCache, CacheSettings, domain_of
     from maplookup.maps import MapName
 
     def measure() -> int:

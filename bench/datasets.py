@@ -137,7 +137,7 @@ async def load(admin_dsn: str, ds: Dataset) -> dict[str, Any]:
     import asyncpg
 
     from bench.common import dsn_for
-    from maplookup.admin import init_schema
+    from maplookup.db.admin import init_schema
 
     started = time.monotonic()
     admin = await asyncpg.connect(admin_dsn, timeout=30)

@@ -75,7 +75,7 @@ def server_child(argv: list[str]) -> int:
 
     gc.callbacks.append(on_collection)
     signal.signal(signal.SIGUSR1, write_report)
-    from maplookup.cli import main
+    from maplookup.cli.main import main
 
     return main(["serve", *argv])
 

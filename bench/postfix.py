@@ -48,7 +48,7 @@ def make_config_dir(root: Path) -> Path:
 def write_pgsql_cf(conf: Path, name: str, dsn: str) -> Path:
     """A pgsql: table calling the same SQL function as the server (postfix-config's query)."""
     from maplookup.maps import MapName
-    from maplookup.postfix_config import PostfixConfigOptions, pgsql_query
+    from maplookup.postfix.config import PostfixConfigOptions, pgsql_query
 
     query = pgsql_query(MapName.VMAILBOX, PostfixConfigOptions(pgsql_dsn=dsn))
     database = dsn.rsplit("/", 1)[1].split("?", 1)[0]

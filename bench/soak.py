@@ -100,7 +100,7 @@ def change_key(i: int) -> str:
 async def _seed(dsn: str, mailboxes: int) -> str:
     import asyncpg
 
-    from maplookup.admin import init_schema
+    from maplookup.db.admin import init_schema
 
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -184,7 +184,7 @@ async def _child_main(dsn: str, cache_entries: int) -> None:
 
     from maplookup.config import load_settings
     from maplookup.logsetup import configure_logging
-    from maplookup.service import Running, serve
+    from maplookup.serve.service import Running, serve
 
     settings = load_settings(
         overrides={

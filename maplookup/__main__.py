@@ -1,5 +1,5 @@
 """``python -m maplookup`` is the ``maplookup`` command."""
 
-from maplookup.cli import main
+from maplookup.cli.main import main
 
 raise SystemExit(main())

@@ -48,7 +48,6 @@ from pydantic_settings import (
 )
 
 from maplookup.maps import MapName
-from maplookup.protocol.socketmap import DEFAULT_MAX_REQUEST_BYTES
 
 
 class ConfigError(Exception):
@@ -142,11 +141,17 @@ class ListenSettings(_Model):
         return value
 
 
+# Postfix keeps keys under 10,000 bytes (src/global/dict_sockmap.c); room for the map name and
+# the netstring header.  Owned here; the protocol codecs take the limit as a parameter (their
+# own default is the same number, tests/unit/test_config.py holds them together).
+MAX_REQUEST_BYTES_DEFAULT = 16_384
+
+
 class LimitSettings(_Model):
     """Per-connection limits.  Defaults follow Postfix's own client (src/global/dict_sockmap.c)."""
 
     # Postfix keeps keys under 10,000 bytes; room for the map name and the netstring header.
-    max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
+    max_request_bytes: PositiveInt = MAX_REQUEST_BYTES_DEFAULT
     # A started request must complete within this; Postfix writes a request in one go.
     read_timeout_s: PositiveFloat = 10.0
     # Longer than Postfix's own 10 s idle close, so Postfix, not us, ends idle connections.

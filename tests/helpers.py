@@ -110,7 +110,7 @@ def run_async(action: Callable[[asyncpg.Connection], Awaitable[object]], dsn: st
 def database_factory(pg_dsn: str, prefix: str) -> Callable[[], str]:
     """A function creating a fresh database with the maplookup schema on ``pg_dsn``'s server
     and returning its DSN (the ``make_database`` fixture, and the differential runner)."""
-    from maplookup import admin
+    from maplookup.db import admin
 
     numbers = itertools.count(1)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 from maplookup.maps import MapName
-from maplookup.protocol import Status
+from maplookup.protocol.events import Status
 
 from .histogram import DEFAULT_LATENCY_BUCKETS_S, LatencyHistogram
 

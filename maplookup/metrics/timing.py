@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from maplookup.db_errors import DatabaseTimeout
+from maplookup.errors import DatabaseTimeout
 from maplookup.logsetup import QueryLog
 from maplookup.maps import LookupSettings, MapName
-from maplookup.protocol import Reply, Request
+from maplookup.protocol.events import Reply, Request
 
 from .stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT, DatabaseStats, LookupStats
 

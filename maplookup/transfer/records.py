@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from maplookup import admin
 from maplookup.address import split_address_list
-from maplookup.admin import Address, AdminError
+from maplookup.db import admin
+from maplookup.db.admin import Address, AdminError
 
 from .problems import Origin
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from maplookup import admin
+from maplookup.db import admin
 
 KINDS = (
     "domain_ids",

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import asyncpg
 
-from maplookup.cli_trace import render_json
+from maplookup.cli.trace import render_json
 from maplookup.maps import LookupSettings
-from maplookup.trace import PostfixSettings, trace_address
+from maplookup.postfix.trace import PostfixSettings, trace_address
 from tests.e2e.postfix_instance import PostfixError, PrivatePostfix
 from tests.processes import RunningServer, free_port, start_server, stop_server
 

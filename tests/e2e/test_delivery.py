@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from maplookup import admin
+from maplookup.db import admin
 from tests.e2e.postfix_instance import PrivatePostfix
 from tests.helpers import require_postfix, run_async
 from tests.processes import RunningServer, free_port, start_server, stop_server

@@ -476,7 +476,7 @@ def seed(dsn: str, data: Dataset = FUZZ_DATA) -> None:
     """Create the schema if needed and load ``data``."""
     import asyncpg
 
-    from maplookup import admin
+    from maplookup.db import admin
 
     async def run() -> None:
         conn = await asyncpg.connect(dsn)

@@ -35,11 +35,11 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup import admin
 from maplookup.config import Settings, load_settings
+from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply, Status
-from maplookup.service import Running, serve
+from maplookup.serve.service import Running, serve
 from tests.hardening.fuzzcore import free_port
 from tests.hardening.support import Client, wait_until
 

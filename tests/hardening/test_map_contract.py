@@ -24,8 +24,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maplookup.cache import AnswerCache, CacheSettings, CachingSource
-from maplookup.db import (
+from maplookup.db.database import (
     AsyncioThread,
     Database,
     DatabaseError,
@@ -34,7 +33,8 @@ from maplookup.db import (
     close_database,
     start_database,
 )
-from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
+from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
+from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
 from tests.hardening.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel

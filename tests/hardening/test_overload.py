@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from maplookup.config import HostPort, LimitSettings, ListenSettings
-from maplookup.listeners import bind_all, close_all
 from maplookup.protocol import Reply, Request, socketmap
-from maplookup.server import Server
+from maplookup.serve.listeners import bind_all, close_all
+from maplookup.serve.server import Server
 from tests.hardening.support import (
     Client,
     closed_by_peer,

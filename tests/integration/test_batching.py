@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup.db import Database, PoolSettings, open_database
-from maplookup.lookup import DatabaseSource, Lookup
+from maplookup.db.database import Database, PoolSettings, open_database
+from maplookup.lookup.answer import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.protocol import Reply, Request, Status
 from tests.helpers import run_sql

@@ -13,15 +13,15 @@ import pytest
 import trio
 import trio.testing
 
-from maplookup.cache import AnswerCache, CacheSettings, CachingSource
-from maplookup.changes import ChangeListener, ListenerSettings
 from maplookup.config import Settings, load_settings
-from maplookup.db import PoolSettings, open_database
+from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.database import PoolSettings, open_database
 from maplookup.embedded import EmbeddedPostgres
-from maplookup.lookup import DatabaseSource
+from maplookup.lookup.answer import DatabaseSource
+from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import NEED_DATA, Reply, SocketmapReplyParser, socketmap
-from maplookup.service import Running, serve
+from maplookup.serve.service import Running, serve
 from tests.helpers import run_sql
 
 SCHEMA_DATA = [
@@ -262,7 +262,7 @@ async def test_no_cache_is_a_pass_through(dsn: str) -> None:
 async def test_outage_serves_cache_answers_temp_and_recovers(
     own_cluster: EmbeddedPostgres,
 ) -> None:
-    from maplookup import admin
+    from maplookup.db import admin
     from tests.helpers import run_async
 
     dsn = own_cluster.tcp_dsn

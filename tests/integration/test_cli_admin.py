@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from maplookup import schema
-from maplookup.cli import main
+from maplookup.cli.main import main
+from maplookup.db import schema
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

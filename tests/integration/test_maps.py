@@ -15,9 +15,9 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from maplookup import admin
-from maplookup.db import PoolSettings, open_database
-from maplookup.lookup import DatabaseSource, Lookup
+from maplookup.db import admin
+from maplookup.db.database import PoolSettings, open_database
+from maplookup.lookup.answer import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
 from tests.helpers import require_tool
@@ -391,7 +391,7 @@ def test_pgsql_queries_survive_postfix_37s_latin1_session(
     UTF-8 bytes: the generated query must find jürgen and hand back UTF-8 bytes, as psql in a
     LATIN1 session does here byte for byte."""
     from maplookup.maps import MapName
-    from maplookup.postfix_config import PostfixConfigOptions, pgsql_query
+    from maplookup.postfix.config import PostfixConfigOptions, pgsql_query
 
     psql = require_tool("psql", "postgresql-client")
     options = PostfixConfigOptions(pgsql_dsn=dataset_dsn)

@@ -9,8 +9,8 @@ import urllib.request
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from maplookup import admin
 from maplookup.config import load_settings
+from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply
 from tests.helpers import run_async, run_sql

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup import admin, schema
 from maplookup.config import load_settings
-from maplookup.service import StartupError, serve
+from maplookup.db import admin, schema
+from maplookup.serve.service import StartupError, serve
 from tests.helpers import dsn_for_database, run_sql
 
 V1_SQL = (Path(__file__).parents[1] / "data" / "schema_v1.sql").read_text()
@@ -123,7 +123,7 @@ async def test_serve_refuses_a_schema_it_does_not_know(
 def test_cli_db_init_reports_the_upgrade(
     empty_dsn: str, capsys: pytest.CaptureFixture[str], make_database: Callable[[], str]
 ) -> None:
-    from maplookup.cli import main
+    from maplookup.cli.main import main
 
     run_sql(empty_dsn, V1_SQL)
     assert main(["db", "init", "--dsn", empty_dsn]) == 0

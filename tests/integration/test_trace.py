@@ -14,11 +14,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from maplookup import admin, cli_trace
-from maplookup.cli_common import Parser
-from maplookup.cli_trace import render_json, render_text
+from maplookup.cli import trace as cli_trace
+from maplookup.cli.common import Parser
+from maplookup.cli.trace import render_json, render_text
+from maplookup.db import admin
 from maplookup.maps import LookupSettings
-from maplookup.trace import (
+from maplookup.postfix.trace import (
     DomainClass,
     ErrorKind,
     NodeKind,

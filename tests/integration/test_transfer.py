@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 from maplookup import transfer
-from maplookup.cli_common import Parser
-from maplookup.cli_transfer import add_commands
+from maplookup.cli.common import Parser
+from maplookup.cli.transfer import add_commands
 from tests.helpers import require_postfix
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "transfer"
@@ -488,7 +488,7 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 async def _add_extras(conn: asyncpg.Connection) -> None:
     """What only the admin commands create: mirrors, disabled records, a mailbox's own gid."""
-    from maplookup import admin
+    from maplookup.db import admin
 
     await admin.domain_add(conn, "mirror.example", alias_of="example.com")
     await admin.domain_add(conn, "off.example")
@@ -589,7 +589,7 @@ def test_export_refuses_to_overwrite_without_force(
 
 
 async def _add_awkward(conn: asyncpg.Connection) -> None:
-    from maplookup import admin
+    from maplookup.db import admin
 
     await admin.domain_add(conn, "a.test", uid=100)
     await admin.mailbox_add(conn, "@a.test", path="a.test/all/", uid=200)

@@ -14,8 +14,8 @@ from functools import partial
 import pytest
 import trio
 
-from maplookup.http_admin import open_admin_listeners, serve_admin_http
 from maplookup.metrics import METRICS_CONTENT_TYPE, LookupStats, MaplookupCollector, render
+from maplookup.serve.http_admin import open_admin_listeners, serve_admin_http
 
 DEADLINE_S = 10.0
 

@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from maplookup.config import HostPort, LimitSettings, ListenSettings
-from maplookup.listeners import BoundListener, ListenError, bind_all, close_all
 from maplookup.maps import MapName
 from maplookup.protocol import NEED_DATA, Reply, Request, SocketmapReplyParser, socketmap, tcptable
-from maplookup.server import Server
+from maplookup.serve.listeners import BoundListener, ListenError, bind_all, close_all
+from maplookup.serve.server import Server
 
 
 class ScriptedAnswerer:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from maplookup.config import ConfigError, load_settings
-from maplookup.privileges import PrivilegeError, check_not_root
-from maplookup.server import Server
+from maplookup.serve.privileges import PrivilegeError, check_not_root
+from maplookup.serve.server import Server
 
 
 def test_default_bind_is_loopback() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import outcome
 
-from maplookup.batching import BatchSettings, LookupBatcher, LookupJob
+from maplookup.db.batching import BatchSettings, LookupBatcher, LookupJob
 from maplookup.maps import LookupSettings, MapName
 
 

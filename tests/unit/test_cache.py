@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from maplookup.cache import AnswerCache, CacheSettings, CachingSource, domain_of
-from maplookup.db import DatabaseError
+from maplookup.db.database import DatabaseError
+from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource, domain_of
 from maplookup.maps import MapName
 
 V = MapName.VMAILBOX

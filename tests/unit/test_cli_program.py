@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maplookup.cli import build_parser, program_name
+from maplookup.cli.main import build_parser, program_name
 
 
 def test_a_path_not_on_path_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from maplookup.cli import main
-from maplookup.cli_common import EXIT_ERROR, EXIT_USAGE
+from maplookup.cli.common import EXIT_ERROR, EXIT_USAGE
+from maplookup.cli.main import main
 from maplookup.config import ConfigError, HostPort, Settings, load_settings
 from maplookup.maps import MapName
 
@@ -294,3 +294,12 @@ def test_redact_dsn() -> None:
     assert redact_dsn("postgresql://u:s3cret@db/x") == "postgresql://u:***@db/x"
     assert redact_dsn("host=db password=s3cret user=u") == "host=db password=*** user=u"
     assert redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"
+
+
+def test_the_request_limit_default_is_the_codecs() -> None:
+    """config owns the operational default; the codecs' own default must not drift from it."""
+    from maplookup.config import MAX_REQUEST_BYTES_DEFAULT
+    from maplookup.protocol import DEFAULT_MAX_REQUEST_BYTES
+
+    assert MAX_REQUEST_BYTES_DEFAULT == DEFAULT_MAX_REQUEST_BYTES
+    assert Settings().limits.max_request_bytes == MAX_REQUEST_BYTES_DEFAULT

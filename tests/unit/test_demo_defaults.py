@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maplookup.config import Settings
-from maplookup.demo import DEMO_GID, DEMO_UID, with_demo_defaults
+from maplookup.db.demo import DEMO_GID, DEMO_UID, with_demo_defaults
 
 
 def test_demo_gets_the_readme_default_ids() -> None:
@@ -24,7 +24,7 @@ def test_ids_from_config_environment_or_flags_win() -> None:
 def test_a_reload_republishes_the_default_ids(tmp_path: Path) -> None:
     """Admin commands learn the embedded server's ids from its state dir: a SIGHUP that
     changes them must change the file too, or postfix-config writes the old ones."""
-    from maplookup.serve_main import _publishing_ids
+    from maplookup.serve.run import _publishing_ids
 
     new = Settings.model_validate({"lookup": {"default_uid": 7000, "default_gid": 7001}})
     reload = _publishing_ids(lambda: new, tmp_path)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from maplookup.config import load_settings
 from maplookup.maps import MapName
-from maplookup.postfix_config import PostfixConfigOptions, generate
+from maplookup.postfix.config import PostfixConfigOptions, generate
 from tests.helpers import require_tool
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

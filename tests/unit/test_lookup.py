@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maplookup.db import DatabaseError, DatabaseTimeout
-from maplookup.lookup import Lookup
+from maplookup.db.database import DatabaseError, DatabaseTimeout
+from maplookup.lookup.answer import Lookup
 from maplookup.maps import LookupSettings, MapName, fold_key, query_for
 from maplookup.protocol import Reply, Request, Status
 

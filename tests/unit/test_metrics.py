@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from maplookup.cache import AnswerCache, CacheSettings
-from maplookup.changes import ChangeListener, ListenerSettings
-from maplookup.db import DatabaseError, DatabaseTimeout
+from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.database import DatabaseError, DatabaseTimeout
+from maplookup.lookup.cache import AnswerCache, CacheSettings
 from maplookup.maps import LookupSettings, MapName
 from maplookup.metrics import (
     DEFAULT_LATENCY_BUCKETS_S,
@@ -28,7 +28,7 @@ from maplookup.metrics import (
     render,
 )
 from maplookup.protocol import Reply, Request, Status
-from maplookup.server import ServerCounters
+from maplookup.serve.server import ServerCounters
 
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 

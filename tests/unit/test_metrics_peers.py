@@ -12,7 +12,7 @@ from maplookup.maps import MapName
 from maplookup.metrics import DatabaseStats, LookupStats, MaplookupCollector, make_registry, render
 from maplookup.metrics.peers import WorkerPeers, gather, merge, read_peer, serve_own_metrics
 from maplookup.protocol import Status
-from maplookup.server import ServerCounters
+from maplookup.serve.server import ServerCounters
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from maplookup.sdnotify import SystemdNotifier
+from maplookup.serve.sdnotify import SystemdNotifier
 
 
 class Receiver:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from maplookup.address import fold, quote_local, split_address_list, unquote_local
+from maplookup.lookup.virtual_answer import received_local_part, render_virtual
 from maplookup.maps import LookupSettings, MapName, decode_key, fold_key, query_for
-from maplookup.virtual_answer import received_local_part, render_virtual
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,7 @@ from typing import Any
 import asyncpg
 
 from maplookup import transfer
-from maplookup.admin import AdminError
-from maplookup.cli_common import (
+from maplookup.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
@@ -24,6 +23,7 @@ from maplookup.cli_common import (
     server_ids,
     with_connection,
 )
+from maplookup.db.admin import AdminError
 
 _IMPORT_FILES = (
     ("--domains", "domains", "virtual_mailbox_domains list: `domain [value]` per line"),

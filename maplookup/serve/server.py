@@ -19,7 +19,6 @@ from typing import Protocol
 import trio
 
 from maplookup.config import LimitSettings
-from maplookup.listeners import BoundListener
 from maplookup.logsetup import RateLimitedLogger, fields
 from maplookup.protocol import (
     CLOSED,
@@ -30,6 +29,7 @@ from maplookup.protocol import (
     SocketmapProtocol,
     TcpTableProtocol,
 )
+from maplookup.serve.listeners import BoundListener
 
 log = logging.getLogger(__name__)
 

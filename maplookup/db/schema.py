@@ -102,7 +102,7 @@ class SchemaError(Exception):
 
 
 def schema_sql() -> str:
-    return resources.files("maplookup").joinpath("schema.sql").read_text(encoding="utf-8")
+    return resources.files("maplookup.db").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 async def installed_version(conn: asyncpg.Connection) -> int | None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from maplookup.db_errors import DatabaseError
+from maplookup.errors import DatabaseError
+from maplookup.lookup.virtual_answer import received_local_part, render_virtual
 from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, decode_key, fold_key
-from maplookup.protocol import Reply, Request, Status
-from maplookup.virtual_answer import received_local_part, render_virtual
+from maplookup.protocol.events import Reply, Request, Status
 
 log = logging.getLogger(__name__)
 

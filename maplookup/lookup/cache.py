@@ -36,8 +36,8 @@ from typing import Final
 
 import trio
 
-from maplookup.db import DatabaseError
-from maplookup.lookup import AnswerSource
+from maplookup.errors import DatabaseError
+from maplookup.lookup.answer import AnswerSource
 from maplookup.maps import MapName
 
 # (map name as a plain str, folded key): a MapName member would keep the tuple tracked by the GC.

@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from maplookup import admin
 from maplookup.config import ConfigError, Settings, load_settings
+from maplookup.db import admin
 
 EXIT_OK = 0
 EXIT_NOTFOUND = 1

@@ -38,8 +38,8 @@ import asyncpg
 import outcome
 import trio
 
-from maplookup.batching import BatchSettings, LookupBatcher, LookupJob
-from maplookup.db_errors import CLIENT_ERRORS, DatabaseError, DatabaseTimeout, as_database_error
+from maplookup.db.batching import BatchSettings, LookupBatcher, LookupJob
+from maplookup.db.errors import CLIENT_ERRORS, DatabaseError, DatabaseTimeout, as_database_error
 from maplookup.maps import LookupSettings, MapName
 
 __all__ = [

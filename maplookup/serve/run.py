@@ -18,9 +18,9 @@ from pathlib import Path
 import asyncpg
 import trio
 
-from maplookup import admin, workers
 from maplookup.config import Settings, redact_dsn
-from maplookup.demo import load_demo_data
+from maplookup.db import admin
+from maplookup.db.demo import load_demo_data
 from maplookup.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -29,12 +29,13 @@ from maplookup.embedded import (
     remove_server_ids,
     write_server_ids,
 )
-from maplookup.listeners import ListenError
 from maplookup.logsetup import configure_logging
 from maplookup.metrics.peers import WorkerPeers
-from maplookup.privileges import PrivilegeError, check_not_root
-from maplookup.sdnotify import SystemdNotifier
-from maplookup.service import StartupError, serve
+from maplookup.serve import workers
+from maplookup.serve.listeners import ListenError
+from maplookup.serve.privileges import PrivilegeError, check_not_root
+from maplookup.serve.sdnotify import SystemdNotifier
+from maplookup.serve.service import StartupError, serve
 
 log = logging.getLogger("maplookup")
 

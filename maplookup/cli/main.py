@@ -17,8 +17,11 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import admin, cli_check, cli_postfix, cli_trace, cli_transfer
-from maplookup.cli_common import (
+from maplookup.cli import check as cli_check
+from maplookup.cli import postfix as cli_postfix
+from maplookup.cli import trace as cli_trace
+from maplookup.cli import transfer as cli_transfer
+from maplookup.cli.common import (
     EXIT_NOTFOUND,
     EXIT_OK,
     EXIT_PERM,
@@ -35,6 +38,7 @@ from maplookup.cli_common import (
     with_connection,
 )
 from maplookup.config import HostPort, Settings, load_settings
+from maplookup.db import admin
 from maplookup.maps import MapName
 from maplookup.protocol import Status
 
@@ -60,7 +64,7 @@ def cmd_db_init(args: argparse.Namespace) -> int:
         else:
             print(f"schema is current (version {after}); functions and triggers refreshed")
         if args.demo:
-            from maplookup.demo import load_demo_data
+            from maplookup.db.demo import load_demo_data
 
             loaded = await load_demo_data(conn)
             print("demo data loaded" if loaded else "database not empty: demo data not loaded")
@@ -280,14 +284,14 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from maplookup.serve_main import run_serve
+    from maplookup.serve.run import run_serve
 
     overrides = _serve_overrides(args)
 
     def demo_defaults(settings: Settings) -> Settings:
         if not args.demo:
             return settings
-        from maplookup.demo import with_demo_defaults
+        from maplookup.db.demo import with_demo_defaults
 
         return with_demo_defaults(settings)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup.cli_common import (
+from maplookup.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_database_options,
@@ -23,7 +23,7 @@ from maplookup.cli_common import (
     with_connection,
 )
 from maplookup.maps import LookupSettings
-from maplookup.trace import (
+from maplookup.postfix.trace import (
     AliasNode,
     Delivery,
     DomainClass,

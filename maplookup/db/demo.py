@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from maplookup import admin
 from maplookup.config import Settings
+from maplookup.db import admin
 
 DEMO_UID = 5000
 DEMO_GID = 5000

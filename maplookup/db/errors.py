@@ -11,18 +11,14 @@ import logging
 
 import asyncpg
 
+from maplookup.errors import DatabaseError, DatabaseTimeout
+
 log = logging.getLogger(__name__)
+
+__all__ = ["CLIENT_ERRORS", "DatabaseError", "DatabaseTimeout", "as_database_error"]
 
 # What asyncpg raises when the database cannot answer (anything else is logged as unexpected).
 CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-
-
-class DatabaseError(Exception):
-    """The database could not give an answer; the lookup must answer TEMP, never NOTFOUND."""
-
-
-class DatabaseTimeout(DatabaseError):
-    """The database did not answer within the query timeout."""
 
 
 def as_database_error(exc: BaseException) -> DatabaseError:

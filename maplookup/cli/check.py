@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import schema
-from maplookup.cli_common import EXIT_ERROR, EXIT_OK
+from maplookup.cli.common import EXIT_ERROR, EXIT_OK
 from maplookup.config import ConfigError, Settings, load_settings, redact_dsn
+from maplookup.db import schema
 
 
 def add_commands(commands: Any) -> None:

@@ -22,23 +22,14 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from maplookup import __version__, schema
-from maplookup.cache import AnswerCache, CacheSettings, CachingSource
-from maplookup.changes import ChangeListener, ListenerSettings
+from maplookup import __version__
 from maplookup.config import ConfigError, HostPort, Settings
-from maplookup.db import Database, DatabaseError, PoolSettings, open_database
-from maplookup.http_admin import open_admin_listeners, serve_admin_http
-from maplookup.listeners import (
-    BoundListener,
-    ListenError,
-    ListenerSpec,
-    bind_all,
-    bind_spec,
-    close_all,
-    listener_specs,
-)
+from maplookup.db import schema
+from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
 from maplookup.logsetup import QueryLog, configure_logging
-from maplookup.lookup import AnswerSource, DatabaseSource, Lookup
+from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
+from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.maps import LookupSettings
 from maplookup.metrics import (
     DatabaseStats,
@@ -50,9 +41,19 @@ from maplookup.metrics import (
     render,
 )
 from maplookup.metrics.peers import WorkerPeers, gather, serve_own_metrics
-from maplookup.privileges import PrivilegeError, drop_to
-from maplookup.sdnotify import SystemdNotifier
-from maplookup.server import Server
+from maplookup.serve.http_admin import open_admin_listeners, serve_admin_http
+from maplookup.serve.listeners import (
+    BoundListener,
+    ListenError,
+    ListenerSpec,
+    bind_all,
+    bind_spec,
+    close_all,
+    listener_specs,
+)
+from maplookup.serve.privileges import PrivilegeError, drop_to
+from maplookup.serve.sdnotify import SystemdNotifier
+from maplookup.serve.server import Server
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import asyncpg
 import trio
 
-from maplookup.db import AsyncioThread
+from maplookup.db.database import AsyncioThread
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from maplookup.cli_common import (
+from maplookup.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_database_options,
@@ -21,7 +21,7 @@ from maplookup.cli_common import (
 from maplookup.config import HostPort
 from maplookup.embedded import loopback_dsn
 from maplookup.maps import MapName
-from maplookup.postfix_config import GeneratedConfig, PostfixConfigOptions, generate
+from maplookup.postfix.config import GeneratedConfig, PostfixConfigOptions, generate
 
 
 def add_commands(commands: Any) -> None:

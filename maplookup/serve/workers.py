@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from maplookup.config import Settings
-from maplookup.listeners import ListenerSpec, listener_specs, open_unix_socket
-from maplookup.sdnotify import SystemdNotifier
+from maplookup.serve.listeners import ListenerSpec, listener_specs, open_unix_socket
+from maplookup.serve.sdnotify import SystemdNotifier
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from maplookup import schema
 from maplookup.address import fold, unquote_local
+from maplookup.db import schema
 
 _DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
 _LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import asyncpg
 import outcome
 
-from maplookup.db_errors import DatabaseError, DatabaseTimeout, as_database_error
+from maplookup.db.errors import DatabaseError, DatabaseTimeout, as_database_error
 from maplookup.maps import LookupSettings, MapName, batch_query_for, query_for
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,10 @@
+"""The database layer: asyncpg in its own asyncio thread, and everything that talks SQL.
+
+Owns the bridge and the pool (``database``), batching of cache misses (``batching``), the
+change feed (``changes``), the schema and its versions (``schema``, ``schema.sql``), the admin
+writes (``admin``) and the demo data (``demo``).  Errors leave it as ``maplookup.errors``'
+DatabaseError, which the lookup layer turns into TEMP.
+
+Imports: the base modules and ``lookup`` (for the protocols it implements); never ``serve`` or
+``cli``.
+"""

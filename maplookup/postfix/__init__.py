@@ -1,0 +1,5 @@
+"""The Postfix side: generated Postfix configuration (``config``) and routing traces
+(``trace``), both built on the same SQL and rendering the server uses.
+
+Imports: the base modules, ``lookup`` and ``db``; never ``serve`` or ``cli``.
+"""
