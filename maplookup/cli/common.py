@@ -1,6 +1,6 @@
 """What every ``maplookup`` sub-command shares: exit codes, errors, finding the database.
 
-Sub-commands live in their own modules (``cli.py`` for the core ones, ``cli_*.py`` for the
+Sub-commands live in their own modules (``main`` for the core ones, one module per group for the
 rest) and register themselves on the parser; this module is what they all import.
 """
 

@@ -1,6 +1,6 @@
 """``maplookup import`` and ``maplookup export``: Postfix source map files in and out.
 
-Registered on the main parser by ``add_commands`` (see cli.py).  Exit codes as for the admin
+Registered on the main parser by ``add_commands`` (see cli/main.py).  Exit codes as for the admin
 commands: 0 done, 1 error (for import: any bad line, unless --skip-errors), 3 bad usage.
 """
 

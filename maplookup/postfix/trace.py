@@ -204,7 +204,7 @@ class _Tracer:
     async def lookup(self, map_name: MapName, key: str) -> str | None:
         """What the server answers: None for NOTFOUND.  Same snapshot, so memoised.
 
-        As the server (lookup.py): the statement for the folded key, and for ``virtual`` the
+        As the server (lookup/answer.py): the statement for the folded key, and for ``virtual`` the
         received case applied onto the match (virtual_answer.py).
         """
         folded = fold_key(map_name, key.encode("utf-8"), self._smtputf8)
@@ -213,7 +213,7 @@ class _Tracer:
         if (map_name, folded) not in self._answers:
             query, args = query_for(map_name, folded, self._settings)
             fetched = await self._conn.fetchval(query, *args)
-            # The server answers NOTFOUND for NULL and for an empty string (lookup.py).
+            # The server answers NOTFOUND for NULL and for an empty string (lookup/answer.py).
             self._answers[map_name, folded] = str(fetched) if fetched else None
         value = self._answers[map_name, folded]
         if value is not None and map_name is MapName.VIRTUAL:

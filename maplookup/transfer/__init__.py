@@ -23,7 +23,7 @@ The package, in the order an import runs through it:
 - ``importing``: the one transaction that fetches, plans and writes, and the summary;
 - ``exporting``: the database back as source files.
 
-This module re-exports what the CLI (maplookup/cli_transfer.py) and the tests use.
+This module re-exports what the CLI (maplookup/cli/transfer.py) and the tests use.
 """
 
 from __future__ import annotations

@@ -361,7 +361,7 @@ async def test_killed_backends(cluster: EmbeddedPostgres) -> None:
     Fails (most runs: whether a lookup meets a terminated pooled connection is a race) while
     asyncpg's InternalClientError ("cannot switch to state 12; another operation (2) is in
     progress", raised for a query on a pooled connection whose backend was just terminated)
-    escapes maplookup/db.py's error mapping: it is not a PostgresError, InterfaceError or
+    escapes maplookup/db/database.py's error mapping: it is not a PostgresError, InterfaceError or
     OSError, so CachingSource does not fall back to the cached answer and Lookup answers
     "TEMP internal error in maplookup" (with a traceback in the log) for a cached key.
     """
