@@ -48,6 +48,7 @@ from .state import (
     LOG_FILE_NAME,
     PGDATA_NAME,
     RUN_NAME,
+    SERVE_LOCK_FILE_NAME,
     _PostmasterInfo,
     _running_postmaster,
     _wait_for_unreaped_postmaster,
@@ -244,6 +245,31 @@ class EmbeddedPostgres:
             self._dsn = dsn
             log.info("embedded PostgreSQL ready in %s on port %d", self.state_dir, self.port)
             return dsn
+
+    def claim_for_server(self) -> int:
+        """Hold this state directory for one ``maplookup serve``; returns the lock's fd.
+
+        A second server on the same state directory would adopt the running cluster and, if it
+        then failed to start (its port taken by the first), stop the cluster under the first
+        one: every lookup the first had not cached would answer TEMP from then on.  So the
+        second refuses at once.  The lock goes with the process (and its workers), so a
+        cluster left behind by a crash is still adopted by the next server.
+        """
+        self._prepare_dirs(_resolve_run_as(self.run_as_user))
+        path = self.state_dir / SERVE_LOCK_FILE_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise EmbeddedPostgresError(
+                f"another maplookup serve uses {self.state_dir} (pid {holder}): stop it first, "
+                "or give this one its own --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        return fd
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server in state_dir (whoever started it) and remove the dsn file.

@@ -22,6 +22,8 @@ LOG_FILE_NAME = "postgresql.log"
 DSN_FILE_NAME = "dsn"
 SERVER_IDS_FILE_NAME = "server-ids"
 LOCK_FILE_NAME = ".lock"
+# Held by the one `maplookup serve` using the state directory (claim_for_server).
+SERVE_LOCK_FILE_NAME = "serve.lock"
 _INITDB_TMP_NAME = "pgdata.initdb-tmp"
 
 

@@ -101,6 +101,7 @@ def run_serve(
                 "no database configured: starting embedded PostgreSQL in %s", cluster.state_dir
             )
             try:
+                stack.callback(os.close, cluster.claim_for_server())
                 dsn = cluster.start()
             except EmbeddedPostgresError as exc:
                 log.error("%s", exc)

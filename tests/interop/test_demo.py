@@ -88,6 +88,19 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         assert generated.returncode == 0, generated.stderr
         assert "maplookup.uid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
         assert "maplookup.gid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
+
+        # A second demo on the same state directory refuses to start, and leaves the first
+        # one's database alone (it used to adopt the cluster, fail on the taken port and stop
+        # the cluster under the first: every uncached lookup then answered TEMP).
+        second = subprocess.run(
+            [sys.executable, "-m", "maplookup", "serve", "--demo", "--state-dir", str(state_dir),
+             "--socketmap", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert f"another maplookup serve uses {state_dir} (pid " in second.stderr
+        result = postmap(postfix_dir, "-q", "uncached@arkum.ch", server.socketmap("vmailbox"))
+        assert (result.returncode, result.stderr) == (1, "")  # NOTFOUND from the database
     finally:
         code = stop_server(server)
         log_text = first_log.read_text()
