@@ -216,6 +216,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from maplookup.client import QueryError, query_socketmap, query_tcp_table
 
+    # query needs no settings, but a misspelt MAPLOOKUP_* variable is an error everywhere.
+    load(args)
+
     try:
         if args.tcp_table is not None:
             reply = query_tcp_table(args.key.encode(), server=_host_port(args.tcp_table))

@@ -14,12 +14,18 @@ from typing import Any
 
 import asyncpg
 
-from maplookup.address import fold, unquote_local
+from maplookup.address import fold, split_address_list, unquote_local
 from maplookup.db import schema
 
 _DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
 _LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# A target in external form: a dot-atom or a quoted string as local part (a local account
+# name has no domain), or '@domain' alone (RFC 5322 3.4.1, as quote_822_local.c writes them).
+_ATOM = r'[^()<>@,;:\\".\[\]\s\x00-\x1f\x7f]+'
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[^"\\\r\n]|\\.)*")'
+_TARGET_DOMAIN = r'[^()<>@,;:\\"\[\]\s\x00-\x1f\x7f]+'
+_TARGET_RE = re.compile(rf"{_LOCAL}(?:@{_TARGET_DOMAIN})?|@{_TARGET_DOMAIN}")
 
 
 class AdminError(Exception):
@@ -80,9 +86,15 @@ def parse_target(text: str) -> str:
     * ``name``, without ``@``: a local account, which Postfix completes with ``@$myorigin``.
     """
     stripped = text.strip()
+    if not _TARGET_RE.fullmatch(stripped):
+        raise AdminError(
+            f'invalid target {text!r}: expected user@domain, "quoted local part"@domain, '
+            "@domain or a local account name (RFC 5322 specials such as <>()[]:;@, and white "
+            "space only inside quotes)"
+        )
     internal = unquote_local(stripped)
-    if not internal or _CONTROL_RE.search(internal):
-        raise AdminError(f"invalid target {text!r}")
+    if not internal or _CONTROL_RE.search(internal) or internal[0] == "@" != stripped[0]:
+        raise AdminError(f"invalid target {text!r}")  # e.g. ""@domain: an empty local part
     at = internal.rfind("@")
     if at < 0:
         return internal  # a local account name
@@ -101,6 +113,9 @@ def parse_targets(texts: list[str]) -> list[str]:
     and then the whole list is taken as one quoted local part (``"u@h.test, x"@y.test``, mail
     lost); elsewhere in a list it gives ``""@domain``.  Neither is what an admin means.
     """
+    # One argument may hold a list, as a virtual(5) value does ("a@x, b@y"): split it the way
+    # Postfix splits a result, so `alias add` and `import` read the same text alike.
+    texts = [t for text in texts for t in split_address_list(text)]
     if not texts:
         raise AdminError("an alias needs at least one target")
     targets = [parse_target(t) for t in texts]

@@ -274,6 +274,13 @@ async def _export_ids(
                     source = "catch-all" if own_catchall is not None else "server"
                     writer.file.write(f"{NOTE_MARKER}{fallback_note(key, source, default)}\n")
                 _checked(writer, result, column, key, str(fallback), True)
+            without = [r for r in mailboxes.get(name, ()) if r[column] is None and r["enabled"]]
+            if fallback is None and without:
+                result.warnings.append(
+                    f"{category}: {len(without)} mailbox(es) of {name} have no {column} (none "
+                    f"of their own, no domain or server default; give --default-{column} as "
+                    "the server's): virtual(8) defers their mail"
+                )
             for row in mailboxes.get(name, ()):
                 mailbox_key = f"{row['local_part']}@{name}"
                 own: int | None = row[column]

@@ -223,7 +223,13 @@ def test_missing_ids_warning_knows_the_config(
         (("domain", "remove", "base.test"), "still has"),
         (("domain", "remove", "nowhere.test"), "no such domain"),
         (("alias", "add", "x@base.test", "@a.test", "b@c.test"), "only target"),
-        (("alias", "add", "x@base.test", "a@"), "invalid domain in target"),
+        (("alias", "add", "x@base.test", "a@"), "invalid target"),
+        # Addresses Postfix would read as something else are refused, not stored as odd
+        # quoted addresses (found by a new-user trial).
+        (("alias", "add", "x@base.test", "x@@y.test"), "invalid target"),
+        (("alias", "add", "x@base.test", "<a@b.test>"), "invalid target"),
+        (("alias", "add", "x@base.test", "a@b.test;c@d.test"), "invalid target"),
+        (("alias", "add", "x@base.test", '""@b.test'), "invalid target"),
         (("alias", "add", "x@nowhere.test", "a@b.test"), "no such domain"),
         (("alias", "remove", "x@base.test"), "no such alias"),
         (("mailbox", "disable", "nobody@base.test"), "no such mailbox"),
@@ -316,3 +322,15 @@ def test_check_config_reports_typos_with_lines_and_checks_the_database(
     assert code == 1
     assert "connection: FAILED" in out
     assert "pw" not in out.replace("postgresql://x:***", "")
+
+
+def test_alias_add_splits_a_list_as_postfix_and_import_do(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`alias add A 'x@y, z@w'` is two targets, as the same text in a virtual file is."""
+    d = ("--dsn", dsn)
+    assert run_cli(capsys, "domain", "add", "example.com", *d)[0] == 0
+    assert run_cli(capsys, "alias", "add", "split@example.com", "a@x.test,b@y.test", *d)[0] == 0
+    assert fetch(dsn, "SELECT targets FROM maplookup.aliases WHERE local_part = 'split'") == [
+        (["a@x.test", "b@y.test"],)
+    ]
