@@ -146,6 +146,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
             else:
                 kind = f"mailbox domain, {_ids_text(args.uid, args.gid)}"
             print(f"domain {domain} added ({kind})")
+            low = admin.low_uid_warning(args.uid)
+            if low is not None:
+                warn(f"domain {domain}: {low}")
             if not (args.alias or args.alias_of is not None):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
         elif args.action == "set":
@@ -172,6 +175,9 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
                 conn, args.address, path=args.path, uid=args.uid, gid=args.gid
             )
             print(f"mailbox {added.address} -> {added.path} added")
+            low = admin.low_uid_warning(added.uid)
+            if low is not None:
+                warn(f"mailbox {added.address}: {low}")
             if added.uid is None or added.gid is None:
                 server = server_ids(args)
                 missing = _missing_ids(added.uid, added.gid, server)
@@ -421,20 +427,22 @@ def _add_record_commands(
 ) -> tuple[Any, Any]:
     """The remove/enable/disable/list sub-commands every record type has; returns (group, add)."""
     name, metavar = argument
+    article = "an" if noun[0] in "aeiou" else "a"
+    plural = f"{noun}es" if noun.endswith(("s", "x")) else f"{noun}s"
     group = commands.add_parser(noun, help=help_text).add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
     commands.choices[noun].set_defaults(func=func)
-    add = group.add_parser("add", help=f"add a {noun}")
+    add = group.add_parser("add", help=f"add {article} {noun}")
     for action, text in (
-        ("remove", f"remove a {noun}"),
-        ("enable", f"enable a {noun}"),
-        ("disable", f"disable a {noun}: lookups treat it as absent until enabled"),
+        ("remove", f"remove {article} {noun}"),
+        ("enable", f"enable {article} {noun}"),
+        ("disable", f"disable {article} {noun}: lookups treat it as absent until enabled"),
     ):
-        sub = group.add_parser(action, help=text)
+        sub = group.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument(name, metavar=metavar)
         add_database_options(sub)
-    listing = group.add_parser("list", help=f"list {noun}s")
+    listing = group.add_parser("list", help=f"list {plural}")
     if noun != "domain":
         listing.add_argument("--domain", help="only this domain")
     add_database_options(listing)

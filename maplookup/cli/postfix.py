@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from maplookup.cli.common import (
     EXIT_OK,
@@ -17,6 +18,7 @@ from maplookup.cli.common import (
     load,
     resolve_dsn,
     server_ids,
+    warn,
 )
 from maplookup.config import HostPort
 from maplookup.embedded import loopback_dsn
@@ -104,8 +106,22 @@ def _options(args: argparse.Namespace) -> PostfixConfigOptions:
     pgsql_dir = args.pgsql_dir or (args.output.resolve() if args.output else Path("/etc/postfix"))
     lookup = settings.lookup
     server = server_ids(args)
+    pgsql_dsn = args.pgsql_dsn or loopback_dsn(resolve_dsn(args))
+    if (
+        not args.pgsql_dsn
+        and not args.dsn
+        and settings.database.dsn is None
+        and settings.embedded.port == 0
+    ):
+        # The embedded cluster takes any free port at each start: files naming today's stop
+        # working at the next restart, and virtual(8) defers every mail (new-user trial).
+        warn(
+            f"the pgsql: files name the embedded cluster's port {urlsplit(pgsql_dsn).port}, "
+            "which changes at every start of `maplookup serve`: set [embedded] port in the "
+            "config (or give --pgsql-dsn) for files that survive a restart"
+        )
     return PostfixConfigOptions(
-        pgsql_dsn=args.pgsql_dsn or loopback_dsn(resolve_dsn(args)),
+        pgsql_dsn=pgsql_dsn,
         socketmap=socketmap,
         socketmap_unix=args.socketmap_unix or settings.listen.socketmap_unix,
         tcp_tables=tcp_tables,

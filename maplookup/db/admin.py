@@ -127,9 +127,28 @@ def parse_targets(texts: list[str]) -> list[str]:
     return targets
 
 
+# uid_t and gid_t are 32 bits, and the columns PostgreSQL integers.
+MAX_ID = 2**31 - 1
+# Postfix's default virtual_minimum_uid (postconf(5)): virtual(8) defers mail for lower uids.
+POSTFIX_VIRTUAL_MINIMUM_UID = 100
+
+
 def _check_id(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise AdminError(f"{name} must be a positive number (0 is root), got {value}")
+    if value is not None and value > MAX_ID:
+        raise AdminError(f"{name} {value} is too large (at most {MAX_ID})")
+
+
+def low_uid_warning(value: int | None) -> str | None:
+    """A warning for a uid below Postfix's default virtual_minimum_uid, or None."""
+    if value is None or value >= POSTFIX_VIRTUAL_MINIMUM_UID:
+        return None
+    return (
+        f"uid {value} is below Postfix's default virtual_minimum_uid "
+        f"({POSTFIX_VIRTUAL_MINIMUM_UID}): virtual(8) defers such mail unless main.cf sets "
+        f"virtual_minimum_uid = {value} or lower"
+    )
 
 
 async def _run(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
@@ -373,11 +392,16 @@ async def alias_add(
     """Add an alias; returns the address and targets as stored (folded), for the CLI to show."""
     address = parse_address(address_text)
     parsed = parse_targets(targets)
-    exists = await conn.fetchval(
-        "SELECT true FROM maplookup.domains WHERE name = $1", address.domain
+    domain = await conn.fetchrow(
+        "SELECT alias_of FROM maplookup.domains WHERE name = $1", address.domain
     )
-    if not exists:
+    if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
+    if address.is_catchall and domain["alias_of"] is not None:
+        raise AdminError(
+            f"{address.domain} mirrors {domain['alias_of']}: its unknown users are refused, so "
+            "a catch-all alias there would never be used (give the target domain one instead)"
+        )
     await _run(
         conn,
         "INSERT INTO maplookup.aliases (domain, local_part, targets) VALUES ($1, $2, $3)",

@@ -179,7 +179,7 @@ def test_missing_ids_are_warned_about_on_stderr_with_the_fix(
     )
     assert fetch(dsn, "SELECT default_uid, default_gid FROM maplookup.domains") == [(5000, 6000)]
     assert run_cli(capsys, "mailbox", "add", "w@new.example", *d)[2] == ""
-    assert run_cli(capsys, "domain", "add", "ids.example", "--uid", "5", "--gid", "5", *d)[2] == ""
+    assert run_cli(capsys, "domain", "add", "ids.example", "--uid", "5000", "--gid", "5000", *d)[2] == ""
     assert run_cli(capsys, "domain", "add", "fwd.example", "--alias", *d)[2] == ""
 
 
@@ -235,6 +235,11 @@ def test_missing_ids_warning_knows_the_config(
         (("mailbox", "disable", "nobody@base.test"), "no such mailbox"),
         (("domain", "set", "nowhere.test", "--uid", "5"), "no such domain: nowhere.test"),
         (("domain", "set", "mirror.test", "--uid", "5"), "is an alias domain"),
+        # Found by a new-user trial: ids beyond uid_t reached PostgreSQL as an int32 error, and
+        # a catch-all alias on a mirror domain was accepted though it is never used.
+        (("mailbox", "add", "big@base.test", "--uid", "99999999999"), "too large"),
+        (("domain", "add", "big.test", "--gid", "4294967295"), "too large"),
+        (("alias", "add", "@mirror.test", "x@y.test"), "would never be used"),
         (("domain", "set", "base.test"), "give --uid, --gid or both"),
         (("domain", "set", "base.test", "--uid", "5", "--gid", "0"), "positive"),
     ],
@@ -334,3 +339,36 @@ def test_alias_add_splits_a_list_as_postfix_and_import_do(
     assert fetch(dsn, "SELECT targets FROM maplookup.aliases WHERE local_part = 'split'") == [
         (["a@x.test", "b@y.test"],)
     ]
+
+
+def test_a_uid_below_postfixs_minimum_is_added_with_a_warning(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = ("--dsn", dsn)
+    ids = ("--uid", "5000", "--gid", "5000")
+    assert run_cli(capsys, "domain", "add", "low.test", *ids, *d)[0] == 0
+    code, out, err = run_cli(capsys, "mailbox", "add", "low@low.test", "--uid", "50", *d)
+    assert (code, out) == (0, "mailbox low@low.test -> low.test/low/ added\n")
+    assert err == (
+        "maplookup: warning: mailbox low@low.test: uid 50 is below Postfix's default "
+        "virtual_minimum_uid (100): virtual(8) defers such mail unless main.cf sets "
+        "virtual_minimum_uid = 50 or lower\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("noun", "phrases"),
+    [
+        ("mailbox", ["add a mailbox", "list mailboxes"]),
+        ("alias", ["add an alias", "remove an alias", "list aliases"]),
+        ("domain", ["add a domain", "list domains"]),
+    ],
+)
+def test_help_speaks_english(
+    noun: str, phrases: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([noun, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in phrases:
+        assert phrase in text

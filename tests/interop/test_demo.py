@@ -86,6 +86,8 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         assert "uid 5000  gid 5000" in trace.stdout
         generated = maplookup_cli("postfix-config", *s)
         assert generated.returncode == 0, generated.stderr
+        # The embedded cluster's port changes at every start: said, not left to find out.
+        assert "which changes at every start of `maplookup serve`" in generated.stderr
         assert "maplookup.uid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
         assert "maplookup.gid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
 
