@@ -179,7 +179,8 @@ def test_missing_ids_are_warned_about_on_stderr_with_the_fix(
     )
     assert fetch(dsn, "SELECT default_uid, default_gid FROM maplookup.domains") == [(5000, 6000)]
     assert run_cli(capsys, "mailbox", "add", "w@new.example", *d)[2] == ""
-    assert run_cli(capsys, "domain", "add", "ids.example", "--uid", "5000", "--gid", "5000", *d)[2] == ""
+    ids = ("--uid", "5000", "--gid", "5000")
+    assert run_cli(capsys, "domain", "add", "ids.example", *ids, *d)[2] == ""
     assert run_cli(capsys, "domain", "add", "fwd.example", "--alias", *d)[2] == ""
 
 
