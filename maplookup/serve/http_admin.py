@@ -1,12 +1,17 @@
 """A minimal HTTP/1.1 server for ``/metrics`` and ``/healthz``: answer once, then close.
 
-No framework: a scraper and a health probe need one request per connection, so each connection
-reads one bounded request head, answers it with ``Connection: close`` and a Content-Length, and
-is closed.  Every limit is named with its unit:
+The protocol is h11's (request parsing, framing, HEAD, HTTP/1.0 clients) and the accept loop is
+``trio.serve_listeners`` (which also retries on EMFILE and the like), so this module holds only
+what is ours: the two paths, the limits, and how failures are answered.  A scraper and a health
+probe need one request per connection, so each connection reads one bounded request head,
+answers it with ``Connection: close`` and a Content-Length, and is closed.  Every limit is named
+with its unit:
 
-* the request head (request line and headers) must arrive within ``head_timeout_s`` and fit in
-  ``max_head_bytes``, else 408 or 400;
-* at most ``max_connections`` admin connections at once; more are closed at once;
+* the request head (request line and headers) must arrive within ``head_timeout_s`` (a read
+  timeout per request: one request per connection) and fit in ``max_head_bytes``, else 408 or
+  400;
+* at most ``max_connections`` admin connections at once; more are closed at once, unanswered,
+  so that a flood of probes cannot hold more than that many sockets and tasks;
 * a health check that takes longer than ``health_timeout_s`` counts as unavailable.
 
 Nothing a client sends, and no exception in the metrics or health callables, stops the server:
@@ -15,14 +20,13 @@ the failure is answered (400, 500, 503) or logged, and that one connection is cl
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+import h11
 import trio
 
 from maplookup.metrics import METRICS_CONTENT_TYPE
@@ -45,6 +49,8 @@ DEFAULT_MAX_HEAD_BYTES: Final = 8192
 DEFAULT_HEAD_TIMEOUT_S: Final = 5.0
 DEFAULT_WRITE_TIMEOUT_S: Final = 10.0
 DEFAULT_HEALTH_TIMEOUT_S: Final = 10.0
+# Connections at once: a scraper or two and a few probes need far fewer; each one is a socket
+# and a task, which is what the limit bounds.
 DEFAULT_MAX_CONNECTIONS: Final = 64
 
 # After answering, read (and drop) what the client still sends for this long before closing,
@@ -53,24 +59,22 @@ _LINGER_S: Final = 1.0
 _LINGER_MAX_BYTES: Final = 65_536
 _RECEIVE_BYTES: Final = 4096
 
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY_S: Final = 0.1
-
 MetricsRenderer = Callable[[], Awaitable[bytes]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 
 _REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
 }
 _PATHS: Final = frozenset({"/metrics", "/healthz"})
-_METHODS: Final = frozenset({"GET", "HEAD"})
-_TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+_METHODS: Final = frozenset({b"GET", b"HEAD"})
+# h11 parses any "HTTP/d.d"; we answer the versions we speak.
+_VERSIONS: Final = frozenset({b"1.0", b"1.1"})
 
 
 class _BadRequest(Exception):
@@ -84,17 +88,21 @@ class _Response:
     body: bytes
     extra_headers: tuple[tuple[str, str], ...] = ()
 
-    def encode(self, *, include_body: bool) -> bytes:
-        lines = [
-            f"HTTP/1.1 {self.status} {_REASONS[self.status]}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            "Connection: close",
-            "Cache-Control: no-store",
-            *(f"{name}: {value}" for name, value in self.extra_headers),
+    def encode(self, connection: h11.Connection, *, include_body: bool) -> bytes:
+        """The response as h11 frames it; without the body for HEAD (Content-Length kept)."""
+        headers = [
+            ("Content-Type", self.content_type),
+            ("Content-Length", str(len(self.body))),
+            ("Connection", "close"),
+            ("Cache-Control", "no-store"),
+            *self.extra_headers,
         ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-        return head + self.body if include_body else head
+        head = h11.Response(status_code=self.status, headers=headers, reason=_REASONS[self.status])
+        parts = [connection.send(head)]
+        if include_body and self.body:
+            parts.append(connection.send(h11.Data(data=self.body)))
+        parts.append(connection.send(h11.EndOfMessage()))
+        return b"".join(part for part in parts if part is not None)
 
 
 def _text(status: int, message: str, *extra: tuple[str, str]) -> _Response:
@@ -138,7 +146,16 @@ async def serve_admin_http(
     open_connections = 0
 
     async def handle(stream: trio.SocketStream) -> None:
+        # serve_listeners starts one handler per accepted connection, in accept order, and the
+        # count is taken before the handler's first checkpoint, so connections are admitted
+        # first come, first served.  An exception escaping here would cancel the whole
+        # endpoint (serve_listeners' nursery), hence the catch-all.
         nonlocal open_connections
+        if open_connections >= max_connections:
+            log.debug("admin HTTP: %d connections open; closing a new one", max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        open_connections += 1
         try:
             await _serve_connection(stream, metrics, health, limits)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -149,30 +166,13 @@ async def serve_admin_http(
             open_connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def accept_loop(listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        nonlocal open_connections
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("admin HTTP accept failed: %s; retrying", exc.strerror)
-                await trio.sleep(_ACCEPT_RETRY_S)
-                continue
-            if open_connections >= max_connections:
-                log.debug("admin HTTP: %d connections open; closing a new one", max_connections)
-                await trio.aclose_forcefully(stream)
-                continue
-            open_connections += 1
-            connections.start_soon(handle, stream)
-
     try:
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(accept_loop, listener, nursery)
+            # serve_listeners closes each listener when its accept loop ends.
+            await nursery.start(trio.serve_listeners, handle, listeners)
             task_status.started()
     finally:
+        # Also when cancelled before serve_listeners took them over; closing twice is harmless.
         for listener in listeners:
             await trio.aclose_forcefully(listener)
 
@@ -180,91 +180,96 @@ async def serve_admin_http(
 async def _serve_connection(
     stream: trio.SocketStream, metrics: MetricsRenderer, health: HealthCheck, limits: _Limits
 ) -> None:
-    head: bytes | None = None
-    with trio.move_on_after(limits.head_timeout_s):
-        head = await _read_head(stream, limits.max_head_bytes)
-        if not head:
-            return  # closed before sending anything (a port check)
-    include_body = True
-    if head is None:
-        log.debug("admin HTTP: no request head within %s s", limits.head_timeout_s)
-        response = _text(408, "request head not received in time")
+    # The buffer limit h11 enforces is a backstop: _read_request stops at max_head_bytes first,
+    # so that the 400 names our limit rather than h11's "Receive buffer too long" (a 431 hint).
+    connection = h11.Connection(
+        h11.SERVER, max_incomplete_event_size=limits.max_head_bytes + _RECEIVE_BYTES
+    )
+    received = await _receive(stream, connection, limits)
+    if received is None:
+        return  # closed before sending anything (a port check)
+    if isinstance(received, _Response):
+        response, include_body = received, True
     else:
-        try:
-            method, path = _parse_head(head, limits.max_head_bytes)
-        except _BadRequest as exc:
-            log.debug("admin HTTP: bad request: %s", exc)
-            response = _text(400, f"bad request: {exc}")
+        request, head_bytes = received
+        # Also a refusal of a HEAD request has no body: h11 frames it as a HEAD response.
+        include_body = request.method != b"HEAD"
+        problem = _refusal(request, head_bytes, limits.max_head_bytes)
+        if problem is not None:
+            log.debug("admin HTTP: bad request: %s", problem)
+            response = _text(400, f"bad request: {problem}")
         else:
-            include_body = method != "HEAD"
-            response = await _respond(method, path, metrics, health, limits)
+            response = await _respond(request, metrics, health, limits)
     with trio.move_on_after(limits.write_timeout_s):
-        await stream.send_all(response.encode(include_body=include_body))
+        await stream.send_all(response.encode(connection, include_body=include_body))
         await _linger(stream)
 
 
-async def _read_head(stream: trio.SocketStream, max_head_bytes: int) -> bytes:
-    """The request head up to its blank line; what was read so far at EOF; too much: all of it.
+async def _receive(
+    stream: trio.SocketStream, connection: h11.Connection, limits: _Limits
+) -> tuple[h11.Request, int] | _Response | None:
+    """The request and its head's size, or the 400 or 408 that answers a bad or slow one.
 
-    Returns at most ``max_head_bytes + _RECEIVE_BYTES`` bytes; the caller checks the size.
+    ``None``: the client closed without sending anything.
     """
-    buffer = bytearray()
+    with trio.move_on_after(limits.head_timeout_s):
+        try:
+            return await _read_request(stream, connection, limits.max_head_bytes)
+        except (_BadRequest, h11.RemoteProtocolError) as exc:
+            log.debug("admin HTTP: bad request: %s", exc)
+            return _text(400, f"bad request: {exc}")
+    log.debug("admin HTTP: no request head within %s s", limits.head_timeout_s)
+    return _text(408, "request head not received in time")
+
+
+async def _read_request(
+    stream: trio.SocketStream, connection: h11.Connection, max_head_bytes: int
+) -> tuple[h11.Request, int] | None:
+    """The request as h11 parses it, and its head's size in bytes; ``None``: nothing sent.
+
+    Raises _BadRequest once more than ``max_head_bytes`` arrived without a complete head, and
+    h11.RemoteProtocolError for what h11 refuses (it also requires Host in HTTP/1.1).  The
+    request body, if any, is not read: no path takes one.
+    """
+    received = 0
     while True:
+        event = connection.next_event()
+        if isinstance(event, h11.Request):
+            return event, received - len(connection.trailing_data[0])
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if event is not h11.NEED_DATA:  # pragma: no cover - h11 gives a Request first
+            raise _BadRequest(f"unexpected {type(event).__name__}")
+        if received > max_head_bytes:
+            raise _BadRequest(f"request head larger than {max_head_bytes} bytes")
         data = await stream.receive_some(_RECEIVE_BYTES)
-        if not data:
-            return bytes(buffer)
-        start = max(len(buffer) - 3, 0)
-        buffer += data
-        for terminator in (b"\r\n\r\n", b"\n\n"):
-            end = buffer.find(terminator, start)
-            if end >= 0:
-                return bytes(buffer[: end + len(terminator)])
-        if len(buffer) > max_head_bytes:
-            return bytes(buffer)
+        received += len(data)
+        connection.receive_data(data)  # b"" is end of stream, as h11 expects
 
 
-def _parse_head(head: bytes, max_head_bytes: int) -> tuple[str, str]:
-    """``(method, path)`` of a complete, bounded request head, else _BadRequest."""
-    if len(head) > max_head_bytes:
-        raise _BadRequest(f"request head larger than {max_head_bytes} bytes")
-    if not (head.endswith(b"\n\n") or head.endswith(b"\r\n\r\n")):
-        raise _BadRequest("incomplete request head")
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        raise _BadRequest("request head is not ASCII") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    # Tolerate blank lines before the request line (RFC 9112 §2.2).
-    while lines and lines[0] == "":
-        lines.pop(0)
-    if not lines:
-        raise _BadRequest("empty request")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise _BadRequest("malformed request line")
-    method, target, version = parts
-    if not method or not set(method) <= _TOKEN_CHARS:
-        raise _BadRequest("malformed method")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _BadRequest("not HTTP/1.x")
-    if not target.startswith("/"):
-        raise _BadRequest("request target must be a path")
-    for line in lines[1:]:
-        if line == "":
-            continue
-        name, colon, _value = line.partition(":")
-        if not colon or not name or not set(name) <= _TOKEN_CHARS:
-            raise _BadRequest("malformed header line")
-    path = target.split("?", 1)[0]
-    return method, path
+def _refusal(request: h11.Request, head_bytes: int, max_head_bytes: int) -> str | None:
+    """Why a request h11 accepted is still a 400, if it is; ``None``: it can be answered.
+
+    h11 parses a complete head of any size when it arrives at once, any "HTTP/d.d", and
+    absolute or ``*`` request targets; we answer bounded HTTP/1.x requests for a path.
+    """
+    if head_bytes > max_head_bytes:
+        return f"request head larger than {max_head_bytes} bytes"
+    if request.http_version not in _VERSIONS:
+        return "not HTTP/1.x"
+    if not request.target.startswith(b"/"):
+        return "request target must be a path"
+    return None
 
 
 async def _respond(
-    method: str, path: str, metrics: MetricsRenderer, health: HealthCheck, limits: _Limits
+    request: h11.Request, metrics: MetricsRenderer, health: HealthCheck, limits: _Limits
 ) -> _Response:
+    # h11 has checked the target is visible ASCII.
+    path = request.target.decode("ascii").split("?", 1)[0]
     if path not in _PATHS:
         return _text(404, "not found: try /metrics or /healthz")
-    if method not in _METHODS:
+    if request.method not in _METHODS:
         return _text(405, "method not allowed", ("Allow", "GET, HEAD"))
     if path == "/metrics":
         try:

@@ -15,7 +15,11 @@ import pytest
 import trio
 
 from maplookup.metrics import METRICS_CONTENT_TYPE, LookupStats, MaplookupCollector, render
-from maplookup.serve.http_admin import open_admin_listeners, serve_admin_http
+from maplookup.serve.http_admin import (
+    DEFAULT_MAX_CONNECTIONS,
+    open_admin_listeners,
+    serve_admin_http,
+)
 
 DEADLINE_S = 10.0
 
@@ -290,6 +294,8 @@ async def test_other_methods_are_405(method: str) -> None:
         b"GET /metrics HTTP/2.0\r\n\r\n",
         b"GET /metrics HTTP/1.1 extra\r\n\r\n",
         b"GET http://example.com/metrics HTTP/1.1\r\n\r\n",
+        b"GET http://example.com/metrics HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
         b"GET /m\xc3\xa9trics HTTP/1.1\r\n\r\n",
         b"G(T /metrics HTTP/1.1\r\n\r\n",
@@ -301,6 +307,15 @@ async def test_malformed_request_is_400(raw: bytes) -> None:
         response = Response(await exchange(port, raw))
         assert response.status == 400
         assert response.headers["connection"] == "close"
+        assert (await request(port, "GET", "/metrics")).status == 200
+
+
+async def test_refused_head_request_has_no_body() -> None:
+    async with admin_server() as port:
+        response = Response(await exchange(port, b"HEAD /metrics HTTP/2.0\r\n\r\n"))
+        assert response.status == 400
+        assert response.body == b""
+        assert int(response.headers["content-length"]) > 0
         assert (await request(port, "GET", "/metrics")).status == 200
 
 
@@ -323,12 +338,13 @@ async def test_oversized_request_head_is_400() -> None:
         assert response.status == 400
         assert b"8192" in response.body
         # A complete head, but too large.
-        raw = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 8200 + b"\r\n\r\n"
+        raw = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 8200 + b"\r\n\r\n"
         response = Response(await exchange(port, raw))
         assert response.status == 400
+        assert b"8192" in response.body
         # Just under the limit is fine.
         filler = b"a" * (8192 - 100)
-        raw = b"GET /metrics HTTP/1.1\r\nX-Filler: " + filler + b"\r\n\r\n"
+        raw = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Filler: " + filler + b"\r\n\r\n"
         assert len(raw) <= 8192
         response = Response(await exchange(port, raw))
         assert response.status == 200
@@ -374,20 +390,100 @@ async def test_connections_beyond_the_limit_are_closed() -> None:
             async with third:
                 assert await read_to_eof(third) == b""
             async with first, second:
-                await first.send_all(b"\r\n")
-                await second.send_all(b"\r\n")
+                await first.send_all(b"Host: x\r\n\r\n")
+                await second.send_all(b"Host: x\r\n\r\n")
                 assert Response(await read_to_eof(first)).status == 200
                 assert Response(await read_to_eof(second)).status == 200
             # Once they are closed there is room again (the server notices the close shortly).
             while True:
                 try:
-                    raw = await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+                    raw = await exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
                 except trio.BrokenResourceError:  # refused while our request was on its way
                     raw = b""
                 if raw:
                     break
                 await trio.sleep(0.01)
         assert Response(raw).status == 200
+
+
+async def wait_for_room(port: int) -> Response:
+    """The answer to a scrape once the server has noticed earlier connections close."""
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            try:
+                raw = await exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            except trio.BrokenResourceError:  # refused while our request was on its way
+                raw = b""
+            if raw:
+                return Response(raw)
+            await trio.sleep(0.01)
+
+
+async def test_connection_limit_is_released_by_every_kind_of_answer() -> None:
+    # With room for one connection, each answer below must give its place back, or the next
+    # one would be closed unanswered.
+    async with admin_server(max_connections=1, head_timeout_s=0.2) as port:
+        assert (await wait_for_room(port)).status == 200
+        assert Response(await exchange(port, b"garbage\r\n\r\n")).status == 400
+        assert (await wait_for_room(port)).status == 200
+        assert Response(await exchange(port, b"GET /metrics HTTP/1.1\r\n")).status == 408
+        assert (await wait_for_room(port)).status == 200
+        assert (await request(port, "GET", "/nowhere")).status == 404
+        assert (await wait_for_room(port)).status == 200
+
+
+async def test_default_connection_limit() -> None:
+    listeners = await open_admin_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    endpoints = Endpoints()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_admin_http, listeners, endpoints.metrics, endpoints.health)
+        with trio.fail_after(DEADLINE_S):
+            held = [
+                await trio.open_tcp_stream("127.0.0.1", port)
+                for _ in range(DEFAULT_MAX_CONNECTIONS)
+            ]
+            for stream in held:
+                await stream.send_all(b"GET /metrics HTTP/1.1\r\n")
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            async with extra:
+                assert await read_to_eof(extra) == b""
+            for stream in held:
+                await stream.send_all(b"Host: x\r\n\r\n")
+                assert Response(await read_to_eof(stream)).status == 200
+                await stream.aclose()
+        assert (await wait_for_room(port)).status == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_http_1_1_without_host_is_400() -> None:
+    # RFC 9112 section 3.2, as h11 enforces it; HTTP/1.0 needs no Host.
+    async with admin_server() as port:
+        response = Response(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))
+        assert response.status == 400
+        assert b"Host" in response.body
+        assert response.headers["connection"] == "close"
+        raw = await exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert Response(raw).status == 200
+
+
+async def test_request_with_a_body_is_answered_and_closed() -> None:
+    endpoints = Endpoints()
+    async with admin_server(endpoints) as port:
+        body = b"x" * 20_000
+        raw = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + body
+        response = Response(await exchange(port, raw))
+        assert response.status == 405
+        assert endpoints.metrics_calls == 0
+        assert (await request(port, "GET", "/metrics")).status == 200
+
+
+async def test_one_request_per_connection() -> None:
+    async with admin_server() as port:
+        one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        raw = await exchange(port, one + one)
+    assert raw.count(b"HTTP/1.1 ") == 1
+    assert Response(raw).status == 200
 
 
 async def test_many_concurrent_scrapes() -> None:
