@@ -12,6 +12,7 @@ import asyncpg
 from maplookup.cli.common import EXIT_ERROR, EXIT_OK
 from maplookup.config import ConfigError, Settings, load_settings, redact_dsn
 from maplookup.db import schema
+from maplookup.embedded import default_state_dir, read_running_dsn
 
 
 def add_commands(commands: Any) -> None:
@@ -29,6 +30,10 @@ def add_commands(commands: Any) -> None:
     parser.set_defaults(func=cmd_check_config)
 
 
+def _id(value: int | None) -> str:
+    return "none" if value is None else str(value)
+
+
 def _describe(settings: Settings) -> list[str]:
     listen = settings.listen
     endpoints = [f"socketmap on {e}" for e in listen.socketmap]
@@ -43,7 +48,8 @@ def _describe(settings: Settings) -> list[str]:
     return [
         "listen: " + ("; ".join(endpoints) or "NOTHING (no listener configured)"),
         f"lookup: recipient_delimiter {settings.lookup.recipient_delimiter!r}, default uid "
-        f"{settings.lookup.default_uid}, default gid {settings.lookup.default_gid}",
+        f"{_id(settings.lookup.default_uid)}, default gid {_id(settings.lookup.default_gid)}, "
+        f"smtputf8_enable {'yes' if settings.lookup.smtputf8_enable else 'no'}",
         (
             f"cache: {cache.max_entries} entries, TTL {cache.positive_ttl_s} s "
             f"(negative {cache.negative_ttl_s} s), stale answers up to {cache.max_stale_s} s"
@@ -90,10 +96,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings.listen.socketmap or settings.listen.socketmap_unix or settings.listen.tcp_table
     )
     if settings.database.dsn is None:
-        print("database: none configured: `serve` would start its embedded PostgreSQL")
-        return EXIT_OK if ok else EXIT_ERROR
-    dsn = settings.database.dsn.get_secret_value()
-    print(f"database: {redact_dsn(dsn)}")
+        # The embedded cluster: check it when a server runs it (what the admin commands use).
+        state_dir = settings.embedded.state_dir or default_state_dir()
+        running = read_running_dsn(state_dir)
+        if running is None:
+            print(
+                "database: none configured: `serve` would start its embedded PostgreSQL in "
+                f"{state_dir} (not running now, so not checked)"
+            )
+            return EXIT_OK if ok else EXIT_ERROR
+        dsn = running
+        print(f"database: the embedded cluster in {state_dir}, started by `maplookup serve`")
+    else:
+        dsn = settings.database.dsn.get_secret_value()
+        print(f"database: {redact_dsn(dsn)}")
     for good, line in asyncio.run(_check_database(dsn, settings.database.connect_timeout_s)):
         print(f"  {line}")
         ok = ok and good

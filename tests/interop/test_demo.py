@@ -9,6 +9,7 @@ keeps what the user added, and says so.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,14 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         assert "which changes at every start of `maplookup serve`" in generated.stderr
         assert "maplookup.uid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
         assert "maplookup.gid(maplookup.client_key('%s'), '+', 5000)" in generated.stdout
+
+        # check-config checks the database the admin commands use: the demo's cluster.
+        env = {**os.environ, "MAPLOOKUP_EMBEDDED__STATE_DIR": str(state_dir)}
+        checked = maplookup_cli("check-config", env=env)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert f"database: the embedded cluster in {state_dir}" in checked.stdout
+        assert "schema: version 3 (current)" in checked.stdout
+        assert "default uid none" in checked.stdout  # no config file: the demo's are its own
 
         # A second demo on the same state directory refuses to start, and leaves the first
         # one's database alone (it used to adopt the cluster, fail on the taken port and stop
