@@ -179,8 +179,8 @@ def add_database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        help="TOML config file (its [database] dsn is used, and its [lookup] default ids when "
-        "warning about mailboxes without uid/gid)",
+        help="the TOML config file `serve` reads: its [database] dsn and [lookup] settings "
+        "apply here too",
     )
     parser.add_argument(
         "--state-dir",
