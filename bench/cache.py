@@ -46,7 +46,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -67,7 +66,8 @@ from bench.common import (
     timeout_seconds,
     write_json,
 )
-from maplookup.config import redact_dsn
+from maplookup.config import HostPort, redact_dsn
+from maplookup.testing import Client
 
 DEFAULT_MAILBOXES = 10_000
 DEFAULT_DOMAINS = 100
@@ -347,34 +347,9 @@ class ServerProcess:
 # the client: one persistent socketmap connection, one request at a time
 
 
-class Client:
-    """Blocking socketmap client, like a Postfix process's connection."""
-
-    def __init__(self, port: int) -> None:
-        from maplookup.protocol import SocketmapReplyParser
-
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.parser = SocketmapReplyParser()
-
-    def ask(self, request: bytes) -> Any:
-        """Send one encoded request; return the Reply."""
-        from maplookup.protocol import NEED_DATA, Reply
-
-        self.sock.sendall(request)
-        while True:
-            event = self.parser.next_event()
-            if event is not NEED_DATA:
-                if not isinstance(event, Reply):
-                    raise BenchError(f"unexpected event from the server: {event!r}")
-                return event
-            data = self.sock.recv(65536)
-            self.parser.receive_data(data)
-            if not data:
-                raise BenchError("the server closed the connection")
-
-    def close(self) -> None:
-        self.sock.close()
+def _connect(port: int) -> Client:
+    """Blocking socketmap client, like a Postfix process's connection (TCP_NODELAY)."""
+    return Client.connect(HostPort(host="127.0.0.1", port=port), timeout_s=SOCKET_TIMEOUT_S)
 
 
 def _vmailbox_request(key: str) -> bytes:
@@ -392,7 +367,7 @@ def _run_lookups(
     started = clock()
     for n, (request, want) in enumerate(zip(requests, expected, strict=True)):
         t0 = clock()
-        reply = client.ask(request)
+        reply = client.exchange(request)
         append(clock() - t0)
         if reply != want:
             raise BenchError(f"{what}: expected {want!r}, got {reply!r}")
@@ -438,7 +413,7 @@ def _measure_hits(
 ) -> tuple[LatencyResult, dict[str, int]]:
     from maplookup.protocol import Reply
 
-    client = Client(server.port)
+    client = _connect(server.port)
     try:
         t0 = time.monotonic()
         warm = [_vmailbox_request(_mailbox_key(i, ns.domains)) for i in range(ns.mailboxes)]
@@ -472,7 +447,7 @@ async def _measure_visibility(
     requests = [_vmailbox_request(_mailbox_key(d, ns.domains)) for d in range(targets)]
     paths = [(_mailbox_path(d, ns.domains), _moved_path(d, ns.domains)) for d in range(targets)]
     moved = [False] * targets
-    client = Client(server.port)
+    client = _connect(server.port)
     conn = await asyncpg.connect(dsn, timeout=10)
     visible_ns: list[int] = []
     commit_ns: list[int] = []
@@ -485,7 +460,7 @@ async def _measure_visibility(
         )
         for d in range(targets):  # cache every key (the second lookup must be a hit)
             for _ in range(2):
-                if client.ask(requests[d]) != Reply.ok(paths[d][0]):
+                if client.exchange(requests[d]) != Reply.ok(paths[d][0]):
                     raise BenchError(f"unexpected answer for key {d}")
         before = server.state()
         for k in range(ns.changes):
@@ -499,7 +474,7 @@ async def _measure_visibility(
             limit = t0 + int(CHANGE_DEADLINE_S * 1e9)
             n = 0
             while True:
-                reply = client.ask(requests[d])
+                reply = client.exchange(requests[d])
                 n += 1
                 if reply == want:
                     break
@@ -511,7 +486,7 @@ async def _measure_visibility(
             polls.append(n)
             if n > 1:
                 stale_after_commit += 1
-            if client.ask(requests[d]) != want:  # cached again (a hit, checked below)
+            if client.exchange(requests[d]) != want:  # cached again (a hit, checked below)
                 raise BenchError(f"change {k}: answer went back")
             if k % 100 == 0:
                 deadline.check("commit-to-visible")
@@ -565,7 +540,7 @@ async def _measure_visibility(
 def _measure_misses(
     server: ServerProcess, ns: argparse.Namespace, work: Workload, deadline: Deadline
 ) -> LatencyResult:
-    client = Client(server.port)
+    client = _connect(server.port)
     try:
         warm = min(ns.miss_warmup, len(work.requests))
         _run_lookups(client, work.requests[:warm], work.expected[:warm], deadline, "miss warm-up")

@@ -18,7 +18,6 @@ import platform
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,13 +77,16 @@ class Deadline:
 def run_guarded(log: Logger, run: Callable[[], int]) -> int:
     """Run a benchmark's ``run``: stop cleanly on SIGTERM/SIGINT, one log line on failure.
 
-    Returns the process exit code: ``run``'s, 1 after a BenchError, 130 when interrupted.
+    Returns the process exit code: ``run``'s, 1 after a BenchError or QueryError (a lookup
+    client's), 130 when interrupted.
     Every process and cluster the benchmark started is stopped by its own ``finally``.
     """
+    from maplookup.client import QueryError  # a lookup client's failure: the server's fault
+
     install_signal_handlers()
     try:
         return run()
-    except BenchError as exc:
+    except (BenchError, QueryError) as exc:
         log(f"failed: {exc}")
         return 1
     except Interrupted as exc:
@@ -161,24 +163,19 @@ def timeout_seconds(text: str) -> float:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from maplookup.testing import free_port
+
+    return free_port()
 
 
 def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[Any] | None = None) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"{proc.args!r} exited with {proc.returncode} before listening")
-        if time.monotonic() > end:
-            raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
-        time.sleep(0.05)
+    """Return once 127.0.0.1:``port`` accepts; BenchError if ``proc`` exits or time runs out."""
+    from maplookup.testing import ServerNotReady, wait_for_port
+
+    try:
+        wait_for_port(port, proc, timeout_s)
+    except ServerNotReady as exc:
+        raise BenchError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------

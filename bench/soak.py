@@ -330,19 +330,13 @@ class Load:
         return "vmailbox", f"fresh{self.fresh_keys}@{_domain(self.fresh_keys % DOMAINS)}", None
 
 
-async def _ask(stream: Any, parser: Any, map_name: str, key: str) -> Any:
-    import trio
+async def _ask(client: Any, map_name: str, key: str) -> Any:
+    from maplookup.testing import QueryError
 
-    from maplookup.protocol import NEED_DATA, socketmap
-
-    await stream.send_all(socketmap.encode_request(map_name.encode(), key.encode()))
-    with trio.fail_after(ASK_TIMEOUT_S):
-        while (event := parser.next_event()) is NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise SoakError("the server closed a client connection")
-            parser.receive_data(data)
-    return event
+    try:
+        return await client.ask(map_name, key, timeout_s=ASK_TIMEOUT_S)
+    except QueryError as exc:
+        raise SoakError(f"a client connection failed: {exc}") from exc
 
 
 def _record(load: Load, map_name: str, key: str, expected: str | None, reply: Any, us: int) -> None:
@@ -364,44 +358,42 @@ def _record(load: Load, map_name: str, key: str, expected: str | None, reply: An
 async def _persistent_client(load: Load, number: int) -> None:
     import trio
 
-    from maplookup.protocol import SocketmapReplyParser
+    from maplookup.testing import TrioClient
 
     rng = random.Random(number)
     period = load.args.clients / load.args.rate
-    stream = await trio.open_tcp_stream("127.0.0.1", load.port)
-    parser = SocketmapReplyParser()
+    client = await TrioClient.connect(load.port)
     next_at = trio.current_time()
     try:
         while not load.stop:
             map_name, key, expected = load.next_request(rng)
             start = time.perf_counter_ns()
-            reply = await _ask(stream, parser, map_name, key)
+            reply = await _ask(client, map_name, key)
             _record(load, map_name, key, expected, reply, (time.perf_counter_ns() - start) // 1000)
             next_at += period
             await trio.sleep_until(max(next_at, trio.current_time()))  # pacing
     finally:
-        await stream.aclose()
+        await client.aclose()
 
 
 async def _short_lived_clients(load: Load) -> None:
     import trio
 
-    from maplookup.protocol import SocketmapReplyParser
+    from maplookup.testing import TrioClient
 
     rng = random.Random(-1)
     period = 1.0 / load.args.churn
     while not load.stop:
-        stream = await trio.open_tcp_stream("127.0.0.1", load.port)
-        parser = SocketmapReplyParser()
+        client = await TrioClient.connect(load.port)
         try:
             for _ in range(3):
                 map_name, key, expected = load.next_request(rng)
                 start = time.perf_counter_ns()
-                reply = await _ask(stream, parser, map_name, key)
+                reply = await _ask(client, map_name, key)
                 us = (time.perf_counter_ns() - start) // 1000
                 _record(load, map_name, key, expected, reply, us)
         finally:
-            await stream.aclose()
+            await client.aclose()
         load.current.short_lived += 1
         await trio.sleep(period)  # pacing
 

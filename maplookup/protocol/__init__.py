@@ -20,6 +20,7 @@ from .socketmap import (
 from .tcptable import (
     MAX_REPLY_LINE_BYTES,
     TcpTableProtocol,
+    TcpTableReplyParser,
     hex_quote,
     hex_unquote,
     parse_reply_line,
@@ -43,6 +44,7 @@ __all__ = [
     "SocketmapReplyParser",
     "Status",
     "TcpTableProtocol",
+    "TcpTableReplyParser",
     "hex_quote",
     "hex_unquote",
     "parse_reply_line",

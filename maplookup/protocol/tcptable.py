@@ -27,6 +27,7 @@ from .socketmap import DEFAULT_MAX_REQUEST_BYTES, EMPTY_VALUE_REASON
 __all__ = [
     "MAX_REPLY_LINE_BYTES",
     "TcpTableProtocol",
+    "TcpTableReplyParser",
     "encode_reply",
     "encode_request",
     "hex_quote",
@@ -226,3 +227,27 @@ def parse_reply_line(line: bytes) -> Reply:
     if first == b"4":
         return Reply.temp(text)
     raise RemoteProtocolError(f"unexpected tcp_table reply code {body[:3]!r}")
+
+
+class TcpTableReplyParser(_BufferedReceiver[Reply]):
+    """Client side: decode a stream of reply lines into :class:`Reply`.
+
+    Applies dict_tcp.c's MAX_REPLY_LINE_BYTES as soon as that many bytes are buffered
+    without a newline, so a peer cannot make the client buffer without bound.
+    """
+
+    _what = "tcp_table reply line"
+
+    def next_event(self) -> Reply | NeedData | Closed:
+        return self._next()
+
+    def _parse(self) -> Reply | None:
+        buf = self._buf
+        newline = buf.find(b"\n", 0, MAX_REPLY_LINE_BYTES)
+        if newline < 0:
+            if len(buf) >= MAX_REPLY_LINE_BYTES:
+                raise RemoteProtocolError(f"reply line longer than {MAX_REPLY_LINE_BYTES} bytes")
+            return None
+        line = bytes(buf[: newline + 1])
+        del buf[: newline + 1]
+        return parse_reply_line(line)

@@ -36,8 +36,8 @@ import asyncpg
 from maplookup.cli.trace import render_json
 from maplookup.maps import LookupSettings
 from maplookup.postfix.trace import PostfixSettings, trace_address
+from maplookup.testing import RunningServer, free_port, start_server, stop_server
 from tests.e2e.postfix_instance import PostfixError, PrivatePostfix
-from tests.processes import RunningServer, free_port, start_server, stop_server
 
 from . import dataset as ds_mod
 from .dataset import Dataset

@@ -22,9 +22,9 @@ import asyncpg
 import pytest
 
 from maplookup.db import admin
+from maplookup.testing import RunningServer, free_port, start_server, stop_server
 from tests.e2e.postfix_instance import PrivatePostfix
 from tests.helpers import require_postfix, run_async
-from tests.processes import RunningServer, free_port, start_server, stop_server
 
 SENDER = "sender@outside.test"
 

@@ -1,4 +1,6 @@
-"""Helpers shared by the hardening tests: socketmap clients, condition waits, fd and RSS counts.
+"""Helpers shared by the hardening tests: condition waits, fd and RSS counts.
+
+The socketmap client is :class:`maplookup.testing.TrioClient`.
 
 Plain functions and small classes; fixtures live in the test modules that use them.
 """
@@ -12,42 +14,12 @@ from pathlib import Path
 
 import trio
 
-from maplookup.protocol import NEED_DATA, Reply, SocketmapReplyParser, socketmap
-
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Poll ``condition`` until it holds; TooSlowError after ``timeout_s``."""
     with trio.fail_after(timeout_s):
         while not condition():  # noqa: ASYNC110 - polling counters, bounded by the deadline
             await trio.sleep(0.005)
-
-
-class Client:
-    """One persistent socketmap connection, one request at a time, as a Postfix process holds."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self._parser = SocketmapReplyParser()
-
-    @classmethod
-    async def connect(cls, port: int) -> Client:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
-
-    async def ask(self, map_name: str, key: str | bytes, timeout_s: float = 10.0) -> Reply:
-        raw = key.encode() if isinstance(key, str) else key
-        await self.stream.send_all(socketmap.encode_request(map_name.encode(), raw))
-        with trio.fail_after(timeout_s):
-            while True:
-                event = self._parser.next_event()
-                if event is not NEED_DATA:
-                    assert isinstance(event, Reply), event
-                    return event
-                data = await self.stream.receive_some(65536)
-                assert data, "server closed the connection"
-                self._parser.receive_data(data)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 async def closed_by_peer(stream: trio.SocketStream, timeout_s: float = 5.0) -> bool:

@@ -40,8 +40,8 @@ from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply, Status
 from maplookup.serve.service import Running, serve
-from tests.hardening.fuzzcore import free_port
-from tests.hardening.support import Client, wait_until
+from maplookup.testing import TrioClient, free_port
+from tests.hardening.support import wait_until
 
 CACHED = [f"cached{i}@example.com" for i in range(20)]
 PHASES = ("before", "fault", "recovery", "after")
@@ -237,7 +237,7 @@ def _temp(reply: Reply) -> bool:
 
 
 async def _client(port: int, number: int, traffic: Traffic) -> None:
-    client = await Client.connect(port)
+    client = await TrioClient.connect(port)
     i = number
     try:
         while not traffic.stopped and traffic.requests < MAX_REQUESTS:
@@ -287,7 +287,7 @@ def _settings(dsn: str, listen_keepalive_s: float = 0.5) -> Settings:
 @asynccontextmanager
 async def traffic_against(
     cluster: EmbeddedPostgres, service_dsn: str
-) -> AsyncIterator[tuple[Running, Traffic, Client]]:
+) -> AsyncIterator[tuple[Running, Traffic, TrioClient]]:
     await admin_sql(cluster, _reset_data)
     async with trio.open_nursery() as nursery:
         running: Running = await nursery.start(serve, _settings(service_dsn), service_dsn)
@@ -295,7 +295,7 @@ async def traffic_against(
         assert cache is not None
         await wait_until(lambda: cache.live)
         port = running.listeners[0].tcp_port()
-        probe = await Client.connect(port)
+        probe = await TrioClient.connect(port)
         # Warm: the cached keys (and the key changed during recovery) are in the cache.
         for key in [*CACHED, CHANGE_KEY]:
             assert await probe.ask("vmailbox", key) == Reply.ok(path_of(key))
@@ -316,7 +316,7 @@ async def traffic_against(
 
 
 async def _recover(
-    cluster: EmbeddedPostgres, running: Running, traffic: Traffic, probe: Client
+    cluster: EmbeddedPostgres, running: Running, traffic: Traffic, probe: TrioClient
 ) -> dict[str, float]:
     """From the heal on: time until fresh keys, notifications and changes all work again."""
     cache = running.cache
@@ -422,7 +422,7 @@ async def test_killing_the_listen_connection_never_stops_the_service(
         running: Running = await nursery.start(service)
         listener = running.listener
         assert listener is not None
-        client = await Client.connect(running.listeners[0].tcp_port())
+        client = await TrioClient.connect(running.listeners[0].tcp_port())
         try:
             for i in range(kills):
                 await wait_until(lambda n=i: listener.counters.connects > n or stopped.is_set())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.hardening.fuzzcore import (
+from bench.fuzzcore import (
     ControlClient,
     FuzzInput,
     FuzzStats,

@@ -19,8 +19,8 @@ from maplookup.config import HostPort, LimitSettings, ListenSettings
 from maplookup.protocol import Reply, Request, socketmap
 from maplookup.serve.listeners import bind_all, close_all
 from maplookup.serve.server import Server
+from maplookup.testing import TrioClient
 from tests.hardening.support import (
-    Client,
     closed_by_peer,
     ensure_fd_limit,
     open_fds,
@@ -59,7 +59,7 @@ async def serving(limits: LimitSettings) -> AsyncIterator[tuple[Server, int]]:
 async def test_connection_limit_refuses_new_connections_at_once_and_keeps_old_ones() -> None:
     limit, extra = 20, 50
     async with serving(LimitSettings(max_connections=limit)) as (server, port):
-        kept = [await Client.connect(port) for _ in range(limit)]
+        kept = [await TrioClient.connect(port) for _ in range(limit)]
         for client in kept:
             assert await client.ask("vmailbox", "known") == KNOWN
         await wait_until(lambda: server.counters.connections_open == limit)
@@ -84,7 +84,7 @@ async def test_connection_limit_refuses_new_connections_at_once_and_keeps_old_on
             assert await client.ask("vmailbox", "known") == KNOWN
         await kept.pop().aclose()
         await wait_until(lambda: server.counters.connections_open == limit - 1)
-        again = await Client.connect(port)
+        again = await TrioClient.connect(port)
         assert await again.ask("vmailbox", "known") == KNOWN
         print(
             f"\nmax_connections={limit}: {extra} extra connections refused "
@@ -136,7 +136,7 @@ async def test_client_sending_one_byte_per_second_is_cut_at_read_timeout() -> No
         took = await _cut_after(port, request, interval_s=1.0, deadline_s=5)
         assert server.counters.read_timeouts == 1
         assert read_timeout_s * 0.8 <= took <= read_timeout_s + 1.0
-        control = await Client.connect(port)
+        control = await TrioClient.connect(port)
         assert await control.ask("vmailbox", "known") == KNOWN
         await control.aclose()
         print(f"\n1 byte/s client: cut {took:.2f} s after its first byte (read_timeout_s 0.5)")
@@ -174,7 +174,7 @@ async def test_client_that_never_reads_is_cut_at_write_timeout_without_growing_m
     try:
         async with serving(limits) as (server, port):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            control = await Client.connect(port)
+            control = await TrioClient.connect(port)
             try:
                 assert await control.ask("vmailbox", "known") == KNOWN
                 sent = 0
@@ -261,11 +261,11 @@ async def test_thousands_of_idle_connections_within_the_limit() -> None:
             assert server.counters.connections_rejected == 0
             assert 2 * count - 10 <= fds_held <= 2 * count + 50
             # A newcomer and a sample of the idle ones are all served.
-            control = await Client.connect(port)
+            control = await TrioClient.connect(port)
             streams.append(control.stream)
             assert await control.ask("vmailbox", "known") == KNOWN
             for stream in streams[: count : max(1, count // 50)]:
-                assert await Client(stream).ask("vmailbox", "nothing") == Reply.notfound()
+                assert await TrioClient(stream).ask("vmailbox", "nothing") == Reply.notfound()
             print(
                 f"\nidle connections: {count} held (asked for {wanted}; RLIMIT_NOFILE soft "
                 f"{limit}), {fds_held} descriptors for both ends, RSS "

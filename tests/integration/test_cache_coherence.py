@@ -20,8 +20,9 @@ from maplookup.embedded import EmbeddedPostgres
 from maplookup.lookup.answer import DatabaseSource
 from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.maps import LookupSettings, MapName
-from maplookup.protocol import NEED_DATA, Reply, SocketmapReplyParser, socketmap
+from maplookup.protocol import Reply
 from maplookup.serve.service import Running, serve
+from maplookup.testing import TrioClient
 from tests.helpers import run_sql
 
 SCHEMA_DATA = [
@@ -55,27 +56,12 @@ async def running(settings: Settings, dsn: str) -> AsyncIterator[Running]:
             service.server.drain()
 
 
-class Client:
-    """One persistent socketmap connection, as a Postfix process holds."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+class Client(TrioClient):
+    """One persistent socketmap connection to the in-process service, as a Postfix process holds."""
 
     @classmethod
-    async def connect(cls, service: Running) -> Client:
-        port = service.listeners[0].tcp_port()
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
-
-    async def ask(self, map_name: str, key: str) -> Reply:
-        await self.stream.send_all(socketmap.encode_request(map_name.encode(), key.encode()))
-        parser = SocketmapReplyParser()
-        with trio.fail_after(10):
-            while True:
-                event = parser.next_event()
-                if event is not NEED_DATA:
-                    assert isinstance(event, Reply)
-                    return event
-                parser.receive_data(await self.stream.receive_some(65536))
+    async def to(cls, service: Running) -> Client:
+        return cls(await trio.open_tcp_stream("127.0.0.1", service.listeners[0].tcp_port()))
 
     async def wait_for(
         self, map_name: str, key: str, expected: Reply, timeout_s: float = 5
@@ -105,7 +91,7 @@ async def test_changes_are_seen_by_the_next_lookups(dsn: str) -> None:
     async with running(settings_for(dsn), dsn) as service:
         assert service.cache is not None
         await wait_until(lambda: service.cache is not None and service.cache.live)
-        client = await Client.connect(service)
+        client = await Client.to(service)
         # Cache a negative and a positive answer, and a mirror-domain answer.
         assert await client.ask("vmailbox", "new@example.com") == Reply.notfound()
         assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
@@ -134,7 +120,7 @@ async def test_bulk_change_is_coalesced(dsn: str) -> None:
         assert service.cache is not None
         assert service.listener is not None
         await wait_until(lambda: service.cache is not None and service.cache.live)
-        client = await Client.connect(service)
+        client = await Client.to(service)
         assert await client.ask("vmailbox", "bulk9999@example.com") == Reply.notfound()
         before = service.listener.counters.notifications
         run_sql(
@@ -153,7 +139,7 @@ async def test_truncate_flushes_everything(dsn: str) -> None:
     async with running(settings_for(dsn), dsn) as service:
         assert service.cache is not None
         await wait_until(lambda: service.cache is not None and service.cache.live)
-        client = await Client.connect(service)
+        client = await Client.to(service)
         assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
         run_sql(dsn, "TRUNCATE maplookup.mailboxes")
         await client.wait_for("vmailbox", "user@example.com", Reply.notfound())
@@ -222,7 +208,7 @@ async def test_in_flight_miss_during_a_change_is_not_stored(dsn: str) -> None:
             return value
 
         inner.fetch = held_fetch
-        client = await Client.connect(service)
+        client = await Client.to(service)
         replies: list[Reply] = []
         async with trio.open_nursery() as nursery:
 
@@ -249,7 +235,7 @@ async def test_no_cache_is_a_pass_through(dsn: str) -> None:
     async with running(settings_for(dsn, max_entries=0), dsn) as service:
         assert service.cache is None
         assert service.listener is None
-        client = await Client.connect(service)
+        client = await Client.to(service)
         assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
         run_sql(dsn, "DELETE FROM maplookup.mailboxes")
         assert await client.ask("vmailbox", "user@example.com") == Reply.notfound()
@@ -272,7 +258,7 @@ async def test_outage_serves_cache_answers_temp_and_recovers(
         cache = service.cache
         assert cache is not None
         await wait_until(lambda: cache.live)
-        client = await Client.connect(service)
+        client = await Client.to(service)
         assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
         assert await client.ask("vmailbox", "nobody@example.com") == Reply.notfound()
 

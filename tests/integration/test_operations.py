@@ -13,9 +13,9 @@ from maplookup.config import load_settings
 from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply
+from maplookup.testing import free_port
 from tests.helpers import run_async, run_sql
 from tests.integration.test_cache_coherence import SCHEMA_DATA, Client, running, wait_until
-from tests.processes import free_port
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -58,7 +58,7 @@ async def test_metrics_move_with_lookups_and_healthz_follows_the_database(
         assert status == 200
         before = samples(before_text)
 
-        client = await Client.connect(service)
+        client = await Client.to(service)
         for _ in range(3):
             assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
         assert await client.ask("vmailbox", "nobody@example.com") == Reply.notfound()

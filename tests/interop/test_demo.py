@@ -16,14 +16,9 @@ import tempfile
 from pathlib import Path
 
 from maplookup.embedded import read_running_dsn
+from maplookup.testing import RunningServer, free_port, stop_server, wait_for_port
 from tests.interop.test_postmap import postmap
-from tests.processes import (
-    RunningServer,
-    free_port,
-    maplookup_cli,
-    stop_server,
-    wait_for_port,
-)
+from tests.processes import maplookup_cli
 
 
 def _start_demo(state_dir: Path, port: int, log_path: Path) -> RunningServer:

@@ -15,13 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import (
-    RunningServer,
-    free_port,
-    maplookup_cli,
-    start_server,
-    stop_server,
-)
+from maplookup.testing import RunningServer, free_port, start_server, stop_server
+from tests.processes import maplookup_cli
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from maplookup.client import query_socketmap
 from maplookup.config import HostPort
 from maplookup.embedded import loopback_dsn
 from maplookup.protocol import Reply
-from tests.processes import free_port, maplookup_cli, wait_for_port
+from maplookup.testing import free_port, wait_for_port
+from tests.processes import maplookup_cli
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root can test dropping root")
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from maplookup.testing import wait_for_port
 from tests.helpers import require_postfix, require_tool
-from tests.processes import wait_for_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 README = PROJECT / "README.md"

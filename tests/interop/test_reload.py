@@ -20,10 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from maplookup.client import QueryError, ask_socketmap, query_tcp_table
+from maplookup.client import query_tcp_table
 from maplookup.config import HostPort
 from maplookup.protocol import Reply
-from tests.processes import free_port, maplookup_cli, wait_for_port
+from maplookup.testing import (
+    Client,
+    QueryError,
+    accepts,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for_port,
+)
+from tests.processes import maplookup_cli
 
 EXPECTED = Reply.ok("arkum.ch/meier/")
 
@@ -35,17 +44,21 @@ class LoadResult:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def ask(sock: socket.socket, key: bytes) -> Reply:
-    return ask_socketmap(sock, "vmailbox", key)
+def connect(port: int) -> Client:
+    return Client.connect(HostPort(host="127.0.0.1", port=port), timeout_s=10)
+
+
+def ask(client: Client, key: bytes) -> Reply:
+    return client.ask("vmailbox", key)
 
 
 def load(port: int, stop: threading.Event, result: LoadResult) -> None:
     """Ask one question after another; a new connection every 100 requests."""
     while not stop.is_set():
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            with connect(port) as client:
                 for _ in range(100):
-                    reply = ask(sock, b"meier@arkum.ch")
+                    reply = ask(client, b"meier@arkum.ch")
                     with result.lock:
                         if reply == EXPECTED:
                             result.ok += 1
@@ -64,11 +77,6 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20) ->
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def config_text(dsn: str, socketmap_ports: list[int], extra: str = "") -> str:
@@ -115,8 +123,8 @@ def test_sighup_under_load_loses_no_request(
         wait_for(lambda: accepts(tcp_port) and accepts(extra_port), "the new listeners")
         tcp = HostPort(host="127.0.0.1", port=tcp_port)
         assert query_tcp_table(b"meier@arkum.ch", server=tcp) == EXPECTED
-        with socket.create_connection(("127.0.0.1", extra_port), timeout=10) as sock:
-            assert ask(sock, b"meier@arkum.ch") == EXPECTED
+        with connect(extra_port) as client:
+            assert ask(client, b"meier@arkum.ch") == EXPECTED
 
         # 2. A broken file is refused; everything keeps running as it was.
         good = config.read_text()
@@ -155,29 +163,13 @@ def test_stop_signals_exit_zero(
     make_database: Callable[[], str], tmp_path: Path, signal_name: str
 ) -> None:
     dsn = make_database()
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "maplookup",
-            "serve",
-            "--dsn",
-            dsn,
-            "--socketmap",
-            f"127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server(dsn, tmp_path / "server.log", tcp_maps=())
+    process = server.process
     try:
-        wait_for_port(port, process)
         process.send_signal(getattr(signal, signal_name))
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_server(server)
 
 
 def test_systemd_notifications(make_database: Callable[[], str], tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ from prometheus_client.samples import Sample
 from maplookup.client import query_socketmap
 from maplookup.config import HostPort
 from maplookup.protocol import Reply
-from tests.interop.test_reload import accepts, ask, wait_for
-from tests.processes import free_port, maplookup_cli, wait_for_port
+from maplookup.testing import accepts, free_port, wait_for_port
+from tests.interop.test_reload import ask, connect, wait_for
+from tests.processes import maplookup_cli
 
 
 def scrape(port: int) -> list[Sample]:
@@ -65,19 +65,19 @@ def test_workers_share_ports_stay_coherent_and_are_supervised(
             "arkum.ch/meier/"
         )
         # Many connections, so both workers hold some; each caches a negative answer.
-        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
-        for sock in connections:
-            assert ask(sock, b"fresh@arkum.ch") == Reply.notfound()
+        connections = [connect(port) for _ in range(16)]
+        for client in connections:
+            assert ask(client, b"fresh@arkum.ch") == Reply.notfound()
         added = maplookup_cli("mailbox", "add", "fresh@arkum.ch", "--dsn", dsn)
         assert added.returncode == 0, added.stderr
         # Every worker's cache sees the change (each LISTENs for itself).
-        for sock in connections:
+        for client in connections:
             wait_for(
-                lambda sock=sock: ask(sock, b"fresh@arkum.ch") == Reply.ok("arkum.ch/fresh/"),
+                lambda client=client: ask(client, b"fresh@arkum.ch") == Reply.ok("arkum.ch/fresh/"),
                 "the change on every connection",
             )
-        for sock in connections:
-            sock.close()
+        for client in connections:
+            client.close()
 
         # /metrics (on worker 0) has every worker's figures, each labelled with its worker.
         accepted = {

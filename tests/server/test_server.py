@@ -18,9 +18,10 @@ import trio
 
 from maplookup.config import HostPort, LimitSettings, ListenSettings
 from maplookup.maps import MapName
-from maplookup.protocol import NEED_DATA, Reply, Request, SocketmapReplyParser, socketmap, tcptable
+from maplookup.protocol import Reply, Request, socketmap
 from maplookup.serve.listeners import BoundListener, ListenError, bind_all, close_all
 from maplookup.serve.server import Server
+from maplookup.testing import TrioClient
 
 
 class ScriptedAnswerer:
@@ -65,17 +66,7 @@ async def connect(bound: BoundListener) -> trio.SocketStream:
 
 
 async def ask(stream: trio.abc.Stream, map_name: bytes, key: bytes) -> Reply:
-    await stream.send_all(socketmap.encode_request(map_name, key))
-    parser = SocketmapReplyParser()
-    with trio.fail_after(5):
-        while True:
-            event = parser.next_event()
-            if event is not NEED_DATA:
-                assert isinstance(event, Reply)
-                return event
-            data = await stream.receive_some(65536)
-            assert data, "server closed the connection"
-            parser.receive_data(data)
+    return await TrioClient(stream, timeout_s=5).ask(map_name.decode(), key)
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -114,16 +105,8 @@ async def test_two_requests_in_one_packet_get_two_replies() -> None:
             socketmap.encode_request(b"vmailbox", b"known")
             + socketmap.encode_request(b"vmailbox", b"nope")
         )
-        parser = SocketmapReplyParser()
-        replies: list[Reply] = []
-        with trio.fail_after(5):
-            while len(replies) < 2:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    parser.receive_data(await stream.receive_some(65536))
-                else:
-                    assert isinstance(event, Reply)
-                    replies.append(event)
+        client = TrioClient(stream, timeout_s=5)
+        replies = [await client.receive(), await client.receive()]
         assert replies == [Reply.ok("found-value"), Reply.notfound()]
         await stream.aclose()
 
@@ -205,14 +188,8 @@ async def test_tcp_table_listener_serves_its_one_map() -> None:
     async with running_server(listen=listen) as (_, bound, _answerer):
         assert bound[0].protocol_name == "tcp_table"
         stream = await connect(bound[0])
-        replies = []
-        for key in (b"known", b"nope", b"temp"):
-            await stream.send_all(tcptable.encode_request(key))
-            line = b""
-            with trio.fail_after(5):
-                while not line.endswith(b"\n"):
-                    line += await stream.receive_some(4096)
-            replies.append(tcptable.parse_reply_line(line))
+        client = TrioClient(stream, "tcp_table", timeout_s=5)
+        replies = [await client.ask("vmailbox", key) for key in (b"known", b"nope", b"temp")]
         assert [r.status.value for r in replies] == ["OK", "NOTFOUND", "TEMP"]
         assert replies[0].value == "found-value"
         await stream.aclose()

@@ -3,9 +3,10 @@
 The layers, bottom up (README "Design"): the base modules (the map contract, addresses,
 errors, settings); ``protocol`` (sans-IO codecs); ``lookup`` (the map contract over an answer
 source, the cache); ``db`` (asyncpg, SQL); the operations packages (``metrics``, ``logsetup``,
-``embedded``); the Postfix side (``postfix``, ``transfer``, ``client``); ``serve`` (the
-process); ``cli``.  A module that imports a layer above its own fails this test, naming the
-import, so the layering cannot erode one convenient import at a time.
+``embedded``); the Postfix side (``postfix``, ``transfer``, ``client``, and ``testing``: the
+clients and the server process for tests and benchmarks); ``serve`` (the process); ``cli``.
+A module that imports a layer above its own fails this test, naming the import, so the
+layering cannot erode one convenient import at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ LAYERS: dict[str, int] = {
     "postfix": 5,
     "transfer": 5,
     "client": 5,
+    "testing": 5,
     "serve": 6,
     "cli": 7,
     "__main__": 8,

@@ -379,3 +379,33 @@ def test_hex_quote_table(raw: bytes, quoted: bytes) -> None:
 def test_hex_unquote_rejects_bad_escape(bad: bytes) -> None:
     with pytest.raises(RemoteProtocolError, match="malformed %-escape"):
         hex_unquote(bad)
+
+
+def test_reply_parser_splits_a_stream_of_lines_in_any_chunking() -> None:
+    from maplookup.protocol import CLOSED, NEED_DATA, TcpTableReplyParser
+
+    wire = b"200 a%20b\n500 not%20found\n400 db%20down\n"
+    for size in (1, 3, len(wire)):
+        parser = TcpTableReplyParser()
+        replies = []
+        for i in range(0, len(wire), size):
+            parser.receive_data(wire[i : i + size])
+            while (event := parser.next_event()) is not NEED_DATA:
+                replies.append(event)
+        parser.receive_data(b"")
+        assert parser.next_event() is CLOSED
+        assert replies == [Reply.ok("a b"), Reply.notfound("not found"), Reply.temp("db down")]
+
+
+def test_reply_parser_refuses_an_endless_line_and_a_truncated_one() -> None:
+    from maplookup.protocol import MAX_REPLY_LINE_BYTES, TcpTableReplyParser
+
+    parser = TcpTableReplyParser()
+    parser.receive_data(b"200 " + b"x" * MAX_REPLY_LINE_BYTES)
+    with pytest.raises(RemoteProtocolError, match="longer than"):
+        parser.next_event()
+    parser = TcpTableReplyParser()
+    parser.receive_data(b"200 partial")
+    parser.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        parser.next_event()

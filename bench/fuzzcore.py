@@ -7,7 +7,7 @@ The server is ``python -m maplookup serve`` in a subprocess, on a real PostgreSQ
 hypothesis chose, optionally half-closes, and reads until the server closes or every expected
 reply has arrived.  What the server must do is derived from the sans-IO codec (the same one the
 server uses, whose totality and chunking invariance tests/unit/test_protocol_fuzz.py checks)
-and the map model (tests/hardening/model.py):
+and the map model (bench/model.py):
 
 * each complete request before the first framing error gets exactly the reply the model gives
   (PERM for an unknown map; never TEMP, since the database is up);
@@ -24,10 +24,8 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -36,6 +34,9 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from bench.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
+from maplookup.client import QueryError, WireProtocol, next_reply, reply_parser
+from maplookup.config import HostPort
 from maplookup.protocol import (
     CLOSED,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -44,14 +45,11 @@ from maplookup.protocol import (
     Reply,
     Request,
     SocketmapProtocol,
-    SocketmapReplyParser,
     Status,
     TcpTableProtocol,
     hex_quote,
-    parse_reply_line,
-    socketmap,
 )
-from tests.hardening.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
+from maplookup.testing import Client, RunningServer, start_server, stop_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -351,26 +349,17 @@ class InvariantViolation(AssertionError):
 
 
 class _ReplyReader:
-    def __init__(self, protocol: str) -> None:
-        self.protocol = protocol
+    def __init__(self, protocol: WireProtocol) -> None:
         self.replies: list[Reply] = []
-        self._parser = SocketmapReplyParser()
-        self._lines = b""
+        self._parser = reply_parser(protocol)
 
     def feed(self, data: bytes) -> None:
         try:
-            if self.protocol == "socketmap":
-                self._parser.receive_data(data)
-                while (event := self._parser.next_event()) is not NEED_DATA:
-                    assert isinstance(event, Reply)
-                    self.replies.append(event)
-                return
-            self._lines += data
-            while b"\n" in self._lines:
-                line, self._lines = self._lines.split(b"\n", 1)
-                self.replies.append(parse_reply_line(line + b"\n"))
-        except RemoteProtocolError as exc:
-            raise InvariantViolation(f"server sent a malformed reply: {exc}") from exc
+            self._parser.receive_data(data)
+            while (reply := next_reply(self._parser)) is not None:
+                self.replies.append(reply)
+        except QueryError as exc:
+            raise InvariantViolation(f"server sent a {exc}") from exc
 
 
 def run_input(item: FuzzInput, port: int, stats: FuzzStats) -> None:
@@ -444,32 +433,24 @@ class ControlClient:
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=EXAMPLE_DEADLINE_S)
-        self.parser = SocketmapReplyParser()
+        self.client = Client.connect(
+            HostPort(host="127.0.0.1", port=port), timeout_s=EXAMPLE_DEADLINE_S
+        )
 
     def check(self, stats: FuzzStats) -> None:
-        self.sock.sendall(socketmap.encode_request(CONTROL_MAP.encode(), CONTROL_KEY))
-        while (event := self.parser.next_event()) is NEED_DATA:
-            data = self.sock.recv(65536)
-            if not data:
-                raise InvariantViolation("the control connection was closed by the server")
-            self.parser.receive_data(data)
-        if event != Reply.ok(CONTROL_VALUE):
-            raise InvariantViolation(f"control lookup answered {event!r}")
+        try:
+            reply = self.client.ask(CONTROL_MAP, CONTROL_KEY)
+        except QueryError as exc:
+            raise InvariantViolation(f"the control connection failed: {exc}") from exc
+        if reply != Reply.ok(CONTROL_VALUE):
+            raise InvariantViolation(f"control lookup answered {reply!r}")
         stats.control_checks += 1
 
     def close(self) -> None:
-        self.sock.close()
+        self.client.close()
 
 
 # -- the live server ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def seed(dsn: str, data: Dataset = FUZZ_DATA) -> None:
@@ -491,21 +472,31 @@ def seed(dsn: str, data: Dataset = FUZZ_DATA) -> None:
 
 @dataclass
 class LiveServer:
-    process: subprocess.Popen[bytes]
-    socketmap_port: int
-    tcp_port: int
-    metrics_port: int
-    log_path: Path
+    """The fuzzed server: socketmap, one tcp_table listener (``TCP_MAP``) and /metrics."""
+
+    running: RunningServer
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.running.process
+
+    @property
+    def socketmap_port(self) -> int:
+        return self.running.socketmap_port
+
+    @property
+    def tcp_port(self) -> int:
+        return self.running.tcp_ports[TCP_MAP]
 
     def port_for(self, protocol: str) -> int:
         return self.socketmap_port if protocol == "socketmap" else self.tcp_port
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.running.alive()
 
     def metric(self, name: str) -> float:
         """One unlabelled sample from /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
         for line in text.splitlines():
@@ -514,14 +505,12 @@ class LiveServer:
         raise KeyError(name)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.running.log_tail(lines)
 
     def tracebacks(self) -> int:
         try:
-            return self.log_path.read_text(errors="replace").count("Traceback")
+            assert self.running.log_path is not None
+            return self.running.log_path.read_text(errors="replace").count("Traceback")
         except OSError:
             return 0
 
@@ -534,52 +523,28 @@ def start_live_server(
     ``read_timeout_s`` is what a stalled partial request costs; too short, and a scheduling
     gap between two chunks of one input on a busy machine looks like a stall.
     """
-    ports = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAPLOOKUP_")}
     env["MAPLOOKUP_LIMITS__READ_TIMEOUT_S"] = str(read_timeout_s)
     if os.geteuid() == 0:
         # Tests and benchmarks run as root in containers; no user to drop privileges to.
         env["MAPLOOKUP_ALLOW_ROOT"] = "true"
-    argv = [
-        sys.executable,
-        "-m",
-        "maplookup",
-        "serve",
-        "--dsn",
+    running = start_server(
         dsn,
-        "--socketmap",
-        f"127.0.0.1:{ports[0]}",
-        "--tcp-table",
-        f"{TCP_MAP}=127.0.0.1:{ports[1]}",
-        "--metrics",
-        f"127.0.0.1:{ports[2]}",
-        "--log-level",
-        "warning",
-    ]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env
-        )
-    server = LiveServer(process, *ports, log_path)
+        log_path,
+        tcp_maps=(TCP_MAP,),
+        extra_args=("--log-level", "warning"),
+        metrics=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout_s=30,
+    )
+    server = LiveServer(running)
     try:
-        for port in ports:
-            _wait_for_port(port, server)
         _wait_for(lambda: server.metric("maplookup_cache_live") == 1.0, server)
     except BaseException:
-        stop_live_server(server)
+        stop_server(running)
         raise
     return server
-
-
-def _wait_for_port(port: int, server: LiveServer, timeout_s: float = 30) -> None:
-    def accepting() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    _wait_for(accepting, server, timeout_s)
 
 
 def _wait_for(condition: Callable[[], bool], server: LiveServer, timeout_s: float = 30) -> None:
@@ -597,11 +562,4 @@ def _wait_for(condition: Callable[[], bool], server: LiveServer, timeout_s: floa
 
 
 def stop_live_server(server: LiveServer) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-    return server.process.returncode
+    return stop_server(server.running)
