@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from maplookup.config import ConfigError, Settings, load_settings
+from maplookup.config import ConfigError, Settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin
 
 EXIT_OK = 0

@@ -37,7 +37,8 @@ from maplookup.cli.common import (
     load,
     with_connection,
 )
-from maplookup.config import HostPort, Settings, load_settings
+from maplookup.config import HostPort, Settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin
 from maplookup.maps import MapName
 from maplookup.protocol import Status

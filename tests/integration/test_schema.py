@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup.config import load_settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin, schema
 from maplookup.serve.service import StartupError, serve
 from tests.helpers import dsn_for_database, run_sql
