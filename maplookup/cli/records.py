@@ -1,9 +1,9 @@
 """``maplookup domain``, ``mailbox`` and ``alias``: the record commands and their warnings.
 
-Registered on the main parser by ``add_commands`` (see cli/main.py).  Besides the writes (in
-``db.admin``), this owns what the commands say about a record that is valid but would make
-virtual(8) defer mail: no uid or gid from the mailbox, its domain or the server, a uid below
-Postfix's default virtual_minimum_uid.
+Registered on the main parser by ``add_commands`` (see cli/main.py).  Besides calling the
+writes (``db.admin``) and the parsing (``db.admin_input``), this owns what the commands say
+about a record that is valid but would make virtual(8) defer mail: no uid or gid from the
+mailbox, its domain or the server, a uid below Postfix's default virtual_minimum_uid.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from maplookup.cli.common import (
     warn,
     with_connection,
 )
-from maplookup.db import admin
+from maplookup.db import admin, admin_input
 
 # -- commands ----------------------------------------------------------------------------------
 
@@ -84,7 +84,7 @@ def _warn_domain_ids(
 
 def cmd_domain(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
-        domain = admin.parse_domain(args.domain) if args.action != "list" else ""
+        domain = admin_input.parse_domain(args.domain) if args.action != "list" else ""
         if args.action == "add":
             await admin.domain_add(
                 conn,
@@ -95,13 +95,13 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 gid=args.gid,
             )
             if args.alias_of is not None:
-                kind = f"alias domain, mirror of {admin.parse_domain(args.alias_of)}"
+                kind = f"alias domain, mirror of {admin_input.parse_domain(args.alias_of)}"
             elif args.alias:
                 kind = "alias domain, forwarding only"
             else:
                 kind = f"mailbox domain, {_ids_text(args.uid, args.gid)}"
             print(f"domain {domain} added ({kind})")
-            low = admin.low_uid_warning(args.uid)
+            low = admin_input.low_uid_warning(args.uid)
             if low is not None:
                 warn(f"domain {domain}: {low}")
             if not (args.alias or args.alias_of is not None):
@@ -130,7 +130,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
                 conn, args.address, path=args.path, uid=args.uid, gid=args.gid
             )
             print(f"mailbox {added.address} -> {added.path} added")
-            low = admin.low_uid_warning(added.uid)
+            low = admin_input.low_uid_warning(added.uid)
             if low is not None:
                 warn(f"mailbox {added.address}: {low}")
             if added.uid is None or added.gid is None:
@@ -145,10 +145,10 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
                     )
         elif args.action == "remove":
             await admin.mailbox_remove(conn, args.address)
-            print(f"mailbox {admin.parse_address(args.address)} removed")
+            print(f"mailbox {admin_input.parse_address(args.address)} removed")
         elif args.action in ("enable", "disable"):
             await admin.mailbox_set_enabled(conn, args.address, args.action == "enable")
-            print(f"mailbox {admin.parse_address(args.address)} {args.action}d")
+            print(f"mailbox {admin_input.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.mailbox_list(conn, args.domain)
             print_table(rows, ["address", "path", "uid", "gid", "enabled"])
@@ -163,10 +163,10 @@ def cmd_alias(args: argparse.Namespace) -> int:
             print(f"alias {address} -> {', '.join(targets)} added")
         elif args.action == "remove":
             await admin.alias_remove(conn, args.address)
-            print(f"alias {admin.parse_address(args.address)} removed")
+            print(f"alias {admin_input.parse_address(args.address)} removed")
         elif args.action in ("enable", "disable"):
             await admin.alias_set_enabled(conn, args.address, args.action == "enable")
-            print(f"alias {admin.parse_address(args.address)} {args.action}d")
+            print(f"alias {admin_input.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.alias_list(conn, args.domain)
             print_table(rows, ["address", "targets", "enabled"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from maplookup.address import quote_local
-from maplookup.db.admin import AdminError
+from maplookup.db.admin_input import AdminError
 
 from .records import (
     ALIAS_OF_PREFIX,
