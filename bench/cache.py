@@ -261,7 +261,7 @@ async def _server_worker(dsn: str, cache_on: bool, budget_s: float) -> None:
     """Run ``serve`` as ``maplookup serve`` would; obey ``state``/``stop`` lines on stdin."""
     import trio
 
-    from maplookup.config import load_settings
+    from maplookup.config_load import load_settings
     from maplookup.serve.service import Running, serve
 
     settings = load_settings(

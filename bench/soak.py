@@ -182,7 +182,7 @@ def _emit(payload: dict[str, object]) -> None:
 async def _child_main(dsn: str, cache_entries: int) -> None:
     import trio
 
-    from maplookup.config import load_settings
+    from maplookup.config_load import load_settings
     from maplookup.logsetup import configure_logging
     from maplookup.serve.service import Running, serve
 

@@ -1,5 +1,8 @@
 """Configuration: one pydantic model, read from a TOML file, the environment and flags.
 
+This module owns the model (what can be configured, its defaults and checks);
+``config_load`` reads it (``load_settings``), ``config_env`` names and reads the environment.
+
 Precedence, lowest first: defaults, the TOML file (``--config``), environment variables,
 command-line flags.  The environment is read by pydantic-settings (``env_prefix``
 ``MAPLOOKUP_``, ``env_nested_delimiter`` ``__``): ``MAPLOOKUP_<FIELD>`` for top-level
@@ -10,21 +13,17 @@ the short name of ``MAPLOOKUP_DATABASE__DSN``.
 Every model forbids unknown keys, so a typo is an error, not a silently ignored setting; the
 same holds for the environment: a ``MAPLOOKUP_*`` variable that names no setting is an error
 (with the closest valid name), except the few the project uses for other things
-(``NOT_SETTINGS``).  Every model is frozen, so a running server cannot see half-changed
+(``config_env.NOT_SETTINGS``).  Every model is frozen, so a running server cannot see half-changed
 settings.  Limits carry their unit in the name.
 """
 
 from __future__ import annotations
 
-import difflib
-import enum
-import os
 import re
-import tomllib
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -34,19 +33,16 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
 )
 
+from maplookup.config_env import ENV_NESTED_DELIMITER, ENV_PREFIX
 from maplookup.maps import MapName
 
 
@@ -234,20 +230,6 @@ class EmbeddedSettings(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = any free port on 127.0.0.1
 
 
-ENV_PREFIX = "MAPLOOKUP_"
-ENV_NESTED_DELIMITER = "__"
-# The short name of MAPLOOKUP_DATABASE__DSN, older than the nested names and the one documented.
-DSN_VARIABLE = "MAPLOOKUP_DSN"
-# MAPLOOKUP_* variables that are not settings but are used by the project itself, so they may
-# be set wherever maplookup runs without being an unknown setting.
-NOT_SETTINGS = (
-    "MAPLOOKUP_TEST_DSN",  # tests/conftest.py: the PostgreSQL the tests use instead of their own
-    # tests/differential: how many random datasets, and which record kinds to leave out.
-    "MAPLOOKUP_DIFFERENTIAL_SEEDS",
-    "MAPLOOKUP_DIFFERENTIAL_EXCLUDE",
-)
-
-
 class Settings(BaseSettings):
     """Everything ``maplookup serve`` needs.
 
@@ -310,256 +292,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Only the values given: constructing Settings never reads ``os.environ`` by itself.
 
-        ``load_settings`` reads the environment (``_EnvironSource``) so that it can be passed
-        in (tests give ``environ={}``), checked for unknown names first and placed between
-        the file and the flags; a second, implicit reading here would undo all three.
+        ``config_load.load_settings`` reads the environment (``config_env.EnvironSource``) so
+        that it can be passed in (tests give ``environ={}``), checked for unknown names first
+        and placed between the file and the flags; a second, implicit reading here would undo
+        all three.
         """
         return (init_settings,)
-
-
-class _EnvironSource(EnvSettingsSource):
-    """pydantic-settings' environment source, reading a given mapping instead of os.environ.
-
-    Two departures from the stock source, both to keep what the hand-written reader accepted:
-    ``MAPLOOKUP_DSN`` is read as ``database.dsn``, and a list or table value that is not JSON
-    is passed on as the string it is, for the field's own validators (``socketmap`` takes a
-    plain ``HOST:PORT``) or a validation error naming the variable, instead of pydantic-settings'
-    SettingsError.
-    """
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        super().__init__(settings_cls)
-        # env_vars is what the stock source looks names up in; replacing it (rather than
-        # patching os.environ) keeps the injected mapping local to this load.  Lower-cased
-        # as the stock source does (case_sensitive=False); env_parse_none_str is not used.
-        self.env_vars = {
-            name.lower(): value
-            for name, value in environ.items()
-            if not (self.env_ignore_empty and value == "")
-        }
-
-    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
-        try:
-            return super().decode_complex_value(field_name, field, value)
-        except ValueError:
-            return value
-
-    def __call__(self) -> dict[str, Any]:
-        data = super().__call__()
-        dsn = self.env_vars.get(DSN_VARIABLE.lower())
-        if dsn is not None:
-            data = _merge(data, {"database": {"dsn": dsn}})
-        return data
-
-
-def _map_keys(annotation: object) -> list[str]:
-    """The keys of a table field whose keys are an enum (tcp_table's map names), else none."""
-    if get_origin(annotation) is not dict:
-        return []
-    key = get_args(annotation)[0]
-    if isinstance(key, type) and issubclass(key, enum.Enum):
-        return [str(member.value) for member in key]
-    return []
-
-
-def _setting_variables() -> frozenset[str]:
-    """Every environment variable that names a setting, spelt as pydantic-settings reads them.
-
-    A section can be given whole as JSON (``MAPLOOKUP_LIMITS``) or field by field; a table
-    with known keys (``tcp_table``) also key by key (``MAPLOOKUP_LISTEN__TCP_TABLE__VMAILBOX``).
-    """
-    names = {DSN_VARIABLE}
-    for name, field in Settings.model_fields.items():
-        top = f"{ENV_PREFIX}{name.upper()}"
-        names.add(top)
-        section = field.annotation
-        if not (isinstance(section, type) and issubclass(section, BaseModel)):
-            continue
-        for sub_name, sub_field in section.model_fields.items():
-            variable = f"{top}{ENV_NESTED_DELIMITER}{sub_name.upper()}"
-            names.add(variable)
-            names.update(
-                f"{variable}{ENV_NESTED_DELIMITER}{key.upper()}"
-                for key in _map_keys(sub_field.annotation)
-            )
-    return frozenset(names)
-
-
-SETTING_VARIABLES = _setting_variables()
-
-
-def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A problem for each MAPLOOKUP_* variable that is no setting, with the closest valid name.
-
-    pydantic-settings ignores variables that match no field, so without this a misspelt
-    ``MAPLOOKUP_WORKER=4`` would leave ``workers`` at its default without a word.  Names are
-    compared ignoring case, as pydantic-settings reads them.
-    """
-    candidates = sorted(v.removeprefix(ENV_PREFIX) for v in SETTING_VARIABLES)
-    problems = []
-    for name in sorted(environ):
-        upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in SETTING_VARIABLES:
-            continue
-        if upper in NOT_SETTINGS:
-            continue
-        problem = f"environment: {name} is not a maplookup setting"
-        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), candidates, n=1)
-        if close:
-            problem += f"; did you mean {ENV_PREFIX}{close[0]}?"
-        problems.append(problem)
-    return problems
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_settings(
-    config_file: Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Build Settings from file, environment (``os.environ`` unless given) and flags.
-
-    Each layer is a nested dict merged over the one below, so a flag replaces one setting of
-    the environment or the file, not a whole section.  Every problem is a ConfigError whose
-    lines say where (file and line, or environment variable) and why.
-    """
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError([f"cannot read config file {config_file}: {exc.strerror}"]) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{config_file}: invalid TOML: {exc}"]) from exc
-    environ = os.environ if environ is None else environ
-    unknown = _unknown_variables(environ)
-    if unknown:
-        raise ConfigError(unknown)
-    try:
-        from_env = _EnvironSource(Settings, environ)()
-    except SettingsError as exc:  # not expected: non-JSON values are passed on as strings
-        raise ConfigError([f"environment: {exc}"]) from exc
-    flags = dict(overrides or {})
-    try:
-        settings = Settings.model_validate(_merge(_merge(data, from_env), flags))
-    except ValidationError as exc:
-        text = config_file.read_text(encoding="utf-8") if config_file else ""
-        raise ConfigError(_describe(exc, config_file, text, environ, from_env, flags)) from exc
-    return _read_dsn_file(settings)
-
-
-def _read_dsn_file(settings: Settings) -> Settings:
-    path = settings.database.dsn_file
-    if path is None:
-        return settings
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError([f"database.dsn_file: cannot read {path}: {exc.strerror}"]) from exc
-    dsn = lines[0].strip() if lines else ""
-    if not dsn:
-        raise ConfigError([f"database.dsn_file: {path} is empty"])
-    database = settings.database.model_copy(update={"dsn": SecretStr(dsn)})
-    return settings.model_copy(update={"database": database})
-
-
-def _describe(
-    exc: ValidationError,
-    config_file: Path | None,
-    text: str,
-    environ: Mapping[str, str],
-    from_env: Mapping[str, Any],
-    flags: Mapping[str, Any],
-) -> list[str]:
-    """One line per error, naming where the bad value came from: flags beat the environment,
-    which beats the file, so a value present in a higher layer is the one that was used."""
-    problems = []
-    for error in exc.errors():
-        loc = tuple(str(p) for p in error["loc"])
-        where = ".".join(loc)
-        variable = None if _holds(flags, loc) else _variable_of(loc, environ, from_env)
-        if variable is not None:
-            name, rest = variable
-            inner = f"{'.'.join(loc)}: " if rest else ""
-            problems.append(f"environment: {name}: {inner}{error['msg']}")
-            continue
-        line = _line_of(text, loc) if text else None
-        if config_file is None:
-            prefix = "configuration"
-        elif line is None:
-            prefix = f"{config_file} (or the environment/flags)"
-        else:
-            prefix = f"{config_file}:{line}"
-        problems.append(f"{prefix}: {where}: {error['msg']}")
-    return problems
-
-
-def _holds(data: Mapping[str, Any], loc: tuple[str, ...]) -> bool:
-    """Whether ``data`` supplies the value at ``loc`` (or the list or value containing it)."""
-    node: Any = data
-    for part in loc:
-        if not isinstance(node, Mapping):
-            return True  # loc goes on into a list or a scalar that this layer supplied
-        if part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _variable_of(
-    loc: tuple[str, ...], environ: Mapping[str, str], from_env: Mapping[str, Any]
-) -> tuple[str, tuple[str, ...]] | None:
-    """The environment variable that supplied the value at ``loc``, as it was spelt, and the
-    part of ``loc`` below it (an item of a JSON list, a key of a JSON section), if any."""
-    if not _holds(from_env, loc):
-        return None
-    present = {name.upper(): name for name in environ}
-    for length in range(len(loc), 0, -1):
-        head = loc[:length]
-        names = [ENV_PREFIX + ENV_NESTED_DELIMITER.join(head).upper()]
-        if head == ("database", "dsn"):
-            names.insert(0, DSN_VARIABLE)  # read last, so it wins
-        for name in names:
-            if name in present:
-                return present[name], loc[length:]
-    return None
-
-
-_SECTION = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
-
-
-def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
-    """The line of a TOML key given pydantic's error location, e.g. ("limits", "max_conns").
-
-    Good enough for this file's shape (top-level keys and one level of [sections]); None when
-    the value did not come from the file.
-    """
-    if not loc:
-        return None
-    section, key = ("", loc[0]) if len(loc) == 1 else (loc[0], loc[1])
-    if len(loc) > 1 and loc[0] not in Settings.model_fields:
-        section, key = "", loc[0]
-    current = ""
-    key_line = re.compile(rf"^\s*{re.escape(key)}\s*=")
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = _SECTION.match(line)
-        if header:
-            current = header.group(1)
-            if not section and current == key:
-                return number
-            continue
-        if current == section and key_line.match(line):
-            return number
-    return None
 
 
 def redact_dsn(dsn: str) -> str:

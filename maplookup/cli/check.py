@@ -10,7 +10,8 @@ from typing import Any
 import asyncpg
 
 from maplookup.cli.common import EXIT_ERROR, EXIT_OK
-from maplookup.config import ConfigError, Settings, load_settings, redact_dsn
+from maplookup.config import ConfigError, Settings, redact_dsn
+from maplookup.config_load import load_settings
 from maplookup.db import schema
 from maplookup.embedded import default_state_dir, read_running_dsn
 

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from maplookup.config import ConfigError, Settings, load_settings
-from maplookup.db import admin
+from maplookup.config import ConfigError, Settings
+from maplookup.config_load import load_settings
+from maplookup.db.admin_input import AdminError
 
 EXIT_OK = 0
 EXIT_NOTFOUND = 1
@@ -137,7 +138,7 @@ def with_connection(
         try:
             conn = await asyncpg.connect(dsn, timeout=10)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise admin.AdminError(f"cannot connect to the database: {exc}") from exc
+            raise AdminError(f"cannot connect to the database: {exc}") from exc
         try:
             await action(conn)
         finally:
@@ -145,7 +146,7 @@ def with_connection(
 
     try:
         asyncio.run(run())
-    except admin.AdminError as exc:
+    except AdminError as exc:
         fail(str(exc))
     except asyncpg.UndefinedFunctionError as exc:
         fail(f"the database schema is missing or old: run `maplookup db init` ({exc})")

@@ -23,18 +23,16 @@ from maplookup.cli.common import (
     with_connection,
 )
 from maplookup.maps import LookupSettings
-from maplookup.postfix.trace import (
+from maplookup.postfix.trace import TraceInputError, parse_trace_address, trace_address
+from maplookup.postfix.trace_result import (
     AliasNode,
     Delivery,
     DomainClass,
     ErrorKind,
     NodeKind,
     PostfixSettings,
-    TraceInputError,
     TraceResult,
     Verdict,
-    parse_trace_address,
-    trace_address,
 )
 
 EXIT_TRACE_OK = EXIT_OK  # every final recipient is delivered here or relayed

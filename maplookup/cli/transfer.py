@@ -23,7 +23,7 @@ from maplookup.cli.common import (
     server_ids,
     with_connection,
 )
-from maplookup.db.admin import AdminError
+from maplookup.db.admin_input import AdminError
 
 _IMPORT_FILES = (
     ("--domains", "domains", "virtual_mailbox_domains list: `domain [value]` per line"),

@@ -2,8 +2,9 @@
 
 Owns the bridge and the pool (``database``), batching of cache misses (``batching``), the
 change feed (``changes``), the schema and its versions (``schema``, ``schema.sql``), the admin
-writes (``admin``) and the demo data (``demo``).  Errors leave it as ``maplookup.errors``'
-DatabaseError, which the lookup layer turns into TEMP.
+writes (``admin``, with what an admin typed checked in ``admin_input``) and the demo data
+(``demo``).  Errors leave it as ``maplookup.errors``' DatabaseError, which the lookup layer
+turns into TEMP.
 
 Imports: the base modules and ``lookup`` (for the protocols it implements); never ``serve`` or
 ``cli``.

@@ -1,154 +1,29 @@
 """Managing the data: domains, mailboxes and aliases, with errors an admin can act on.
 
+The writes and listings; what an admin typed is parsed and checked in ``admin_input``.
+
 Every change is one statement (or one transaction), so a refused change leaves nothing
-half-written.  Input is checked here for a clear message, and again by the schema's constraints,
+half-written.  Input is checked first for a clear message, and again by the schema's constraints,
 which are the last word for anyone writing SQL directly.  Runs on plain asyncio: admin commands
 are one-shot and need no trio server.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from maplookup.address import fold, split_address_list, unquote_local
 from maplookup.db import schema
-
-_DOMAIN_RE = re.compile(r"^[^@\s,\x00-\x1f\x7f]+$")
-_LOCAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]*$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# A target in external form: a dot-atom or a quoted string as local part (a local account
-# name has no domain), or '@domain' alone (RFC 5322 3.4.1, as quote_822_local.c writes them).
-_ATOM = r'[^()<>@,;:\\".\[\]\s\x00-\x1f\x7f]+'
-_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[^"\\\r\n]|\\.)*")'
-_TARGET_DOMAIN = r'[^()<>@,;:\\"\[\]\s\x00-\x1f\x7f]+'
-_TARGET_RE = re.compile(rf"{_LOCAL}(?:@{_TARGET_DOMAIN})?|@{_TARGET_DOMAIN}")
-
-
-class AdminError(Exception):
-    """A refused admin command; the message is one line, fit for stderr."""
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A folded address; ``local_part == ''`` is the catch-all ``@domain``."""
-
-    local_part: str
-    domain: str
-
-    def __str__(self) -> str:
-        return f"{self.local_part}@{self.domain}"
-
-    @property
-    def is_catchall(self) -> bool:
-        return self.local_part == ""
-
-
-def parse_domain(text: str) -> str:
-    """A domain name, folded as Postfix folds table keys (full Unicode case folding)."""
-    domain = fold(text.strip()).rstrip(".")
-    if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
-        raise AdminError(f"invalid domain name: {text!r}")
-    if len(domain) > 253:
-        raise AdminError(f"domain name longer than 253 characters: {text[:40]!r}...")
-    return domain
-
-
-def parse_address(text: str, *, allow_catchall: bool = True) -> Address:
-    """``user@domain`` or (when allowed) ``@domain``, unquoted and folded as Postfix folds keys.
-
-    A quoted local part (``"taro."@example.com``) is read in its internal form, as Postfix
-    looks it up; folding is Postfix's (src/util/casefold.c), so ``Straße@x`` is stored as
-    ``strasse@x`` and found for every spelling Postfix folds to it.
-    """
-    local, sep, domain = unquote_local(text.strip()).rpartition("@")
-    if not sep:
-        raise AdminError(f"invalid address {text!r}: no '@'")
-    if not local and not allow_catchall:
-        raise AdminError(f"invalid address {text!r}: a catch-all is not allowed here")
-    if not _LOCAL_RE.match(local) or len(local) > 64:
-        raise AdminError(f"invalid local part in {text!r}")
-    return Address(fold(local), parse_domain(domain))
-
-
-def parse_target(text: str) -> str:
-    """An alias target in internal (unquoted) form, its case kept.
-
-    Postfix returns a table's result as written (only keys are folded), so a target keeps
-    its case.  Three kinds, as virtual(5) and VIRTUAL_README have them:
-
-    * ``user@domain``, quoted or not (``"joe user"@example.net`` is stored unquoted and
-      quoted again in every answer and export);
-    * ``@domain``: the received local part at another domain (only as the sole target);
-    * ``name``, without ``@``: a local account, which Postfix completes with ``@$myorigin``.
-    """
-    stripped = text.strip()
-    if not _TARGET_RE.fullmatch(stripped):
-        raise AdminError(
-            f'invalid target {text!r}: expected user@domain, "quoted local part"@domain, '
-            "@domain or a local account name (RFC 5322 specials such as <>()[]:;@, and white "
-            "space only inside quotes)"
-        )
-    internal = unquote_local(stripped)
-    if not internal or _CONTROL_RE.search(internal) or internal[0] == "@" != stripped[0]:
-        raise AdminError(f"invalid target {text!r}")  # e.g. ""@domain: an empty local part
-    at = internal.rfind("@")
-    if at < 0:
-        return internal  # a local account name
-    domain = internal[at + 1 :]
-    if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
-        raise AdminError(f"invalid domain in target {text!r}")
-    if len(internal[:at]) > 64:
-        raise AdminError(f"local part longer than 64 characters in target {text!r}")
-    return internal
-
-
-def parse_targets(texts: list[str]) -> list[str]:
-    """Alias targets (see :func:`parse_target`); ``@domain`` only as the sole target.
-
-    Since Postfix 3.2 a result is read as ``@domain`` only when it starts the whole result,
-    and then the whole list is taken as one quoted local part (``"u@h.test, x"@y.test``, mail
-    lost); elsewhere in a list it gives ``""@domain``.  Neither is what an admin means.
-    """
-    # One argument may hold a list, as a virtual(5) value does ("a@x, b@y"): split it the way
-    # Postfix splits a result, so `alias add` and `import` read the same text alike.
-    texts = [t for text in texts for t in split_address_list(text)]
-    if not texts:
-        raise AdminError("an alias needs at least one target")
-    targets = [parse_target(t) for t in texts]
-    if len(targets) > 1 and any(t.startswith("@") for t in targets):
-        raise AdminError(
-            "a target @DOMAIN must be the only target of its alias: Postfix reads a list "
-            "holding one as a single odd address (split it into separate aliases)"
-        )
-    return targets
-
-
-# uid_t and gid_t are 32 bits, and the columns PostgreSQL integers.
-MAX_ID = 2**31 - 1
-# Postfix's default virtual_minimum_uid (postconf(5)): virtual(8) defers mail for lower uids.
-POSTFIX_VIRTUAL_MINIMUM_UID = 100
-
-
-def _check_id(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise AdminError(f"{name} must be a positive number (0 is root), got {value}")
-    if value is not None and value > MAX_ID:
-        raise AdminError(f"{name} {value} is too large (at most {MAX_ID})")
-
-
-def low_uid_warning(value: int | None) -> str | None:
-    """A warning for a uid below Postfix's default virtual_minimum_uid, or None."""
-    if value is None or value >= POSTFIX_VIRTUAL_MINIMUM_UID:
-        return None
-    return (
-        f"uid {value} is below Postfix's default virtual_minimum_uid "
-        f"({POSTFIX_VIRTUAL_MINIMUM_UID}): virtual(8) defers such mail unless main.cf sets "
-        f"virtual_minimum_uid = {value} or lower"
-    )
+from maplookup.db.admin_input import (
+    Address,
+    AdminError,
+    check_id,
+    parse_address,
+    parse_domain,
+    parse_targets,
+)
 
 
 async def _run(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
@@ -206,8 +81,8 @@ async def domain_add(
     domain = parse_domain(name)
     target = parse_domain(alias_of) if alias_of is not None else None
     is_alias = alias or target is not None
-    _check_id("--uid", uid)
-    _check_id("--gid", gid)
+    check_id("--uid", uid)
+    check_id("--gid", gid)
     if is_alias and (uid is not None or gid is not None):
         raise AdminError("--uid/--gid apply to mailbox domains only, not alias domains")
     if target == domain:
@@ -237,8 +112,8 @@ async def domain_set_ids(
     domain = parse_domain(name)
     if uid is None and gid is None:
         raise AdminError("give --uid, --gid or both")
-    _check_id("--uid", uid)
-    _check_id("--gid", gid)
+    check_id("--uid", uid)
+    check_id("--gid", gid)
     row = await conn.fetchrow(
         "UPDATE maplookup.domains SET default_uid = coalesce($2, default_uid),"
         " default_gid = coalesce($3, default_gid)"
@@ -312,8 +187,8 @@ async def mailbox_add(
 ) -> AddedMailbox:
     """Add a mailbox (default path ``domain/localpart/``, a Maildir); see AddedMailbox."""
     address = parse_address(address_text)
-    _check_id("--uid", uid)
-    _check_id("--gid", gid)
+    check_id("--uid", uid)
+    check_id("--gid", gid)
     if path is None:
         if address.is_catchall:
             raise AdminError("a catch-all mailbox needs --path")

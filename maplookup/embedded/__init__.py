@@ -33,6 +33,8 @@ The modules:
 - ``state``: the state directory's layout and default location, and what a running
   cluster leaves there (postmaster.pid, the dsn file: :func:`read_running_dsn`),
   plus :func:`loopback_dsn`;
+- ``postmaster``: initdb, pg_ctl start and stop on the data directory;
+- ``database``: creating the maplookup database in the started cluster;
 - ``cluster``: :class:`EmbeddedPostgres`, the cluster's lifecycle.
 """
 

@@ -2,46 +2,39 @@
 
 initdb on first use, start (or adopt a server an earlier process left running), create the
 database, publish the DSN, stop.  One class, because every step works on the same state
-directory and the same run-as user; finding binaries, switching users and reading
-postmaster.pid are the neighbouring modules' business.
+directory and the same run-as user; it decides which step runs when, and prepares and checks
+the state directory.  Finding binaries, switching users, reading postmaster.pid, running
+initdb and pg_ctl (``postmaster``) and creating the database (``database``) are the
+neighbouring modules' business.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import fcntl
 import logging
 import os
-import shlex
-import shutil
-import socket
 import stat
-import subprocess
-import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
-
-import asyncpg
+from typing import Self
 
 from .binaries import _REQUIRED_BINARIES, find_pg_bin_dir
+from .database import ensure_database
 from .errors import EmbeddedPostgresError
+from .postmaster import initdb, pg_ctl_start, pg_ctl_stop
 from .runas import (
     _can_search,
     _can_search_really,
     _group_name,
     _owner_name,
     _resolve_run_as,
-    _run,
     _RunAs,
 )
 from .state import (
-    _INITDB_TMP_NAME,
     DSN_FILE_NAME,
     LOCK_FILE_NAME,
     LOG_DIR_NAME,
@@ -51,21 +44,13 @@ from .state import (
     SERVE_LOCK_FILE_NAME,
     _PostmasterInfo,
     _running_postmaster,
-    _wait_for_unreaped_postmaster,
 )
 
 # The name this logger had before embedded.py became a package: log lines keep saying
 # logger=maplookup.embedded.
 log = logging.getLogger("maplookup.embedded")
 
-_T = TypeVar("_T")
-
 _STOP_MODES = ("smart", "fast", "immediate")
-
-INITDB_TIMEOUT = 120.0
-PG_CTL_TIMEOUT = 60
-"""Seconds pg_ctl itself waits (-t); the subprocess gets a little more on top."""
-CONNECT_TIMEOUT = 30.0
 
 # sizeof(sockaddr_un.sun_path) on Linux is 108 including the NUL terminator;
 # PostgreSQL refuses socket paths of 108 bytes or more.
@@ -75,49 +60,6 @@ _SOCKET_NAME_MAX = ".s.PGSQL.65535"
 # Characters that pg_ctl cannot pass through its `/bin/sh -c "exec ..."` command
 # line inside double quotes (-D and -l are quoted that way by pg_ctl itself).
 _UNSAFE_PATH_CHARS = frozenset('"$`\\\n')
-
-_HBA_CONF = """\
-# Written by maplookup (maplookup/embedded.py).
-# Trust on the private unix socket directory and on loopback IPv4 only.
-# TYPE  DATABASE  USER  ADDRESS        METHOD
-local   all       all                  trust
-host    all       all   127.0.0.1/32   trust
-"""
-
-
-def _tail(text: str, lines: int = 6, limit: int = 800) -> str:
-    """Last few non-empty lines joined into one line, for error messages."""
-    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
-    joined = " | ".join(kept)
-    if len(joined) > limit:
-        joined = "..." + joined[-limit:]
-    return joined or "(no output)"
-
-
-def _run_async(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run an asyncio coroutine from blocking code, whatever loop the caller has.
-
-    A fresh thread means this works from plain code, from inside a running
-    asyncio loop and from trio alike.  The coroutine is created in that thread
-    so that it can never be left un-awaited.
-    """
-    with concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="maplookup-embedded"
-    ) as pool:
-        return pool.submit(lambda: asyncio.run(factory())).result()
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _pick_free_port() -> int:
-    """Ask the kernel for a free loopback port (racy, so start() retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 # --------------------------------------------------------------------------
 # the cluster
@@ -227,20 +169,37 @@ class EmbeddedPostgres:
             else:
                 if info is not None:
                     log.info("restarting PostgreSQL in %s: it listens elsewhere", self.data_dir)
-                    self._pg_ctl_stop(bin_dir, ra, "fast")
+                    pg_ctl_stop(bin_dir, ra, self.data_dir, "fast")
                 if not (self.data_dir / "PG_VERSION").is_file():
-                    self._initdb(bin_dir, ra)
+                    initdb(
+                        bin_dir,
+                        ra,
+                        state_dir=self.state_dir,
+                        data_dir=self.data_dir,
+                        superuser=self.superuser,
+                        fast_unsafe=self.fast_unsafe,
+                    )
                 self._check_data_dir_owner(ra)
-                self._pg_ctl_start(bin_dir, ra)
+                self.port = pg_ctl_start(
+                    bin_dir,
+                    ra,
+                    data_dir=self.data_dir,
+                    log_file=self.log_file,
+                    socket_dir=self.socket_dir,
+                    requested_port=self._requested_port,
+                    fast_unsafe=self.fast_unsafe,
+                )
                 started_here = True
             try:
-                self._ensure_database()
+                ensure_database(
+                    self.socket_dir, self.port, self.superuser, self.database, self.log_file
+                )
                 dsn = self._socket_dsn()
                 self._write_dsn_file(dsn)
             except BaseException:
                 if started_here:
                     with contextlib.suppress(Exception):
-                        self._pg_ctl_stop(bin_dir, ra, "immediate")
+                        pg_ctl_stop(bin_dir, ra, self.data_dir, "immediate")
                 raise
             self._dsn = dsn
             log.info("embedded PostgreSQL ready in %s on port %d", self.state_dir, self.port)
@@ -284,7 +243,9 @@ class EmbeddedPostgres:
             return
         with self._locked():
             if _running_postmaster(self.data_dir) is not None:
-                self._pg_ctl_stop(self._resolve_bin_dir(), _resolve_run_as(self.run_as_user), mode)
+                pg_ctl_stop(
+                    self._resolve_bin_dir(), _resolve_run_as(self.run_as_user), self.data_dir, mode
+                )
             self.dsn_file.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
@@ -417,182 +378,7 @@ class EmbeddedPostgres:
             and info.status != "stopping"
         )
 
-    # -- helpers: PostgreSQL binaries ---------------------------------------
-
-    def _initdb(self, bin_dir: Path, ra: _RunAs) -> None:
-        """Create the cluster in a scratch directory and rename it into place.
-
-        A failed or interrupted initdb therefore never leaves a half-made
-        pgdata that later starts would trip over.
-        """
-        pgdata = self.data_dir
-        if pgdata.exists():
-            if any(pgdata.iterdir()):
-                raise EmbeddedPostgresError(
-                    f"{pgdata} exists but is not a PostgreSQL data directory (no PG_VERSION); "
-                    "move it away so that a fresh cluster can be created"
-                )
-            pgdata.rmdir()
-        tmp = self.state_dir / _INITDB_TMP_NAME
-        log.info("initialising PostgreSQL cluster in %s", pgdata)
-        result: subprocess.CompletedProcess[str] | None = None
-        for locale in ("C.UTF-8", "C"):
-            self._fresh_dir(tmp, ra)
-            argv = [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(tmp),
-                "-U",
-                self.superuser,
-                "-E",
-                "UTF8",
-                f"--locale={locale}",
-                "--auth-local=trust",
-                "--auth-host=trust",
-                "--no-instructions",
-            ]
-            if self.fast_unsafe:
-                argv.append("--no-sync")
-            result = _run(argv, ra, INITDB_TIMEOUT, "initdb")
-            # C.UTF-8 is missing on some systems; C works with any encoding.
-            if result.returncode == 0 or "locale" not in result.stderr.lower():
-                break
-        assert result is not None
-        if result.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EmbeddedPostgresError(
-                f"initdb failed (exit {result.returncode}) for {pgdata}: "
-                f"{_tail(result.stderr or result.stdout)}"
-            )
-        hba = tmp / "pg_hba.conf"
-        hba.write_text(_HBA_CONF)  # existing file: keeps its owner and 0600 mode
-        os.replace(tmp, pgdata)
-
-    def _fresh_dir(self, path: Path, ra: _RunAs) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(mode=0o700)
-        if ra.switch:
-            os.chown(path, ra.uid, ra.gid)
-        os.chmod(path, 0o700)
-
-    def _server_options(self, port: int) -> str:
-        """The -o string for pg_ctl; it goes through /bin/sh, hence shlex.quote."""
-        sockdir = str(self.socket_dir)
-        if any(c in sockdir for c in " ,\t'"):
-            sockdir = f'"{sockdir}"'  # GUC list syntax
-        settings = {
-            "listen_addresses": "127.0.0.1",
-            "port": str(port),
-            "unix_socket_directories": sockdir,
-        }
-        if self.fast_unsafe:
-            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
-        return " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
-
-    def _read_log_from(self, offset: int) -> str:
-        try:
-            with self.log_file.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def _pg_ctl_start(self, bin_dir: Path, ra: _RunAs) -> None:
-        _wait_for_unreaped_postmaster(self.data_dir)
-        attempts = 1 if self._requested_port else 3
-        for attempt in range(1, attempts + 1):
-            port = self._requested_port or _pick_free_port()
-            try:
-                offset = self.log_file.stat().st_size
-            except OSError:
-                offset = 0
-            argv = [
-                str(bin_dir / "pg_ctl"),
-                "start",
-                "-D",
-                str(self.data_dir),
-                "-l",
-                str(self.log_file),
-                "-w",
-                "-t",
-                str(PG_CTL_TIMEOUT),
-                "-s",
-                "-o",
-                self._server_options(port),
-            ]
-            result = _run(argv, ra, PG_CTL_TIMEOUT + 30, "pg_ctl start")
-            if result.returncode == 0:
-                self.port = port
-                return
-            logged = self._read_log_from(offset)
-            # pg_ctl may give up waiting while the postmaster lives on: don't leak it.
-            if _running_postmaster(self.data_dir) is not None:
-                with contextlib.suppress(EmbeddedPostgresError):
-                    self._pg_ctl_stop(bin_dir, ra, "immediate")
-            port_taken = "could not bind" in logged or "already in use" in logged
-            if port_taken and attempt < attempts:
-                log.info("port %d was taken meanwhile, retrying with another", port)
-                continue
-            raise EmbeddedPostgresError(
-                f"PostgreSQL failed to start (pg_ctl exit {result.returncode}); "
-                f"{self.log_file} ends with: {_tail(logged or result.stderr)}"
-            )
-
-    def _pg_ctl_stop(self, bin_dir: Path, ra: _RunAs, mode: str) -> None:
-        argv = [
-            str(bin_dir / "pg_ctl"),
-            "stop",
-            "-D",
-            str(self.data_dir),
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            str(PG_CTL_TIMEOUT),
-            "-s",
-        ]
-        result = _run(argv, ra, PG_CTL_TIMEOUT + 30, "pg_ctl stop")
-        if result.returncode != 0 and _running_postmaster(self.data_dir) is not None:
-            raise EmbeddedPostgresError(
-                f"stopping PostgreSQL in {self.data_dir} failed (pg_ctl exit "
-                f"{result.returncode}): {_tail(result.stderr)}; try stop mode 'immediate'"
-            )
-
-    # -- helpers: database and dsn file ---------------------------------------
-
-    def _ensure_database(self) -> None:
-        """Create `database` if missing, waiting out a server still starting up."""
-        host, port, user, database = str(self.socket_dir), self.port, self.superuser, self.database
-
-        async def ensure() -> None:
-            deadline = time.monotonic() + CONNECT_TIMEOUT
-            while True:
-                try:
-                    conn = await asyncpg.connect(
-                        host=host, port=port, user=user, database="postgres", timeout=10
-                    )
-                    break
-                except (TimeoutError, asyncpg.CannotConnectNowError, OSError):
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
-            try:
-                exists = await conn.fetchval(
-                    "SELECT 1 FROM pg_database WHERE datname = $1", database
-                )
-                if not exists:
-                    with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                        await conn.execute(f"CREATE DATABASE {_quote_ident(database)}")
-            finally:
-                await conn.close()
-
-        try:
-            _run_async(ensure)
-        except (TimeoutError, asyncpg.PostgresError, OSError) as e:
-            raise EmbeddedPostgresError(
-                f"could not create database {database!r} in the embedded PostgreSQL "
-                f"({type(e).__name__}: {e}); see {self.log_file}"
-            ) from e
+    # -- helpers: dsn file ---------------------------------------------------------
 
     def _write_dsn_file(self, dsn: str) -> None:
         """Atomically publish the DSN so that readers never see half a line."""

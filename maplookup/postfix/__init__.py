@@ -1,5 +1,6 @@
 """The Postfix side: generated Postfix configuration (``config``) and routing traces
-(``trace``), both built on the same SQL and rendering the server uses.
+(``trace``, its result model ``trace_result``), both built on the same SQL and rendering the
+server uses.
 
 Imports: the base modules, ``lookup`` and ``db``; never ``serve`` or ``cli``.
 """

@@ -27,10 +27,8 @@ from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import schema
 from maplookup.db.changes import ChangeListener, ListenerSettings
 from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
-from maplookup.logsetup import QueryLog, configure_logging
 from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
-from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
-from maplookup.maps import LookupSettings
+from maplookup.lookup.cache import AnswerCache, CachingSource
 from maplookup.metrics import (
     DatabaseStats,
     LookupStats,
@@ -47,11 +45,16 @@ from maplookup.serve.listeners import (
     ListenError,
     ListenerSpec,
     bind_all,
-    bind_spec,
     close_all,
-    listener_specs,
 )
 from maplookup.serve.privileges import PrivilegeError, drop_to
+from maplookup.serve.reload import (
+    Applied,
+    apply_settings,
+    cache_settings,
+    lookup_settings,
+    query_log,
+)
 from maplookup.serve.sdnotify import SystemdNotifier
 from maplookup.serve.server import Server
 
@@ -80,24 +83,6 @@ class Running:
         return self.server.listeners
 
 
-def cache_settings(settings: Settings) -> CacheSettings:
-    return CacheSettings(
-        max_entries=settings.cache.max_entries,
-        positive_ttl_s=settings.cache.positive_ttl_s,
-        negative_ttl_s=settings.cache.negative_ttl_s,
-        max_stale_s=settings.cache.max_stale_s,
-    )
-
-
-def lookup_settings(settings: Settings) -> LookupSettings:
-    return LookupSettings(
-        recipient_delimiter=settings.lookup.recipient_delimiter,
-        default_uid=settings.lookup.default_uid,
-        default_gid=settings.lookup.default_gid,
-        smtputf8_enable=settings.lookup.smtputf8_enable,
-    )
-
-
 async def _check_schema(database: Database) -> None:
     """Refuse a schema this version cannot answer from; tolerate a database that is down."""
     try:
@@ -120,10 +105,6 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # /healthz must answer well within a monitoring system's own timeout.
 HEALTH_DATABASE_TIMEOUT_S = 2.0
-
-
-def _query_log(sample_rate: float) -> QueryLog:
-    return QueryLog(sample_rate, logging.getLogger("maplookup.queries"))
 
 
 class Service:
@@ -213,7 +194,7 @@ class Service:
                 log.info("cache off: every lookup queries PostgreSQL")
             lookup = Lookup(source, self._source)
             self._answerer = TimedAnswerer(
-                lookup, lookup_stats, query_log=_query_log(settings.query_log_sample_rate)
+                lookup, lookup_stats, query_log=query_log(settings.query_log_sample_rate)
             )
             server = Server(
                 self._answerer,
@@ -368,69 +349,15 @@ class Service:
     async def _apply(self, new: Settings) -> list[str]:
         assert self._running is not None
         assert self._source is not None
-        old, server, cache = self.settings, self._running.server, self._running.cache
-        changes: list[str] = []
-
-        # Listeners first: binding can fail, and then nothing at all may change.
-        wanted = listener_specs(new.listen)
-        if not wanted:
-            raise ListenError("nothing to listen on: configure socketmap or tcp_table")
-        current = {b.spec for b in server.listeners}
-        added: list[BoundListener] = []
-        try:
-            for spec in wanted:
-                if spec not in current:
-                    added.extend(await bind_spec(spec, **self._bind_options))
-        except BaseException:
-            await close_all(added)
-            raise
-        for bound in added:
-            server.add_listener(bound)
-            changes.append(f"listening on {bound.description}")
-        for bound in server.listeners:
-            if bound.spec not in wanted:
-                server.remove_listener(bound)
-                await close_all([bound])
-                changes.append(f"stopped listening on {bound.description}")
-
-        if new.listen.allowed_clients != old.listen.allowed_clients:
-            server.allowed_clients = list(new.listen.allowed_clients)
-            changes.append("allowed_clients")
-        if new.limits != old.limits:
-            server.set_limits(new.limits)
-            changes.append("limits")
-        if cache is not None and new.cache != old.cache and new.cache.max_entries > 0:
-            cache.reconfigure(cache_settings(new))
-            changes.append("cache settings")
-        if new.lookup != old.lookup:
-            self._source.settings = lookup_settings(new)
-            if cache is not None:
-                cache.flush()
-            changes.append("lookup settings (cache flushed)")
-        if new.query_log_sample_rate != old.query_log_sample_rate:
-            self._answerer.query_log = _query_log(new.query_log_sample_rate)
-            changes.append(f"query log sample rate {new.query_log_sample_rate}")
-        if new.log_level != old.log_level or new.log_format != old.log_format:
-            configure_logging(new.log_level, new.log_format)
-            changes.append(f"logging {new.log_level}/{new.log_format}")
-        restart = [
-            name
-            for name, differs in (
-                ("database", new.database != old.database),
-                ("user", new.user != old.user),
-                ("metrics", new.metrics != old.metrics),
-                ("embedded", new.embedded != old.embedded),
-                ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),
-                (
-                    "listen_keepalive_s",
-                    new.cache.listen_keepalive_s != old.cache.listen_keepalive_s,
-                ),
-            )
-            if differs
-        ]
-        if restart:
-            log.warning("reload: %s changed; these take effect at the next restart", restart)
-        self.settings = new.model_copy(update={"database": old.database, "embedded": old.embedded})
+        changes = await apply_settings(
+            self.settings,
+            new,
+            Applied(self._running.server, self._running.cache, self._source, self._answerer),
+            self._bind_options,
+        )
+        self.settings = new.model_copy(
+            update={"database": self.settings.database, "embedded": self.settings.embedded}
+        )
         return changes
 
 

@@ -5,6 +5,9 @@ renamed into place, so it appears complete or not at all.  A record a source lin
 so that import reads it back the same is left out, with a comment in the file and a warning,
 rather than written wrong.  Each file's header documents the markers that make export -> import
 lossless (``# disabled:``, ``alias-of=``).
+
+About 400 lines, on purpose: one writer per map file, all sharing one snapshot and the rule
+for what a line can express; split, they would only pass those to each other.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import asyncpg
 
 from maplookup.address import quote_local
-from maplookup.db.admin import AdminError
+from maplookup.db.admin_input import AdminError
 
 from .records import (
     ALIAS_OF_PREFIX,

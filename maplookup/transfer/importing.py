@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from maplookup.db.admin import AdminError
+from maplookup.db.admin_input import AdminError
 
 from .plan import DbAlias, DbDomain, DbMailbox, DbState, Plan
 from .planning import plan_import

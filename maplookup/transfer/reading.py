@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from maplookup.db.admin import AdminError
+from maplookup.db.admin_input import AdminError
 
 from .problems import _SILENT, Origin, Problem, Progress
 from .records import (

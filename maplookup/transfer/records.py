@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 
 from maplookup.address import split_address_list
-from maplookup.db import admin
-from maplookup.db.admin import Address, AdminError
+from maplookup.db import admin_input
+from maplookup.db.admin_input import Address, AdminError
 
 from .problems import Origin
 
@@ -132,7 +132,7 @@ def _domain(text: str) -> str:
         raise AdminError(f"{text!r}: negated patterns are not supported")
     if any(c in _UNSUPPORTED_IN_ADDRESS or c in "/:[]" for c in text):
         raise AdminError(f"invalid domain name: {text!r}")
-    return admin.parse_domain(text)
+    return admin_input.parse_domain(text)
 
 
 def _address(text: str) -> Address:
@@ -143,7 +143,7 @@ def _address(text: str) -> Address:
             f"{text!r} has no '@' (a bare local part matches only local domains in Postfix; "
             "write user@domain)"
         )
-    address = admin.parse_address(text)
+    address = admin_input.parse_address(text)
     _domain(address.domain)
     return address
 
@@ -168,7 +168,7 @@ def _targets(value: str) -> list[str]:
     """The targets of a virtual(5) result, as ``maplookup alias add`` takes them.
 
     Quoted local parts, local account names and a sole ``@domain`` are read as Postfix reads
-    them (admin.parse_targets); comments and ``<...>`` are not.
+    them (admin_input.parse_targets); comments and ``<...>`` are not.
     """
     texts: list[str] = []
     for text in split_address_list(value):
@@ -178,7 +178,7 @@ def _targets(value: str) -> list[str]:
             texts.append(text)
     if not texts:
         raise AdminError("no targets")
-    return admin.parse_targets(texts)
+    return admin_input.parse_targets(texts)
 
 
 def _id(value: str, name: str) -> int:

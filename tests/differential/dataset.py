@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from maplookup.db import admin
+from maplookup.db.admin_input import AdminError
 
 KINDS = (
     "domain_ids",
@@ -321,7 +322,7 @@ async def load(conn: asyncpg.Connection, ds: Dataset) -> None:
     async def attempt(record: object, action: object) -> None:
         try:
             await action  # type: ignore[misc]
-        except admin.AdminError as exc:
+        except AdminError as exc:
             ds.refused.append((record, str(exc)))
 
     for d in ds.mailbox_domains:

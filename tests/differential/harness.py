@@ -35,7 +35,8 @@ import asyncpg
 
 from maplookup.cli.trace import render_json
 from maplookup.maps import LookupSettings
-from maplookup.postfix.trace import PostfixSettings, trace_address
+from maplookup.postfix.trace import trace_address
+from maplookup.postfix.trace_result import PostfixSettings
 from maplookup.testing import RunningServer, free_port, start_server, stop_server
 from tests.e2e.postfix_instance import PostfixError, PrivatePostfix
 

@@ -35,7 +35,8 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup.config import Settings, load_settings
+from maplookup.config import Settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply, Status

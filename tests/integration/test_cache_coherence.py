@@ -13,7 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from maplookup.config import Settings, load_settings
+from maplookup.config import Settings
+from maplookup.config_load import load_settings
 from maplookup.db.changes import ChangeListener, ListenerSettings
 from maplookup.db.database import PoolSettings, open_database
 from maplookup.embedded import EmbeddedPostgres

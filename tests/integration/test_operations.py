@@ -9,7 +9,7 @@ import urllib.request
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from maplookup.config import load_settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.protocol import Reply

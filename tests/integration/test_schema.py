@@ -12,8 +12,9 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup.config import load_settings
+from maplookup.config_load import load_settings
 from maplookup.db import admin, schema
+from maplookup.db.admin_input import AdminError
 from maplookup.serve.service import StartupError, serve
 from tests.helpers import dsn_for_database, run_sql
 
@@ -90,7 +91,7 @@ def test_version_1_is_upgraded_in_place_keeping_data(empty_dsn: str) -> None:
 def test_newer_schema_is_refused_by_db_init(empty_dsn: str) -> None:
     _init(empty_dsn)
     run_sql(empty_dsn, "UPDATE maplookup.schema_version SET version = 99")
-    with pytest.raises(admin.AdminError, match="newer than this maplookup"):
+    with pytest.raises(AdminError, match="newer than this maplookup"):
         _init(empty_dsn)
 
 

@@ -19,15 +19,14 @@ from maplookup.cli.common import Parser
 from maplookup.cli.trace import render_json, render_text
 from maplookup.db import admin
 from maplookup.maps import LookupSettings
-from maplookup.postfix.trace import (
+from maplookup.postfix.trace import TraceInputError, trace_address
+from maplookup.postfix.trace_result import (
     DomainClass,
     ErrorKind,
     NodeKind,
     PostfixSettings,
-    TraceInputError,
     TraceResult,
     Verdict,
-    trace_address,
 )
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from maplookup.config import ConfigError, load_settings
+from maplookup.config import ConfigError
+from maplookup.config_load import load_settings
 from maplookup.serve.privileges import PrivilegeError, check_not_root
 from maplookup.serve.server import Server
 

@@ -11,7 +11,8 @@ import pytest
 
 from maplookup.cli.common import EXIT_ERROR, EXIT_USAGE
 from maplookup.cli.main import main
-from maplookup.config import ConfigError, HostPort, Settings, load_settings
+from maplookup.config import ConfigError, HostPort, Settings
+from maplookup.config_load import load_settings
 from maplookup.maps import MapName
 
 

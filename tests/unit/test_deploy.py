@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from maplookup.config import load_settings
+from maplookup.config_load import load_settings
 from maplookup.maps import MapName
 from maplookup.postfix.config import PostfixConfigOptions, generate
 from tests.helpers import require_tool

@@ -23,6 +23,8 @@ LAYERS: dict[str, int] = {
     "address": 0,
     "maps": 0,
     "config": 0,
+    "config_env": 0,
+    "config_load": 0,
     "protocol": 1,
     "lookup": 2,
     "db": 3,
