@@ -4,6 +4,10 @@ Postfix keeps one connection per process and endpoint, sends one request at a ti
 connection idle for 10 s and any connection after 100 s (src/global/dict_sockmap.c), so expect
 hundreds of short-lived connections.  A malformed request closes that one connection; nothing a
 peer sends can stop the server from serving everyone else.
+
+Connections arrive from the listeners, or as any trio stream through ``Server.handle_stream``
+(the tests use in-memory streams and a virtual clock there); both take the same path, except
+that a socket's replies are written straight to its file descriptor.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Protocol
@@ -20,6 +24,7 @@ import trio
 
 from maplookup.config import LimitSettings
 from maplookup.logsetup import RateLimitedLogger, fields
+from maplookup.maps import MapName
 from maplookup.protocol import (
     CLOSED,
     NEED_DATA,
@@ -105,12 +110,12 @@ class Server:
     def listeners(self) -> list[BoundListener]:
         return list(self._listeners)
 
-    def _protocol_factory(self, bound: BoundListener) -> Callable[[], WireProtocol]:
+    def _protocol_factory(self, map_name: MapName | None) -> Callable[[], WireProtocol]:
         limits = self  # read the limit when the connection starts, so a reload applies
 
-        if bound.map_name is None:
+        if map_name is None:
             return lambda: SocketmapProtocol(max_request_bytes=limits.limits.max_request_bytes)
-        wire_name = bound.map_name.value.encode()
+        wire_name = map_name.value.encode()
         return lambda: TcpTableProtocol(
             wire_name, max_request_bytes=limits.limits.max_request_bytes
         )
@@ -138,7 +143,11 @@ class Server:
         scope = trio.CancelScope()
         self._accept_scopes[id(bound)] = scope
         self._accept_loops.start_soon(
-            self._accept_loop, bound, self._protocol_factory(bound), self._connections, scope
+            self._accept_loop,
+            bound,
+            self._protocol_factory(bound.map_name),
+            self._connections,
+            scope,
         )
 
     def add_listener(self, bound: BoundListener) -> None:
@@ -198,34 +207,81 @@ class Server:
                 )
                 await trio.sleep(_ACCEPT_RETRY_S)
                 continue
-            limits = self._limits
-            if self.allowed_clients and not self._client_allowed(stream):
-                self.counters.connections_refused += 1
-                peer = _peer(stream)
-                self._connection_log.warning(
-                    "refusing connection from %s: not in allowed_clients",
-                    peer,
-                    key="acl",
-                    extra=fields(peer=peer),
-                )
-                await trio.aclose_forcefully(stream)
-                continue
-            if self.counters.connections_open >= limits.max_connections:
-                self.counters.connections_rejected += 1
-                if self.counters.connections_rejected % 100 == 1:
-                    log.warning(
-                        "max_connections=%d reached; refusing new connections (%d refused so far)",
-                        limits.max_connections,
-                        self.counters.connections_rejected,
-                    )
-                await trio.aclose_forcefully(stream)
-                continue
-            self.counters.connections_open += 1
-            self.counters.connections_accepted += 1
-            connections.start_soon(self._serve_connection, stream, make_protocol(), bound)
+            await self._admit(
+                stream, make_protocol, bound.protocol_name, bound.description, connections
+            )
 
-    def _client_allowed(self, stream: trio.SocketStream) -> bool:
-        """Loopback and unix-socket clients always; others only from allowed_clients."""
+    async def handle_stream(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        map_name: MapName | None = None,
+        description: str = "a stream",
+    ) -> None:
+        """Serve a connection that did not come from a listener, on any trio stream.
+
+        It is admitted, counted, timed out and drained exactly like an accepted connection
+        (the same code, in the server's connection nursery, so the drain deadline covers it),
+        which lets tests drive timeouts, limits and the drain over in-memory streams with a
+        virtual clock.  ``map_name`` None speaks socketmap; a map speaks tcp_table for it.
+        Returns once the connection is handed over (or refused and closed); the server must
+        be running, and a draining one closes the stream at once, as its listeners would.
+        """
+        if self._connections is None:
+            raise RuntimeError("streams can be handled only while the server runs")
+        if self._draining:
+            await trio.aclose_forcefully(stream)
+            return
+        protocol_name = "socketmap" if map_name is None else "tcp_table"
+        await self._admit(
+            stream, self._protocol_factory(map_name), protocol_name, description, self._connections
+        )
+
+    async def _admit(
+        self,
+        stream: trio.abc.Stream,
+        make_protocol: Callable[[], WireProtocol],
+        protocol_name: str,
+        description: str,
+        connections: trio.Nursery,
+    ) -> None:
+        """Refuse (closing at once, counted) or start serving a new connection."""
+        limits = self._limits
+        if self.allowed_clients and not self._client_allowed(stream):
+            self.counters.connections_refused += 1
+            peer = _peer(stream)
+            self._connection_log.warning(
+                "refusing connection from %s: not in allowed_clients",
+                peer,
+                key="acl",
+                extra=fields(peer=peer),
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        if self.counters.connections_open >= limits.max_connections:
+            self.counters.connections_rejected += 1
+            if self.counters.connections_rejected % 100 == 1:
+                log.warning(
+                    "max_connections=%d reached; refusing new connections (%d refused so far)",
+                    limits.max_connections,
+                    self.counters.connections_rejected,
+                )
+            await trio.aclose_forcefully(stream)
+            return
+        self.counters.connections_open += 1
+        self.counters.connections_accepted += 1
+        connections.start_soon(
+            self._serve_connection, stream, make_protocol(), protocol_name, description
+        )
+
+    def _client_allowed(self, stream: trio.abc.Stream) -> bool:
+        """Loopback and unix-socket clients always; others only from allowed_clients.
+
+        A stream that is not a socket has no network peer (an in-memory stream, a pipe): it
+        is let in, like a unix socket, since nothing on the network can reach it.
+        """
+        if not isinstance(stream, trio.SocketStream):
+            return True
         try:
             peer = stream.socket.getpeername()
         except OSError:
@@ -240,7 +296,11 @@ class Server:
         return any(address in network for network in self.allowed_clients)
 
     async def _serve_connection(
-        self, stream: trio.SocketStream, protocol: WireProtocol, bound: BoundListener
+        self,
+        stream: trio.abc.Stream,
+        protocol: WireProtocol,
+        protocol_name: str,
+        description: str,
     ) -> None:
         try:
             await self._converse(stream, protocol)
@@ -249,11 +309,11 @@ class Server:
             peer = _peer(stream)
             self._connection_log.warning(
                 "closing %s connection from %s: %s",
-                bound.protocol_name,
+                protocol_name,
                 peer,
                 exc.reason,
                 key="protocol-error",
-                extra=fields(peer=peer, listener=bound.description),
+                extra=fields(peer=peer, listener=description),
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -261,16 +321,29 @@ class Server:
             self.counters.connections_open -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _converse(self, stream: trio.SocketStream, protocol: WireProtocol) -> None:
+    async def _converse(self, stream: trio.abc.Stream, protocol: WireProtocol) -> None:
         """Answer requests until the peer closes, a timeout, a protocol error or a drain.
 
         The hot path of the whole server, so it does little per request: no cancel scope per
         wait (moving a trio deadline costs as much as a whole cached lookup) but a timestamp
-        that ``_enforce_timeouts`` checks a few times a second, and the reply written with one
-        non-blocking ``write`` that nearly always takes it whole; only a peer that does not
-        read falls back to ``send_all``.
+        that ``_enforce_timeouts`` checks a few times a second, and, on a socket, the reply
+        written with one non-blocking ``write`` that nearly always takes it whole; only a peer
+        that does not read falls back to ``send_all``.  Any other stream has no descriptor:
+        its ``write`` writes nothing, so every reply takes the ``send_all`` path, with the
+        write timeout around it, and what it receives may be a bytearray, copied to bytes for
+        the codec.  Choosing ``receive`` and ``write`` once per connection keeps the socket's
+        loop the code that was measured (bench/README.md, "What the numbers show").
         """
-        fd = stream.socket.fileno()
+        receive: Callable[[int], Awaitable[bytes]]
+        write: Callable[[int, bytes], int]
+        if isinstance(stream, trio.SocketStream):
+            receive = stream.receive_some
+            fd = stream.socket.fileno()
+            write = os.write
+        else:
+            receive = _receiving_bytes(stream)
+            fd = -1
+            write = _write_nothing
         conversation = _Conversation()
         answer = self._answerer.answer
         counters = self.counters
@@ -292,7 +365,7 @@ class Server:
                         else:
                             conversation.waiting = _IDLE
                             conversation.since = trio.current_time()
-                        protocol.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                        protocol.receive_data(await receive(RECEIVE_BYTES))
                     elif event is CLOSED:
                         return
                     else:
@@ -300,7 +373,7 @@ class Server:
                         counters.requests += 1
                         reply = protocol.send(await answer(event))  # type: ignore[arg-type]
                         try:
-                            written = os.write(fd, reply)
+                            written = write(fd, reply)
                         except BlockingIOError:
                             written = 0
                         except OSError as exc:
@@ -342,7 +415,7 @@ class Server:
                 if limit is not None and scope is not None and now - conversation.since > limit:
                     scope.cancel()
 
-    def _report_timeout(self, stream: trio.SocketStream, waiting: str) -> None:
+    def _report_timeout(self, stream: trio.abc.Stream, waiting: str) -> None:
         limits = self._limits
         if waiting == _READ:
             self.counters.read_timeouts += 1
@@ -376,7 +449,23 @@ class _Conversation:
         self.since = 0.0  # when the current wait (or, reading, the request) began
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _receiving_bytes(stream: trio.abc.ReceiveStream) -> Callable[[int], Awaitable[bytes]]:
+    """``receive_some`` giving bytes, which the codecs take; a stream may give a bytearray."""
+
+    async def receive(max_bytes: int) -> bytes:
+        return bytes(await stream.receive_some(max_bytes))
+
+    return receive
+
+
+def _write_nothing(fd: int, data: bytes) -> int:
+    """The fast write of a stream without a descriptor: nothing written, ``send_all`` does it."""
+    return 0
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    if not isinstance(stream, trio.SocketStream):
+        return type(stream).__name__  # no address to show; the kind of stream is something
     try:
         peer = stream.socket.getpeername()
     except OSError:

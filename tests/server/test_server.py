@@ -2,11 +2,15 @@
 
 Covers what the server itself owns: many requests per connection, a malformed request closing
 only its own connection, the connection limit, timeouts, tcp_table listeners, unix sockets and
-graceful drain.  Waits are on conditions with deadlines, never bare sleeps.
+graceful drain.  Waits are on conditions with deadlines, never bare sleeps.  These prove the
+real socket path (accept, the reply written straight to the descriptor, the fallback to
+``send_all``); test_server_memory.py checks the timing of timeouts, drain and limits over
+in-memory streams on a virtual clock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -172,12 +176,31 @@ async def test_idle_connection_is_closed_after_idle_timeout() -> None:
 
 
 async def test_slow_request_is_cut_at_read_timeout() -> None:
-    limits = LimitSettings(read_timeout_s=0.2, idle_timeout_s=60)
+    # Short: the request never completes, so nothing can be cut early by a slow machine.
+    limits = LimitSettings(read_timeout_s=0.05, idle_timeout_s=60)
     async with running_server(limits=limits) as (server, bound, _answerer):
         stream = await connect(bound[0])
         await stream.send_all(b"20:vmailbox kn")  # a request started and never finished
         await assert_closed_by_server(stream)
         assert server.counters.read_timeouts == 1
+        await stream.aclose()
+
+
+async def test_client_that_stops_reading_is_cut_at_write_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The descriptor write's fallback: a partial write, the rest by send_all, timed out."""
+    answerer = ScriptedAnswerer()
+    answerer.answers[b"big"] = Reply.ok("x" * 99_000)  # just under Postfix's reply limit
+    limits = LimitSettings(write_timeout_s=0.05, idle_timeout_s=60)
+    caplog.set_level(logging.INFO, logger="maplookup.serve.server")
+    async with running_server(limits=limits, answerer=answerer) as (server, bound, _answerer):
+        stream = await connect(bound[0])
+        # 200 replies, about 20 MB, more than both kernel buffers hold; none is read.
+        await stream.send_all(socketmap.encode_request(b"vmailbox", b"big") * 200)
+        await wait_until(lambda: server.counters.connections_open == 0)
+        assert server.counters.requests < 200
+        assert "reply not read within 0.05 s" in caplog.text
         await stream.aclose()
 
 
