@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.lib.common import (
     PrivatePostgres,
     bounded_int,
     machine_info,
