@@ -39,7 +39,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from maplookup.client import WireProtocol
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -71,7 +74,7 @@ class TimeUp(Exception):
 
 
 def _run_round(
-    protocol: str,
+    protocol: WireProtocol,
     examples: int,
     server: Any,
     control: Any,

@@ -151,8 +151,11 @@ async def _cleanup(dsn: str) -> None:
 def _count_trio_tasks() -> int:
     import trio
 
+    root = trio.lowlevel.current_root_task()
+    if root is None:  # only outside trio.run, where nothing calls this
+        return 0
     count = 0
-    stack = [trio.lowlevel.current_root_task()]
+    stack = [root]
     while stack:
         task = stack.pop()
         count += 1

@@ -866,7 +866,7 @@ def _other_cpu(r: dict[str, Any]) -> float:
         + mon.get("postgres_cpu_pct", 0)
         + r["loader_cpu_s"] / r["spec"]["duration_s"] * 100
     )
-    return max(0.0, mon["machine_cpu_pct"] - ours)
+    return max(0.0, float(mon["machine_cpu_pct"] - ours))
 
 
 def closed_loop_table(runs: list[dict[str, Any]]) -> str:

@@ -245,7 +245,7 @@ def _inputs(
 
 @dataclass(frozen=True)
 class FuzzInput:
-    protocol: str  # "socketmap" or "tcp_table"
+    protocol: WireProtocol
     data: bytes
     cuts: tuple[int, ...]
     half_close: bool
@@ -262,7 +262,7 @@ class FuzzInput:
         )
 
 
-def fuzz_inputs(protocol: str) -> st.SearchStrategy[FuzzInput]:
+def fuzz_inputs(protocol: WireProtocol) -> st.SearchStrategy[FuzzInput]:
     data = (
         _inputs(socketmap_requests, socketmap_broken)
         if protocol == "socketmap"
@@ -287,7 +287,7 @@ class Expected:
     ending: str  # "error", "eof" (clean end), "open" (clean, not half-closed), "stalled"
 
 
-def _codec(protocol: str) -> SocketmapProtocol | TcpTableProtocol:
+def _codec(protocol: WireProtocol) -> SocketmapProtocol | TcpTableProtocol:
     if protocol == "socketmap":
         return SocketmapProtocol(max_request_bytes=MAX_REQUEST_BYTES)
     return TcpTableProtocol(TCP_MAP.encode(), max_request_bytes=MAX_REQUEST_BYTES)

@@ -393,6 +393,11 @@ class _Connection(asyncio.Protocol):
             self.run.connection_done()
 
 
+def _returning(conn: _Connection) -> Callable[[], _Connection]:
+    """``create_connection``'s protocol factory for a connection object made beforehand."""
+    return lambda: conn
+
+
 async def _worker_async(spec: LoadSpec, first_index: int, count: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = _Run(spec, first_index, count)
@@ -400,7 +405,7 @@ async def _worker_async(spec: LoadSpec, first_index: int, count: int) -> dict[st
     for i in range(first_index, first_index + count):
         conn = _Connection(run, i, loop)
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await loop.create_connection(lambda c=conn: c, spec.host, spec.port)
+            await loop.create_connection(_returning(conn), spec.host, spec.port)
         conns.append(conn)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
