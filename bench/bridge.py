@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.lib.common import (
     PrivatePostgres,
     bounded_int,
     machine_info,
@@ -261,7 +261,7 @@ def _worker_asyncio_uvloop(args: WorkerArgs) -> list[WorkloadResult]:
 def _worker_trio_asyncio(args: WorkerArgs) -> list[WorkloadResult]:
     import asyncpg
     import trio
-    import trio_asyncio  # type: ignore[import-untyped]
+    import trio_asyncio
 
     async def main() -> list[WorkloadResult]:
         with trio.fail_after(args.budget_s):

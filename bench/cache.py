@@ -56,7 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.lib.common import (
     BenchError,
     Deadline,
     JsonLines,

@@ -1,7 +1,7 @@
 """A long fuzz run against a live maplookup server: inputs tried, failures and crashes found.
 
 The same strategies, runner and invariants as ``tests/hardening/test_live_fuzz.py`` (they live
-in ``bench/fuzzcore.py``), for far more inputs: ``python -m maplookup serve`` runs in
+in ``bench/lib/fuzzcore.py``), for far more inputs: ``python -m maplookup serve`` runs in
 a subprocess on a PostgreSQL seeded with a small dataset, and hypothesis sends it random bytes,
 mutated requests, truncated, oversized and mis-framed netstrings, NUL bytes, invalid UTF-8 and
 broken %-escapes, over socketmap and tcp_table in turn, each input on a fresh connection in
@@ -39,7 +39,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from maplookup.client import WireProtocol
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -71,7 +74,7 @@ class TimeUp(Exception):
 
 
 def _run_round(
-    protocol: str,
+    protocol: WireProtocol,
     examples: int,
     server: Any,
     control: Any,
@@ -81,7 +84,7 @@ def _run_round(
     """One hypothesis run of up to ``examples`` inputs; the shrunk failure, if any."""
     from hypothesis import HealthCheck, given, settings
 
-    from bench import fuzzcore
+    from bench.lib import fuzzcore
 
     last_input: list[Any] = []
 
@@ -121,7 +124,7 @@ def _run_round(
 
 
 def _fuzz(ns: argparse.Namespace, dsn: str, log_path: Path) -> dict[str, Any]:
-    from bench import fuzzcore
+    from bench.lib import fuzzcore
 
     stats = {p: fuzzcore.FuzzStats() for p in ns.protocols}
     totals = Totals()
@@ -210,7 +213,7 @@ def _write(payload: dict[str, Any], stamp: str) -> Path:
 
 
 def _coordinator(ns: argparse.Namespace) -> int:
-    from bench import fuzzcore
+    from bench.lib import fuzzcore
     from maplookup.embedded import EmbeddedPostgres
 
     started_at = datetime.now(UTC)

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import datasets
-from bench.common import (
+from bench.lib import datasets
+from bench.lib.common import (
     BenchError,
     Children,
     Logger,
@@ -46,8 +46,8 @@ from bench.common import (
     utc_stamp,
     write_json,
 )
-from bench.load import LoadSpec, run_load
-from bench.servers import Monitor, ServerHandle, wait_ready, warm
+from bench.lib.load import LoadSpec, run_load
+from bench.lib.servers import Monitor, ServerHandle, wait_ready, warm
 
 log = Logger("gcpause")
 

@@ -30,8 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import datasets
-from bench.common import (
+from bench.lib import datasets
+from bench.lib.common import (
     BenchError,
     Children,
     Logger,
@@ -45,8 +45,8 @@ from bench.common import (
     utc_stamp,
     write_json,
 )
-from bench.load import LoadSpec, run_load
-from bench.servers import Monitor, ServerHandle, start_maplookup, start_responder
+from bench.lib.load import LoadSpec, run_load
+from bench.lib.servers import Monitor, ServerHandle, start_maplookup, start_responder
 
 log = Logger("misspath")
 

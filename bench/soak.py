@@ -50,7 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import JsonLines, machine_info, write_json
+from bench.lib.common import JsonLines, machine_info, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -151,8 +151,11 @@ async def _cleanup(dsn: str) -> None:
 def _count_trio_tasks() -> int:
     import trio
 
+    root = trio.lowlevel.current_root_task()
+    if root is None:  # only outside trio.run, where nothing calls this
+        return 0
     count = 0
-    stack = [trio.lowlevel.current_root_task()]
+    stack = [root]
     while stack:
         task = stack.pop()
         count += 1

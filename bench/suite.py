@@ -3,19 +3,19 @@
 What runs (bench/README.md, "Suite", has the details and the reasons):
 
 1. datasets of 1k, 100k (and, without ``--quick``, 1M) mailboxes in a private PostgreSQL, and
-   their key mixes (``bench/datasets.py``);
-2. closed-loop load (``bench/load.py``) against the bare responders (trio, asyncio+uvloop),
+   their key mixes (``bench/lib/datasets.py``);
+2. closed-loop load (``bench/lib/load.py``) against the bare responders (trio, asyncio+uvloop),
    maplookup with one worker and with one worker per core, at 1, 8, 64 and 512 connections,
    on cached hits of the 100k dataset; the other key mixes, tcp_table, and open-loop load at
    fixed fractions of maplookup's capacity;
 3. the miss path: ``maplookup serve --no-cache`` (as shipped, batching concurrent misses, and
    with one statement per key) against a small asyncio+uvloop+asyncpg responder running the
    same SQL one request at a time, with and without asyncpg's reset query
-   (``bench/responders.py``);
+   (``bench/lib/responders.py``);
 4. Postfix's own client: 4 parallel ``postmap -q -`` over the same keys through maplookup
    (socketmap), the bare responders, Postfix's ``pgsql:`` querying PostgreSQL itself, and an
    ``lmdb:`` file; then again with 0.5 ms added to every database round trip by a delaying
-   proxy (``bench/delayproxy.py``);
+   proxy (``bench/lib/delayproxy.py``);
 5. hit latency against data size (1k to 1M), and the server's RSS against cached entries;
 6. the targets, each as a ratio measured in this run.
 
@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import datasets, postfix
-from bench.common import (
+from bench.lib import datasets, postfix
+from bench.lib.common import (
     PROJECT_ROOT,
     RESULTS_DIR,
     BenchError,
@@ -63,8 +63,8 @@ from bench.common import (
     utc_stamp,
     write_json,
 )
-from bench.load import LoadResult, LoadSpec, run_load
-from bench.servers import (
+from bench.lib.load import LoadResult, LoadSpec, run_load
+from bench.lib.servers import (
     Monitor,
     ServerHandle,
     maplookup_supports_workers,
@@ -367,7 +367,7 @@ class Suite:
     def start_proxy(self) -> None:
         self.proxy_port = free_port()
         proxy = self.children.start(
-            [sys.executable, "-m", "bench.delayproxy", "--port", str(self.proxy_port),
+            [sys.executable, "-m", "bench.lib.delayproxy", "--port", str(self.proxy_port),
              "--upstream-port", str(self.pg.port), "--delay-us", "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
@@ -607,7 +607,7 @@ async def calibrate_proxy(direct: str, proxied: str, set_delay: Any) -> dict[str
     """Sequential ``SELECT 1``: directly, through the proxy at 0 µs and at DELAY_US."""
     import asyncpg
 
-    from bench.hist import Histogram
+    from bench.lib.hist import Histogram
 
     async def measure(dsn: str) -> dict[str, float]:
         conn = await asyncpg.connect(dsn, timeout=10)
@@ -866,7 +866,7 @@ def _other_cpu(r: dict[str, Any]) -> float:
         + mon.get("postgres_cpu_pct", 0)
         + r["loader_cpu_s"] / r["spec"]["duration_s"] * 100
     )
-    return max(0.0, mon["machine_cpu_pct"] - ours)
+    return max(0.0, float(mon["machine_cpu_pct"] - ours))
 
 
 def closed_loop_table(runs: list[dict[str, Any]]) -> str:
@@ -1138,7 +1138,7 @@ def run_suite(plan: Plan) -> int:
     }
     path = write_json("suite", stamp, payload)
     try:
-        from bench.plots import plot_all
+        from bench.lib.plots import plot_all
 
         pngs = plot_all(payload, path.with_suffix(""))
     except ImportError:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench.fuzzcore import (
+from bench.lib.fuzzcore import (
     ControlClient,
     FuzzInput,
     FuzzStats,

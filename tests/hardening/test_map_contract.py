@@ -2,7 +2,7 @@
 
 The answers come from ``maplookup.lookup.Lookup`` over ``DatabaseSource`` (the SQL functions in a
 real PostgreSQL), once straight and once behind the ``CachingSource``; the expectation comes from
-``bench/model.py``, written from DESIGN.md §3 and schema.sql's comments without
+``bench/lib/model.py``, written from DESIGN.md §3 and schema.sql's comments without
 calling SQL.  A wrapper in front of the database fails a random share of the calls (a database
 error, a timeout, or an unexpected exception, i.e. a bug): such a lookup must answer TEMP, or,
 behind the cache, the answer cached before; never NOTFOUND (DESIGN.md §2.2, §5).
@@ -24,7 +24,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
+from bench.lib.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
 from maplookup.db.database import (
     AsyncioThread,
     Database,

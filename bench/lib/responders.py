@@ -16,8 +16,8 @@ All of them answer socketmap on ``--port`` and, with ``--tcp-port``, tcp_table (
 ``--tcp-map``) too.  Each prints ``ready`` on stdout once it listens, stops on SIGTERM/SIGINT,
 and stops by itself after ``--max-seconds``.
 
-    .venv/bin/python -m bench.responders trio-bare --port 9100
-    .venv/bin/python -m bench.responders asyncpg --port 9101 --dsn postgresql://...
+    .venv/bin/python -m bench.lib.responders trio-bare --port 9100
+    .venv/bin/python -m bench.lib.responders asyncpg --port 9101 --dsn postgresql://...
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def run_asyncio(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.responders", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lib.responders", description=__doc__)
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--port", type=int, required=True, help="socketmap port on 127.0.0.1")
     parser.add_argument("--tcp-port", type=int, help="also serve tcp_table on this port")

@@ -29,8 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # bench/lib/common.py -> the checkout
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

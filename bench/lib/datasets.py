@@ -15,7 +15,7 @@ Layout, for N mailboxes and D = max(10, N / 100) mailbox domains ``dom<j>.bench.
 - max(1, D/10) mirror domains ``mirror<m>.bench.example`` (alias domains with
   ``alias_of = dom<10 m>``).
 
-Key mixes (files of ``EXPECT<TAB>MAP<TAB>KEY`` lines, read by ``bench/load.py``), all drawn
+Key mixes (files of ``EXPECT<TAB>MAP<TAB>KEY`` lines, read by ``bench/lib/load.py``), all drawn
 with ``random.Random(seed)`` from a *hot set* of H mailboxes (a seeded sample):
 
 ``hits``
@@ -136,7 +136,7 @@ async def load(admin_dsn: str, ds: Dataset) -> dict[str, Any]:
     """Create database ``ds.database`` with the schema and the rows; return counts and time."""
     import asyncpg
 
-    from bench.common import dsn_for
+    from bench.lib.common import dsn_for
     from maplookup.db.admin import init_schema
 
     started = time.monotonic()
@@ -285,7 +285,7 @@ async def verify_mix(dsn: str, keys: Sequence[Key], sample: int, seed: int) -> d
     """Ask PostgreSQL's lookup functions for a sample; raise if any expectation is wrong."""
     import asyncpg
 
-    from bench.common import BenchError
+    from bench.lib.common import BenchError
 
     rng = random.Random(seed)
     chosen = rng.sample(list(keys), min(sample, len(keys)))

@@ -18,7 +18,7 @@ switch interval is lowered so that a waking thread gets the GIL quickly.  The su
 result: a sequential ``SELECT 1`` through the proxy at 0 µs and at the target delay, against the
 database directly.
 
-    .venv/bin/python -m bench.delayproxy --port 6433 --upstream-port 5432 --delay-us 500
+    .venv/bin/python -m bench.lib.delayproxy --port 6433 --upstream-port 5432 --delay-us 500
 
 Prints ``ready`` once it listens.  How late ``time.sleep`` wakes on this machine is measured
 at start and subtracted from every wait; the suite then adjusts the delay until the measured
@@ -169,7 +169,7 @@ def _control(proxy: DelayProxy, done: threading.Event) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.delayproxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lib.delayproxy", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="listen on 127.0.0.1:PORT")
     parser.add_argument("--upstream-port", type=int, required=True, help="PostgreSQL's port")
     parser.add_argument("--upstream-host", default="127.0.0.1")

@@ -7,7 +7,7 @@ The server is ``python -m maplookup serve`` in a subprocess, on a real PostgreSQ
 hypothesis chose, optionally half-closes, and reads until the server closes or every expected
 reply has arrived.  What the server must do is derived from the sans-IO codec (the same one the
 server uses, whose totality and chunking invariance tests/unit/test_protocol_fuzz.py checks)
-and the map model (bench/model.py):
+and the map model (bench/lib/model.py):
 
 * each complete request before the first framing error gets exactly the reply the model gives
   (PERM for an unknown map; never TEMP, since the database is up);
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from bench.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
+from bench.lib.model import ALL_MAPS, Alias, Dataset, Domain, Mailbox, MapModel
 from maplookup.client import QueryError, WireProtocol, next_reply, reply_parser
 from maplookup.config import HostPort
 from maplookup.protocol import (
@@ -245,7 +245,7 @@ def _inputs(
 
 @dataclass(frozen=True)
 class FuzzInput:
-    protocol: str  # "socketmap" or "tcp_table"
+    protocol: WireProtocol
     data: bytes
     cuts: tuple[int, ...]
     half_close: bool
@@ -262,7 +262,7 @@ class FuzzInput:
         )
 
 
-def fuzz_inputs(protocol: str) -> st.SearchStrategy[FuzzInput]:
+def fuzz_inputs(protocol: WireProtocol) -> st.SearchStrategy[FuzzInput]:
     data = (
         _inputs(socketmap_requests, socketmap_broken)
         if protocol == "socketmap"
@@ -287,7 +287,7 @@ class Expected:
     ending: str  # "error", "eof" (clean end), "open" (clean, not half-closed), "stalled"
 
 
-def _codec(protocol: str) -> SocketmapProtocol | TcpTableProtocol:
+def _codec(protocol: WireProtocol) -> SocketmapProtocol | TcpTableProtocol:
     if protocol == "socketmap":
         return SocketmapProtocol(max_request_bytes=MAX_REQUEST_BYTES)
     return TcpTableProtocol(TCP_MAP.encode(), max_request_bytes=MAX_REQUEST_BYTES)

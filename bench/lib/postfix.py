@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchError, Children
+from bench.lib.common import BenchError, Children
 
 POSTMAP = "/usr/sbin/postmap"
 POSTMAP_TIMEOUT_S = 300.0

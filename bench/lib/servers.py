@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import (
+from bench.lib.common import (
     BenchError,
     Children,
     connections_by_process,
@@ -33,7 +33,7 @@ from bench.common import (
     rss_kib,
     wait_for_port,
 )
-from bench.load import Hooks
+from bench.lib.load import Hooks
 
 START_TIMEOUT_S = 60.0
 _workers_supported: bool | None = None
@@ -199,7 +199,7 @@ def start_responder(
     extra_args: Sequence[str] = (),
 ) -> ServerHandle:
     port = free_port()
-    argv = [sys.executable, "-m", "bench.responders", kind, "--port", str(port)]
+    argv = [sys.executable, "-m", "bench.lib.responders", kind, "--port", str(port)]
     tcp_port = None
     if tcp_table:
         tcp_port = free_port()
@@ -287,7 +287,7 @@ def warm(handle: ServerHandle, keys_path: str, per_worker: int = 8) -> dict[str,
     """Ask every worker every key of the file once; returns counts, seconds and RSS."""
     import uvloop
 
-    from bench.load import read_keys
+    from bench.lib.load import read_keys
 
     requests, expects, _ = read_keys(keys_path, "socketmap", "vmailbox")
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """PNG plots of a suite run (matplotlib, Agg backend: no display needed).
 
-.venv/bin/python -m bench.plots bench/results/suite-<stamp>.json   # redraw from a JSON
+.venv/bin/python -m bench.lib.plots bench/results/suite-<stamp>.json   # redraw from a JSON
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.hist import Histogram, bucket_high
+from bench.lib.hist import Histogram, bucket_high
 
 SERIES_STYLE = {
     "maplookup": "tab:blue",
@@ -198,7 +198,7 @@ def plot_all(payload: dict[str, Any], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m bench.plots bench/results/suite-<stamp>.json")
+        raise SystemExit("usage: python -m bench.lib.plots bench/results/suite-<stamp>.json")
     path = Path(args[0])
     payload = json.loads(path.read_text())
     for p in plot_all(payload, path.with_suffix("")):

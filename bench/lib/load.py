@@ -24,7 +24,7 @@ driving its share of the connections with plain ``asyncio.Protocol`` callbacks (
 per request), so the load generator costs as little CPU per request as Python allows.  The
 workers connect, report ready, and start together on a common CLOCK_MONOTONIC time given by
 the coordinator; they measure only replies that arrive inside the measurement window (after
-the warm-up), record every latency in a log-linear histogram (``bench/hist.py``), and send the
+the warm-up), record every latency in a log-linear histogram (``bench/lib/hist.py``), and send the
 histograms back to be merged.  Every reply's status is checked against the one the key list
 expects.
 
@@ -34,9 +34,9 @@ Connection i starts at key ``i * len / N`` and walks the list cyclically.
 
 Run from the project root::
 
-    .venv/bin/python -m bench.load --port 9000 --keys keys.txt --connections 64 --duration 10
-    .venv/bin/python -m bench.load --port 9000 --keys keys.txt --connections 64 --rate 5000
-    .venv/bin/python -m bench.load --port 9011 --protocol tcptable --keys keys.txt
+    .venv/bin/python -m bench.lib.load --port 9000 --keys keys.txt --connections 64 --duration 10
+    .venv/bin/python -m bench.lib.load --port 9000 --keys keys.txt --connections 64 --rate 5000
+    .venv/bin/python -m bench.lib.load --port 9011 --protocol tcptable --keys keys.txt
 
 A Markdown table goes to stdout, progress to stderr, the figures to
 ``bench/results/load-<UTC timestamp>.json``.
@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.lib.common import (
     PROJECT_ROOT,
     BenchError,
     Children,
@@ -73,7 +73,7 @@ from bench.common import (
     utc_stamp,
     write_json,
 )
-from bench.hist import Histogram
+from bench.lib.hist import Histogram
 
 log = Logger("load")
 
@@ -393,6 +393,11 @@ class _Connection(asyncio.Protocol):
             self.run.connection_done()
 
 
+def _returning(conn: _Connection) -> Callable[[], _Connection]:
+    """``create_connection``'s protocol factory for a connection object made beforehand."""
+    return lambda: conn
+
+
 async def _worker_async(spec: LoadSpec, first_index: int, count: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = _Run(spec, first_index, count)
@@ -400,7 +405,7 @@ async def _worker_async(spec: LoadSpec, first_index: int, count: int) -> dict[st
     for i in range(first_index, first_index + count):
         conn = _Connection(run, i, loop)
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await loop.create_connection(lambda c=conn: c, spec.host, spec.port)
+            await loop.create_connection(_returning(conn), spec.host, spec.port)
         conns.append(conn)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -544,7 +549,7 @@ def run_load(
         first = 0
         for count in _split(spec.connections, processes):
             proc = kids.start(
-                [sys.executable, "-m", "bench.load", "--worker"],
+                [sys.executable, "-m", "bench.lib.load", "--worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
@@ -653,7 +658,7 @@ TABLE_HEAD = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
+        prog="python -m bench.lib.load",
         description="Drive a socketmap or tcp_table server with N persistent connections "
         "(see bench/README.md).",
     )
@@ -714,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "benchmark": "load",
             "started_utc": started.isoformat(),
-            "command": " ".join([".venv/bin/python -m bench.load", *sys.argv[1:]]),
+            "command": " ".join([".venv/bin/python -m bench.lib.load", *sys.argv[1:]]),
             "machine": machine_info(),
             "result": asdict(result),
             "table_markdown": table,
