@@ -36,6 +36,9 @@ The modules:
 - ``postmaster``: initdb, pg_ctl start and stop on the data directory;
 - ``database``: creating the maplookup database in the started cluster;
 - ``cluster``: :class:`EmbeddedPostgres`, the cluster's lifecycle.
+
+Layer: operations, beside ``metrics``: no ``serve``, ``cli`` or lookup code; the
+server and the admin commands both use it (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ The package:
 - ``ratelimit``: :class:`RateLimitedLogger`.
 
 This module re-exports every public name, so ``from maplookup.logsetup import ...`` keeps working.
+
+Layer: operations, beside ``metrics``: the base modules and below; never ``serve`` or
+``cli`` (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ The package:
   labels each sample with its worker (imported from ``maplookup.metrics.peers``).
 
 This module re-exports every public name, so ``from maplookup.metrics import ...`` keeps working.
+
+Layer: operations, above ``db``: it may read the lookup, cache and database counters;
+never ``serve`` or ``cli`` (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ rules testable byte by byte and independent of trio or asyncio.
 
 ``encode_request``/``encode_reply``/``parse_reply`` exist in both wire modules,
 so they are reached as ``socketmap.encode_request`` / ``tcptable.encode_request``.
+
+Layer: above the base modules only (``maps``, ``address``, ``errors``, ``config``): it
+imports nothing else of maplookup, and nothing with sockets (tests/unit/test_layers.py).
 """
 
 from . import socketmap, tcptable

@@ -280,10 +280,11 @@ class Server:
         A stream that is not a socket has no network peer (an in-memory stream, a pipe): it
         is let in, like a unix socket, since nothing on the network can reach it.
         """
-        if not isinstance(stream, trio.SocketStream):
+        sock = getattr(stream, "socket", None)
+        if sock is None:
             return True
         try:
-            peer = stream.socket.getpeername()
+            peer = sock.getpeername()
         except OSError:
             return False
         if not isinstance(peer, tuple):
@@ -464,10 +465,11 @@ def _write_nothing(fd: int, data: bytes) -> int:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
-    if not isinstance(stream, trio.SocketStream):
+    sock = getattr(stream, "socket", None)
+    if sock is None:
         return type(stream).__name__  # no address to show; the kind of stream is something
     try:
-        peer = stream.socket.getpeername()
+        peer = sock.getpeername()
     except OSError:
         return "?"
     if isinstance(peer, tuple):

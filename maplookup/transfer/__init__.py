@@ -24,6 +24,9 @@ The package, in the order an import runs through it:
 - ``exporting``: the database back as source files.
 
 This module re-exports what the CLI (maplookup/cli/transfer.py) and the tests use.
+
+Layer: the Postfix side, above ``db`` (it writes through the admin rules); never
+``serve`` or ``cli`` (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations
