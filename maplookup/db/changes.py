@@ -51,6 +51,17 @@ class ListenerCounters:
     connection_losses: int = 0
 
 
+def _listen_refused(exc: BaseException) -> str:
+    """The one log line for a LISTEN the database refuses, saying what it means for answers."""
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) or "recovery" in str(exc):
+        return (
+            f"LISTEN refused: the database is a hot standby ({exc}); change notifications "
+            "need the primary, so nothing is served from the cache (every lookup asks the "
+            "database) until LISTEN works; retrying with a growing delay"
+        )
+    return f"LISTEN refused ({exc!r}): cache not trusted until it works; retrying"
+
+
 class ChangeListener:
     """Feeds ``invalidate(domains)``, ``flush()`` and ``set_live(bool)`` in the trio thread."""
 
@@ -103,9 +114,22 @@ class ChangeListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.reconnect_max_s)
                 continue
+            try:
+                await conn.add_listener(CHANNEL, self._on_notification)
+            except Exception as exc:
+                # Connected, but LISTEN refused (a hot standby: "cannot execute LISTEN during
+                # recovery"): a failure like any other, with the same growing delay.  Resetting
+                # the delay on connect made this a loop of ten attempts and log lines a second.
+                conn.terminate()
+                failures += 1
+                if failures == 1:
+                    log.warning("%s", _listen_refused(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.reconnect_max_s)
+                continue
             delay = self._settings.reconnect_min_s
             if failures:
-                log.info("LISTEN for changes re-established after %d failed attempts", failures)
+                log.info("LISTEN for changes established after %d failed attempts", failures)
             failures = 0
             try:
                 await self._serve_connection(conn)
@@ -126,7 +150,6 @@ class ChangeListener:
     async def _serve_connection(self, conn: asyncpg.Connection) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
-        await conn.add_listener(CHANNEL, self._on_notification)
         self.counters.connects += 1
         # LISTEN is in place: from now on no change goes unnoticed.  Anything before may have.
         self._post_live(True)
