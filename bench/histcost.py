@@ -146,13 +146,18 @@ def measure_hdrh(values: list[int], repeat: int, want: list[int]) -> Row | None:
     )
 
 
+def _append_all(values: list[int]) -> list[int]:
+    """What recording costs when every value is kept: one list append each."""
+    out: list[int] = []
+    add = out.append
+    for v in values:
+        add(v)
+    return out
+
+
 def measure_list(values: list[int], repeat: int, want: list[int]) -> Row:
     def record() -> list[int]:
-        out: list[int] = []
-        add = out.append
-        for v in values:
-            add(v)
-        return out
+        return _append_all(values)
 
     kept = record()
     half = len(values) // 2
@@ -180,11 +185,7 @@ def measure_numpy(values: list[int], repeat: int, want: list[int]) -> Row | None
         return None
 
     def record() -> list[int]:
-        out: list[int] = []
-        add = out.append
-        for v in values:
-            add(v)
-        return out
+        return _append_all(values)
 
     kept = record()
     half = len(values) // 2

@@ -36,7 +36,9 @@ def fold(text: str, smtputf8: bool = True) -> str:
     ASCII letters only when false.  Never a plain ``lower()``: it differs from Postfix on about 300
     code points (``ß``, ``ς``, ``ﬁ``, Cherokee).
     """
-    if text.isascii() or not smtputf8:
+    if text.isascii():
+        return text.lower()  # the same as both foldings for ASCII, and the fastest
+    if not smtputf8:
         return text.translate(_ASCII_UPPER)
     return text.casefold()
 

@@ -144,8 +144,12 @@ def fold_key(map_name: MapName, raw_key: bytes, smtputf8: bool = True) -> str | 
     address key without ``@`` or with an empty domain names no row: NOTFOUND at once.
     """
     decoded = decode_key(map_name, raw_key)
-    if decoded is None:
-        return None
+    return None if decoded is None else fold_decoded(map_name, decoded, smtputf8)
+
+
+def fold_decoded(map_name: MapName, decoded: str, smtputf8: bool = True) -> str | None:
+    """:func:`fold_key` for a key already through :func:`decode_key` (which the lookup layer
+    keeps, to carry the received case onto ``virtual`` answers without decoding twice)."""
     key = fold(decoded, smtputf8)
     if map_name.is_address_map:
         at = key.rfind("@")

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from maplookup.errors import DatabaseError
 from maplookup.lookup.virtual_answer import received_local_part, render_virtual
-from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, decode_key, fold_key
+from maplookup.maps import MAP_BY_WIRE_NAME, LookupSettings, MapName, decode_key, fold_decoded
 from maplookup.protocol.events import Reply, Request, Status
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,17 @@ class Lookup:
             shown = request.map_name[:64].decode("ascii", "backslashreplace")
             return Reply.perm(f"unknown map name '{shown}'")
         settings = self._settings.settings
-        key = fold_key(map_name, request.key, settings.smtputf8_enable)
-        if key is None:
+        decoded = decode_key(map_name, request.key)
+        key = None if decoded is None else fold_decoded(map_name, decoded, settings.smtputf8_enable)
+        if key is None or decoded is None:
             return _NOT_FOUND
         try:
             value = await self._source.fetch(map_name, key)
             if value and map_name is MapName.VIRTUAL:
                 # The match is cached per folded key; the case of what is carried onto the
                 # targets is this request's own (DESIGN.md section 2, fact 11).
-                received = decode_key(map_name, request.key) or ""
                 value = render_virtual(
-                    value, received_local_part(received), settings.recipient_delimiter
+                    value, received_local_part(decoded), settings.recipient_delimiter
                 )
         except DatabaseError as exc:
             self.temp_answers += 1

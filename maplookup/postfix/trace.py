@@ -39,7 +39,7 @@ import asyncpg
 
 from maplookup.address import fold, quote_local, split_address_list, unquote_local
 from maplookup.lookup.virtual_answer import received_local_part, render_virtual
-from maplookup.maps import LookupSettings, MapName, decode_key, fold_key, query_for
+from maplookup.maps import LookupSettings, MapName, decode_key, fold_decoded, query_for
 from maplookup.postfix.trace_result import (
     AliasNode,
     Delivery,
@@ -109,8 +109,9 @@ class _Tracer:
         As the server (lookup/answer.py): the statement for the folded key, and for ``virtual`` the
         received case applied onto the match (virtual_answer.py).
         """
-        folded = fold_key(map_name, key.encode("utf-8"), self._smtputf8)
-        if folded is None:
+        decoded = decode_key(map_name, key.encode("utf-8"))
+        folded = None if decoded is None else fold_decoded(map_name, decoded, self._smtputf8)
+        if folded is None or decoded is None:
             return None
         if (map_name, folded) not in self._answers:
             query, args = query_for(map_name, folded, self._settings)
@@ -119,9 +120,8 @@ class _Tracer:
             self._answers[map_name, folded] = str(fetched) if fetched else None
         value = self._answers[map_name, folded]
         if value is not None and map_name is MapName.VIRTUAL:
-            received = decode_key(map_name, key.encode("utf-8")) or ""
             value = render_virtual(
-                value, received_local_part(received), self._settings.recipient_delimiter
+                value, received_local_part(decoded), self._settings.recipient_delimiter
             )
         return value
 
