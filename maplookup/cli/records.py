@@ -91,10 +91,13 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 args.domain,
                 alias=args.alias,
                 alias_of=args.alias_of,
+                relay=args.relay,
                 uid=args.uid,
                 gid=args.gid,
             )
-            if args.alias_of is not None:
+            if args.relay:
+                kind = "relay domain: add its valid recipients with `maplookup relay-recipient add`"
+            elif args.alias_of is not None:
                 kind = f"alias domain, mirror of {admin_input.parse_domain(args.alias_of)}"
             elif args.alias:
                 kind = "alias domain, forwarding only"
@@ -104,12 +107,23 @@ def cmd_domain(args: argparse.Namespace) -> int:
             low = admin_input.low_uid_warning(args.uid)
             if low is not None:
                 warn(f"domain {domain}: {low}")
-            if not (args.alias or args.alias_of is not None):
+            if not (args.alias or args.alias_of is not None or args.relay):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
         elif args.action == "set":
-            uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
-            print(f"domain {domain} updated ({_ids_text(uid, gid)})")
-            _warn_domain_ids(domain, uid, gid, args)
+            if args.uid is None and args.gid is None and args.relay is None:
+                raise admin_input.AdminError("give --uid, --gid, --relay or --no-relay")
+            async with conn.transaction():
+                changes = []
+                if args.relay is not None:
+                    await admin.domain_set_relay(conn, args.domain, args.relay)
+                    changes.append("relayed" if args.relay else "not relayed")
+                ids = None
+                if args.uid is not None or args.gid is not None:
+                    ids = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
+                    changes.append(_ids_text(*ids))
+            print(f"domain {domain} updated ({', '.join(changes)})")
+            if ids is not None:
+                _warn_domain_ids(domain, *ids, args)
         elif args.action == "remove":
             await admin.domain_remove(conn, args.domain)
             print(f"domain {domain} removed")
@@ -118,7 +132,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
             print(f"domain {domain} {args.action}d")
         else:
             rows = await admin.domain_list(conn)
-            print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
+            print_table(
+                rows, ["name", "kind", "relay", "alias_of", "default_uid", "default_gid", "enabled"]
+            )
 
     return with_connection(args, action)
 
@@ -127,7 +143,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         if args.action == "add":
             added = await admin.mailbox_add(
-                conn, args.address, path=args.path, uid=args.uid, gid=args.gid
+                conn, args.address, path=args.path, uid=args.uid, gid=args.gid, login=args.login
             )
             print(f"mailbox {added.address} -> {added.path} added")
             low = admin_input.low_uid_warning(added.uid)
@@ -151,7 +167,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
             print(f"mailbox {admin_input.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.mailbox_list(conn, args.domain)
-            print_table(rows, ["address", "path", "uid", "gid", "enabled"])
+            print_table(rows, ["address", "path", "uid", "gid", "login", "enabled"])
 
     return with_connection(args, action)
 
@@ -217,22 +233,31 @@ def add_commands(commands: Any) -> None:
     )
     set_ids = group.add_parser(
         "set",
-        help="set a mailbox domain's default uid/gid",
+        help="set a domain's default uid/gid, or whether it is relayed",
         description="Set the default uid and/or gid of a mailbox domain: virtual(8) uses them "
-        "for its mailboxes that have none of their own.  An id not given is left as it is.",
+        "for its mailboxes that have none of their own.  An id not given is left as it is.  "
+        "--relay puts a hosted domain in relay_domains as well, for a backup MX that reads "
+        "the same database: it accepts at RCPT exactly the addresses the primary MX would.",
     )
     set_ids.add_argument("domain", metavar="DOMAIN")
     set_ids.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     set_ids.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
+    relay = set_ids.add_mutually_exclusive_group()
+    relay.add_argument(
+        "--relay", action="store_true", default=None, help="answer it in relay_domains too"
+    )
+    relay.add_argument("--no-relay", dest="relay", action="store_false", help="stop relaying it")
     add_database_options(set_ids)
     add.description = (
         "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "
         "alias domain, or with --alias-of a mirror of a mailbox domain (user@DOMAIN reaches "
-        "user@OTHER)."
+        "user@OTHER), or with --relay a domain this host relays (relay_domains: as backup MX, "
+        "or to an internal host; route it with `maplookup transport set`)."
     )
     kind = add.add_mutually_exclusive_group()
     kind.add_argument("--alias", action="store_true", help="forwarding-only alias domain")
     kind.add_argument("--alias-of", metavar="OTHER", help="mirror of mailbox domain OTHER")
+    kind.add_argument("--relay", action="store_true", help="relay domain (it and its subdomains)")
     add.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     add.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
 
@@ -244,6 +269,10 @@ def add_commands(commands: Any) -> None:
         "PATH is relative to virtual_mailbox_base; a trailing / means Maildir."
     )
     add.add_argument("--path", help="default DOMAIN/LOCALPART/ (a Maildir)")
+    add.add_argument(
+        "--login",
+        help="the SASL login that owns the address as a sender (default: the address)",
+    )
     add.add_argument("--uid", type=int, help="owner uid (default: the domain's)")
     add.add_argument("--gid", type=int, help="owner gid (default: the domain's)")
 

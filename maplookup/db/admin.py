@@ -22,11 +22,12 @@ from maplookup.db.admin_input import (
     check_id,
     parse_address,
     parse_domain,
+    parse_login,
     parse_targets,
 )
 
 
-async def _run(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
+async def run_checked(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
     """Execute one statement, turning constraint violations into AdminError."""
     try:
         status: str = await conn.execute(query, *args)
@@ -54,7 +55,7 @@ def _foreign_key_message(exc: asyncpg.ForeignKeyViolationError) -> str:
     return f"{exc.detail or exc}"
 
 
-def _affected(status: str) -> int:
+def affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
@@ -75,29 +76,60 @@ async def domain_add(
     *,
     alias: bool = False,
     alias_of: str | None = None,
+    relay: bool = False,
     uid: int | None = None,
     gid: int | None = None,
 ) -> None:
+    """Add a mailbox domain, an alias domain (``alias``/``alias_of``) or a relay domain."""
     domain = parse_domain(name)
     target = parse_domain(alias_of) if alias_of is not None else None
     is_alias = alias or target is not None
     check_id("--uid", uid)
     check_id("--gid", gid)
-    if is_alias and (uid is not None or gid is not None):
-        raise AdminError("--uid/--gid apply to mailbox domains only, not alias domains")
+    if (is_alias or relay) and (uid is not None or gid is not None):
+        raise AdminError("--uid/--gid apply to mailbox domains only")
+    if is_alias and relay:
+        raise AdminError(
+            "--relay adds a relay domain, which has no aliases: add the alias domain, then"
+            f" `maplookup domain set {domain} --relay` if a backup MX also relays it"
+        )
     if target == domain:
         raise AdminError("a domain cannot mirror itself")
-    await _run(
+    await run_checked(
         conn,
-        "INSERT INTO maplookup.domains (name, kind, alias_of, default_uid, default_gid)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO maplookup.domains (name, kind, relay, alias_of, default_uid, default_gid)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
         domain,
-        "alias" if is_alias else "mailbox",
+        "relay" if relay else "alias" if is_alias else "mailbox",
+        relay,
         target,
         uid,
         gid,
         subject=f"domain {domain}",
     )
+
+
+async def domain_set_relay(conn: asyncpg.Connection, name: str, relay: bool) -> str:
+    """Put a hosted domain in relay_domains (or take it out); returns its kind.
+
+    For one database serving the primary MX (which delivers the domain) and a backup MX
+    (which relays it, and accepts at RCPT exactly the addresses the primary would).
+    """
+    domain = parse_domain(name)
+    kind: str | None = await conn.fetchval(
+        "SELECT kind FROM maplookup.domains WHERE name = $1", domain
+    )
+    if kind is None:
+        raise AdminError(f"no such domain: {domain}")
+    if kind == "relay" and not relay:
+        raise AdminError(
+            f"{domain} is a relay domain and nothing else: remove it with"
+            f" `maplookup domain remove {domain}`"
+        )
+    await run_checked(
+        conn, "UPDATE maplookup.domains SET relay = $2 WHERE name = $1", domain, relay
+    )
+    return kind
 
 
 async def domain_set_ids(
@@ -123,10 +155,16 @@ async def domain_set_ids(
         gid,
     )
     if row is None:
-        if await conn.fetchval("SELECT true FROM maplookup.domains WHERE name = $1", domain):
-            raise AdminError(f"{domain} is an alias domain; default ids apply to mailbox domains")
+        kind = await conn.fetchval("SELECT kind FROM maplookup.domains WHERE name = $1", domain)
+        if kind is not None:
+            raise AdminError(
+                f"{domain} is {_KIND_TEXT[kind]}; default ids apply to mailbox domains"
+            )
         raise AdminError(f"no such domain: {domain}")
     return row["default_uid"], row["default_gid"]
+
+
+_KIND_TEXT = {"mailbox": "a mailbox domain", "alias": "an alias domain", "relay": "a relay domain"}
 
 
 async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
@@ -135,25 +173,26 @@ async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
         status = await conn.execute("DELETE FROM maplookup.domains WHERE name = $1", domain)
     except asyncpg.ForeignKeyViolationError as exc:
         raise AdminError(
-            f"{domain} still has mailboxes, aliases or mirror domains; remove those first"
+            f"{domain} still has mailboxes, aliases, relay recipients or mirror domains;"
+            " remove those first"
         ) from exc
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such domain: {domain}")
 
 
 async def domain_set_enabled(conn: asyncpg.Connection, name: str, enabled: bool) -> None:
     domain = parse_domain(name)
-    status = await _run(
+    status = await run_checked(
         conn, "UPDATE maplookup.domains SET enabled = $2 WHERE name = $1", domain, enabled
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such domain: {domain}")
 
 
 async def domain_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
+            "SELECT name, kind, relay, alias_of, default_uid, default_gid, enabled"
             " FROM maplookup.domains ORDER BY name"
         )
     )
@@ -184,9 +223,14 @@ async def mailbox_add(
     path: str | None = None,
     uid: int | None = None,
     gid: int | None = None,
+    login: str | None = None,
 ) -> AddedMailbox:
-    """Add a mailbox (default path ``domain/localpart/``, a Maildir); see AddedMailbox."""
+    """Add a mailbox (default path ``domain/localpart/``, a Maildir; default login its
+    address, which then owns it as a sender); see AddedMailbox."""
     address = parse_address(address_text)
+    login = parse_login(login) if login is not None else None
+    if login is not None and address.is_catchall:
+        raise AdminError("a catch-all mailbox has no login: grant @DOMAIN with `sender allow`")
     check_id("--uid", uid)
     check_id("--gid", gid)
     if path is None:
@@ -202,16 +246,19 @@ async def mailbox_add(
     if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
     if domain["kind"] != "mailbox":
-        raise AdminError(f"{address.domain} is an alias domain; mailboxes need a mailbox domain")
-    await _run(
+        raise AdminError(
+            f"{address.domain} is {_KIND_TEXT[domain['kind']]}; mailboxes need a mailbox domain"
+        )
+    await run_checked(
         conn,
-        "INSERT INTO maplookup.mailboxes (domain, local_part, path, uid, gid)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO maplookup.mailboxes (domain, local_part, path, uid, gid, login)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
         address.domain,
         address.local_part,
         path,
         uid,
         gid,
+        login,
         subject=f"mailbox {address}",
     )
     return AddedMailbox(
@@ -224,33 +271,33 @@ async def mailbox_add(
 
 async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "DELETE FROM maplookup.mailboxes WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such mailbox: {address}")
 
 
 async def mailbox_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "UPDATE maplookup.mailboxes SET enabled = $3 WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
         enabled,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such mailbox: {address}")
 
 
 async def mailbox_list(conn: asyncpg.Connection, domain: str | None = None) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT local_part || '@' || domain AS address, path, uid, gid, enabled"
+            "SELECT local_part || '@' || domain AS address, path, uid, gid, login, enabled"
             " FROM maplookup.mailboxes WHERE $1::text IS NULL OR domain = $1"
             " ORDER BY domain, local_part",
             parse_domain(domain) if domain else None,
@@ -268,16 +315,21 @@ async def alias_add(
     address = parse_address(address_text)
     parsed = parse_targets(targets)
     domain = await conn.fetchrow(
-        "SELECT alias_of FROM maplookup.domains WHERE name = $1", address.domain
+        "SELECT kind, alias_of FROM maplookup.domains WHERE name = $1", address.domain
     )
     if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
+    if domain["kind"] == "relay":
+        raise AdminError(
+            f"{address.domain} is a relay domain: its mail goes to another host, which has its"
+            " aliases (a hosted domain can be relayed as well: `maplookup domain set D --relay`)"
+        )
     if address.is_catchall and domain["alias_of"] is not None:
         raise AdminError(
             f"{address.domain} mirrors {domain['alias_of']}: its unknown users are refused, so "
             "a catch-all alias there would never be used (give the target domain one instead)"
         )
-    await _run(
+    await run_checked(
         conn,
         "INSERT INTO maplookup.aliases (domain, local_part, targets) VALUES ($1, $2, $3)",
         address.domain,
@@ -290,26 +342,26 @@ async def alias_add(
 
 async def alias_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "DELETE FROM maplookup.aliases WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such alias: {address}")
 
 
 async def alias_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "UPDATE maplookup.aliases SET enabled = $3 WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
         enabled,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such alias: {address}")
 
 
