@@ -110,20 +110,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
             if not (args.alias or args.alias_of is not None or args.relay):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
         elif args.action == "set":
-            if args.uid is None and args.gid is None and args.relay is None:
-                raise admin_input.AdminError("give --uid, --gid, --relay or --no-relay")
-            async with conn.transaction():
-                changes = []
-                if args.relay is not None:
-                    await admin.domain_set_relay(conn, args.domain, args.relay)
-                    changes.append("relayed" if args.relay else "not relayed")
-                ids = None
-                if args.uid is not None or args.gid is not None:
-                    ids = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
-                    changes.append(_ids_text(*ids))
-            print(f"domain {domain} updated ({', '.join(changes)})")
-            if ids is not None:
-                _warn_domain_ids(domain, *ids, args)
+            uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
+            print(f"domain {domain} updated ({_ids_text(uid, gid)})")
+            _warn_domain_ids(domain, uid, gid, args)
         elif args.action == "remove":
             await admin.domain_remove(conn, args.domain)
             print(f"domain {domain} removed")
@@ -132,9 +121,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
             print(f"domain {domain} {args.action}d")
         else:
             rows = await admin.domain_list(conn)
-            print_table(
-                rows, ["name", "kind", "relay", "alias_of", "default_uid", "default_gid", "enabled"]
-            )
+            print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
 
     return with_connection(args, action)
 
@@ -233,20 +220,13 @@ def add_commands(commands: Any) -> None:
     )
     set_ids = group.add_parser(
         "set",
-        help="set a domain's default uid/gid, or whether it is relayed",
+        help="set a mailbox domain's default uid/gid",
         description="Set the default uid and/or gid of a mailbox domain: virtual(8) uses them "
-        "for its mailboxes that have none of their own.  An id not given is left as it is.  "
-        "--relay puts a hosted domain in relay_domains as well, for a backup MX that reads "
-        "the same database: it accepts at RCPT exactly the addresses the primary MX would.",
+        "for its mailboxes that have none of their own.  An id not given is left as it is.",
     )
     set_ids.add_argument("domain", metavar="DOMAIN")
     set_ids.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     set_ids.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
-    relay = set_ids.add_mutually_exclusive_group()
-    relay.add_argument(
-        "--relay", action="store_true", default=None, help="answer it in relay_domains too"
-    )
-    relay.add_argument("--no-relay", dest="relay", action="store_false", help="stop relaying it")
     add_database_options(set_ids)
     add.description = (
         "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "

@@ -241,7 +241,7 @@ def test_missing_ids_warning_knows_the_config(
         (("mailbox", "add", "big@base.test", "--uid", "99999999999"), "too large"),
         (("domain", "add", "big.test", "--gid", "4294967295"), "too large"),
         (("alias", "add", "@mirror.test", "x@y.test"), "would never be used"),
-        (("domain", "set", "base.test"), "give --uid, --gid, --relay or --no-relay"),
+        (("domain", "set", "base.test"), "give --uid, --gid or both"),
         (("domain", "set", "base.test", "--uid", "5", "--gid", "0"), "positive"),
     ],
 )
