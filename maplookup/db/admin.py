@@ -242,6 +242,48 @@ async def mailbox_add(
     )
 
 
+async def mailbox_set(
+    conn: asyncpg.Connection,
+    address_text: str,
+    *,
+    path: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    login: str | None = None,
+) -> asyncpg.Record:
+    """Change a mailbox's path, ids or login (what is not given is left as it is); returns
+    the mailbox afterwards.  Moving the path moves no mail: the admin moves the directory."""
+    address = parse_address(address_text)
+    if path is None and uid is None and gid is None and login is None:
+        raise AdminError("give --path, --uid, --gid or --login")
+    check_id("--uid", uid)
+    check_id("--gid", gid)
+    if path is not None and (not path or path.startswith("/") or ".." in path.split("/")):
+        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    if login is not None:
+        login = parse_login(login)
+        if address.is_catchall:
+            raise AdminError("a catch-all mailbox has no login: grant @DOMAIN with `sender allow`")
+    try:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "UPDATE maplookup.mailboxes SET path = coalesce($3, path), uid = coalesce($4, uid),"
+            " gid = coalesce($5, gid), login = coalesce($6, login)"
+            " WHERE domain = $1 AND local_part = $2"
+            " RETURNING local_part || '@' || domain AS address, path, uid, gid, login",
+            address.domain,
+            address.local_part,
+            path,
+            uid,
+            gid,
+            login,
+        )
+    except asyncpg.CheckViolationError as exc:
+        raise AdminError(f"refused by constraint {exc.constraint_name}") from exc
+    if row is None:
+        raise AdminError(f"no such mailbox: {address}")
+    return row
+
+
 async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
     status = await run_checked(
@@ -310,6 +352,24 @@ async def alias_add(
         parsed,
         subject=f"alias {address}",
     )
+    return address, parsed
+
+
+async def alias_set(
+    conn: asyncpg.Connection, address_text: str, targets: list[str]
+) -> tuple[Address, list[str]]:
+    """Replace an alias's targets; returns the address and the targets as stored."""
+    address = parse_address(address_text)
+    parsed = parse_targets(targets)
+    status = await run_checked(
+        conn,
+        "UPDATE maplookup.aliases SET targets = $3 WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+        parsed,
+    )
+    if affected(status) == 0:
+        raise AdminError(f"no such alias: {address} (add it with `maplookup alias add`)")
     return address, parsed
 
 
