@@ -95,7 +95,8 @@ async def _reset_data(conn: asyncpg.Connection) -> None:
     keys = CACHED + [k for phase in PHASES for k in EXISTING[phase]] + PROBES + [CHANGE_KEY]
     async with conn.transaction():
         await conn.execute(
-            "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients, maplookup.domains"
+            "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients,"
+            " maplookup.domains"
         )
         await conn.execute(
             "INSERT INTO maplookup.domains (name, kind) VALUES ('example.com', 'mailbox')"
