@@ -82,6 +82,10 @@ class ReplicatedPair:
             conn = await asyncpg.connect(self.dsn(self.primary, "postgres"))
             try:
                 await conn.execute(f'CREATE DATABASE "{name}"')
+                # The clusters run with synchronous_commit off (fast_unsafe); here a commit is
+                # flushed, and so on its way to the standby, when it returns: waiting for
+                # replay then means waiting for what was committed.  (fsync stays off.)
+                await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
             finally:
                 await conn.close()
             conn = await asyncpg.connect(self.dsn(self.primary, name))
@@ -110,7 +114,7 @@ class ReplicatedPair:
 
 async def wait_until_replayed(pair: ReplicatedPair, timeout_s: float = REPLAY_TIMEOUT_S) -> None:
     """The same as :meth:`ReplicatedPair.wait_until_replayed`, for async tests."""
-    target = await _fetch_async(pair.dsn(pair.primary, "postgres"), _INSERT_LSN)
+    target = await _fetch_async(pair.dsn(pair.primary, "postgres"), _FLUSH_LSN)
     deadline = time.monotonic() + timeout_s
     standby = pair.dsn(pair.standby, "postgres")
     while not await _fetch_async(standby, _REPLAYED, target):
@@ -119,9 +123,11 @@ async def wait_until_replayed(pair: ReplicatedPair, timeout_s: float = REPLAY_TI
         await asyncio.sleep(0.01)
 
 
-# The end of the WAL written so far (inserted, not necessarily flushed: with synchronous_commit
-# off a commit's record may still be in the buffers; the standby gets it once it is flushed).
-_INSERT_LSN = "SELECT pg_current_wal_insert_lsn()::text"
+# The end of the WAL flushed so far: what the walsender can send.  Not the insert position,
+# which can point past a page header that no record fills until the next one is written (the
+# bgwriter logs one every 15 s on an idle cluster: a wait of up to 15 s).  Test databases
+# commit with synchronous_commit on (new_database), so a commit is flushed when it returns.
+_FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
 _REPLAYED = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
 
 
