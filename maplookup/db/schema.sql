@@ -602,11 +602,15 @@ BEGIN
 END
 $$;
 
+-- The two reader functions are SECURITY DEFINER (owner's rights, a fixed search_path, every
+-- name schema-qualified): a server whose role was granted SELECT on the tables before this
+-- version existed (deploy/README.md's maplookup_reader) reads the log without a new grant.
+
 -- The position of the last change this database can see (0 before any): what a reader
 -- starting now has seen, and, read in a REPEATABLE READ transaction before the maps, the
 -- position a snapshot of the maps is consistent with.
 CREATE OR REPLACE FUNCTION maplookup.change_log_head()
-RETURNS bigint LANGUAGE sql STABLE AS $$
+RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT greatest(
         (SELECT max(l.position) FROM maplookup.change_log l),
         (SELECT f.pruned_through FROM maplookup.change_feed f),
@@ -617,7 +621,8 @@ $$;
 -- statement: one snapshot).  When rows after `after` have been pruned, the first row is
 -- (pruned_through, '{*}'): everything may have changed up to there.
 CREATE OR REPLACE FUNCTION maplookup.changes_after(after bigint, max_rows integer)
-RETURNS TABLE (change_position bigint, domains text[]) LANGUAGE sql STABLE AS $$
+RETURNS TABLE (change_position bigint, domains text[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT f.pruned_through, ARRAY['*'] FROM maplookup.change_feed f
     WHERE f.pruned_through > after
     UNION ALL

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -218,3 +219,26 @@ async def test_a_feed_behind_a_pruned_log_flushes(dsn: str) -> None:
             await wait_until(lambda: cache.counters.flushes > flushes)
             assert cache.counters.invalidations == 0
             nursery.cancel_scope.cancel()
+
+
+def test_a_reader_granted_before_version_4_reads_the_log(dsn: str) -> None:
+    """deploy/README.md grants SELECT on the tables once; the log's tables came later."""
+    role = f"reader_{abs(hash(dsn)) % 10**8}"
+    run_sql(
+        dsn,
+        f'DROP ROLE IF EXISTS "{role}"',
+        f'CREATE ROLE "{role}" LOGIN',
+        f'GRANT USAGE ON SCHEMA maplookup TO "{role}"',
+        f'GRANT SELECT ON maplookup.domains, maplookup.mailboxes, maplookup.aliases TO "{role}"',
+        "UPDATE maplookup.mailboxes SET path = 'example.com/r/'",
+    )
+    parts = urlsplit(dsn)
+    reader = urlunsplit(parts._replace(netloc=parts.netloc.replace("maplookup@", f"{role}@", 1)))
+    assert reader != dsn
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            run_sql(reader, "SELECT * FROM maplookup.change_log")
+        assert _head(reader) == _head(dsn)
+        assert _changes(reader, 0) == _changes(dsn, 0)
+    finally:
+        run_sql(dsn, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
