@@ -11,9 +11,10 @@ LISTEN only wakes the reader early.  Where the database allows it (a primary), a
 the triggers makes the reader read the log at once, so a single host keeps its
 millisecond commit-to-visible latency; where it refuses (a hot standby: "cannot execute LISTEN
 during recovery"; a transaction-mode pooler may also swallow it silently) polling alone keeps
-the cache coherent, bounded by the poll interval plus the standby's replay lag.  The refusal
-is logged once, not at every poll; LISTEN is tried again every ``listen_retry_s``, so a
-promoted standby gets its early wake-ups back (logged once too).
+the cache coherent, bounded by the poll interval plus the standby's replay lag.  A standby is
+recognised (``pg_is_in_recovery()``) and not sent a LISTEN at all; either way it is logged
+once, not at every poll, and checked again every ``listen_retry_s``, so a promoted standby
+gets its early wake-ups back (logged once too).
 
 Start and lost connections: the cache is not live (nothing served from it as fresh) until
 the reader has connected and read the head position; it then flushes and goes live, and
@@ -80,7 +81,7 @@ class FeedCounters:
     connection_losses: int = 0
     reads: int = 0  # reads of the log
     changes: int = 0  # change-log rows applied
-    listen_refusals: int = 0
+    listen_refusals: int = 0  # times LISTEN was not possible (a standby, or refused)
 
 
 class _Lost(Exception):
@@ -92,7 +93,8 @@ class ChangeFeed:
 
     ``live``: the cache may serve as fresh; ``position``: the change-log position whose
     invalidations the cache has been given (trio thread); ``listening``: LISTEN is in place on
-    the current connection (else the reader only polls).
+    the current connection (else the reader only polls); ``in_recovery``: that database is a
+    hot standby.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class ChangeFeed:
         self.counters = FeedCounters()
         self.live = False
         self.listening = False
+        self.in_recovery: bool | None = None  # the database is a hot standby (None: unknown)
         self.position: int | None = None
 
     async def run(
@@ -220,26 +223,38 @@ class ChangeFeed:
                 wake.set()  # more to read: no waiting
 
     async def _try_listen(self, conn: asyncpg.Connection) -> bool:
-        """LISTEN on ``conn``; False (logged once per change of state) where it is refused."""
-        try:
-            async with asyncio.timeout(self._settings.query_timeout_s):
+        """LISTEN on ``conn`` where the database allows it; False (said once per change of
+        state) where it does not.
+
+        A hot standby is asked first (``pg_is_in_recovery()``) rather than sent a LISTEN it
+        refuses: a refusal is an ERROR line in PostgreSQL's own log at every retry.
+        """
+        async with asyncio.timeout(self._settings.query_timeout_s):
+            self.in_recovery = bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+            if self.in_recovery:
+                self._listen_refused("the database is a hot standby")
+                return False
+            try:
                 await conn.add_listener(CHANNEL, self._on_notification)
-        except asyncpg.PostgresError as exc:
-            # The connection stays usable: a standby refuses LISTEN, not reads.
-            self.counters.listen_refusals += 1
-            if self._listen_state is not False:
-                log.info(
-                    "LISTEN refused (%s): a hot standby, most likely; following its change log "
-                    "every %s s, which keeps the cache consistent with what it has replayed",
-                    exc,
-                    self._settings.poll_interval_s,
-                )
-            self._listen_state = False
-            return False
+            except asyncpg.PostgresError as exc:
+                # The connection stays usable: refusing LISTEN does not end the session.
+                self._listen_refused(f"LISTEN refused: {exc}")
+                return False
         if self._listen_state is False:
-            log.info("LISTEN accepted again (a promoted standby?): changes wake the feed at once")
+            log.info("LISTEN in place again (a promoted standby?): changes wake the feed at once")
         self._listen_state = True
         return True
+
+    def _listen_refused(self, why: str) -> None:
+        self.counters.listen_refusals += 1
+        if self._listen_state is not False:
+            log.info(
+                "no LISTEN (%s): following the change log every %s s, which keeps the cache "
+                "consistent with what this database has replayed",
+                why,
+                self._settings.poll_interval_s,
+            )
+        self._listen_state = False
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         # Only a wake-up: what changed is read from the log, in order, with its position.

@@ -244,11 +244,13 @@ async def test_the_feed_survives_a_standby_restart(
 
 
 async def test_the_standby_host_caches_and_does_not_fill_the_log(
-    dsns: tuple[str, str], caplog: pytest.LogCaptureFixture
+    dsns: tuple[str, str], pair: ReplicatedPair, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The issue's first symptom: on a standby the cache never went live, every lookup ran a
-    statement, and the log got about nine LISTEN lines a second."""
+    statement, and the log got about nine LISTEN lines a second (and PostgreSQL's log as many
+    ERRORs)."""
     _primary, standby = dsns
+    refusals_before = _listen_errors(pair)
     settings = settings_for(standby, change_feed_poll_interval_s=0.01)
     with caplog.at_level(logging.INFO, logger="maplookup.db.changes"):
         async with running(settings, standby) as service:
@@ -266,4 +268,11 @@ async def test_the_standby_host_caches_and_does_not_fill_the_log(
             await client.stream.aclose()
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 1, lines
-    assert "LISTEN refused" in lines[0]
+    assert "no LISTEN (the database is a hot standby)" in lines[0]
+    assert _listen_errors(pair) == refusals_before  # never sent a LISTEN it would refuse
+
+
+def _listen_errors(pair: ReplicatedPair) -> int:
+    """LISTEN refusals in the standby's server log so far."""
+    text = pair.standby.log_file.read_text(errors="replace")
+    return text.count("cannot execute LISTEN during recovery")

@@ -25,6 +25,9 @@ from maplookup.db.feed import Change, FeedStep
 class FakeConnection:
     """One connection to a fake database holding ``log`` (shared by all connections)."""
 
+    # True: no standby, yet LISTEN is refused (as a transaction-mode pooler might).
+    refuse_only = False
+
     def __init__(self, log: list[Change], *, standby: bool) -> None:
         self.log = log
         self.standby = standby
@@ -32,8 +35,10 @@ class FakeConnection:
         self.on_terminate: list[Callable[[object], None]] = []
         self.terminated = False
         self.reads = 0
+        self.listen_attempts = 0
 
     async def add_listener(self, channel: str, callback: Callable[..., None]) -> None:
+        self.listen_attempts += 1
         if self.standby:
             raise asyncpg.ReadOnlySQLTransactionError("cannot execute LISTEN during recovery")
         self.listeners.append(callback)
@@ -42,6 +47,8 @@ class FakeConnection:
         self.on_terminate.append(callback)
 
     async def fetchval(self, query: str, *args: object) -> object:
+        if "pg_is_in_recovery" in query:
+            return self.standby and not self.refuse_only
         assert "change_log_head" in query
         return max((c.position for c in self.log), default=0)
 
@@ -81,7 +88,7 @@ class Harness:
             self.connections.append(conn)
             return conn
 
-        monkeypatch.setattr(changes.asyncpg, "connect", connect)
+        monkeypatch.setattr(asyncpg, "connect", connect)
         self.feed = ChangeFeed(
             FeedSettings(dsn="postgresql://fake", **settings),
             invalidate=lambda domains: None,
@@ -141,12 +148,55 @@ def test_a_standby_is_followed_by_polling_and_its_refusal_logged_once(
     assert not any(step.flush for step in h.steps)
     assert len(h.connections) == 1
     assert not h.feed.listening
-    # LISTEN was retried (every 0.02 s here), and refused each time: said once.
+    assert h.feed.in_recovery
+    # Checked again every 0.02 s here, a standby each time: said once, and never sent a
+    # LISTEN it would refuse (an ERROR in PostgreSQL's log each time).
     assert h.feed.counters.listen_refusals >= 3
+    assert h.connections[0].listen_attempts == 0
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
-    assert "LISTEN refused" in lines[0]
-    assert "hot standby" in lines[0]
+    assert "no LISTEN (the database is a hot standby)" in lines[0]
+
+
+def test_a_promoted_standby_gets_listen_back_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(monkeypatch, standby=True, poll_interval_s=0.01, listen_retry_s=0.02)
+
+    async def scenario() -> None:
+        await until(lambda: h.feed.live)
+        assert not h.feed.listening
+        h.connections[0].standby = False  # pg_ctl promote: the session lives on
+        await until(lambda: h.feed.listening)
+
+    with caplog.at_level(logging.INFO, logger="maplookup.db.changes"):
+        h.run(scenario)
+    assert not h.feed.in_recovery
+    assert len(h.connections) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "LISTEN in place again" in lines[1]
+
+
+def test_a_refused_listen_on_a_primary_is_said_once_and_polling_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No standby, yet LISTEN refused (a transaction-mode pooler may do worse: accept it and
+    # never deliver, which polling covers the same way).
+    h = Harness(monkeypatch, standby=True, poll_interval_s=0.01, listen_retry_s=0.02)
+    monkeypatch.setattr(FakeConnection, "refuse_only", True)
+
+    async def scenario() -> None:
+        await until(lambda: h.feed.live)
+        h.log.append(Change(1, ("example.com",)))
+        await until(lambda: bool(h.steps))
+        await until(lambda: h.connections[0].listen_attempts >= 3)
+
+    with caplog.at_level(logging.INFO, logger="maplookup.db.changes"):
+        h.run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "LISTEN refused: cannot execute LISTEN during recovery" in lines[0]
 
 
 def test_on_a_primary_a_notification_wakes_the_reader_at_once(
@@ -213,7 +263,7 @@ def test_refused_connections_back_off(
         attempts.append(asyncio.get_running_loop().time())
         raise OSError("connection refused")
 
-    monkeypatch.setattr(changes.asyncpg, "connect", connect)
+    monkeypatch.setattr(asyncpg, "connect", connect)
     feed = ChangeFeed(
         FeedSettings(dsn="postgresql://down", reconnect_min_s=0.01, reconnect_max_s=0.32),
         invalidate=lambda domains: None,
