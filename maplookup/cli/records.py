@@ -110,20 +110,9 @@ def cmd_domain(args: argparse.Namespace) -> int:
             if not (args.alias or args.alias_of is not None or args.relay):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
         elif args.action == "set":
-            if args.uid is None and args.gid is None and args.relay is None:
-                raise admin_input.AdminError("give --uid, --gid, --relay or --no-relay")
-            async with conn.transaction():
-                changes = []
-                if args.relay is not None:
-                    await admin.domain_set_relay(conn, args.domain, args.relay)
-                    changes.append("relayed" if args.relay else "not relayed")
-                ids = None
-                if args.uid is not None or args.gid is not None:
-                    ids = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
-                    changes.append(_ids_text(*ids))
-            print(f"domain {domain} updated ({', '.join(changes)})")
-            if ids is not None:
-                _warn_domain_ids(domain, *ids, args)
+            uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
+            print(f"domain {domain} updated ({_ids_text(uid, gid)})")
+            _warn_domain_ids(domain, uid, gid, args)
         elif args.action == "remove":
             await admin.domain_remove(conn, args.domain)
             print(f"domain {domain} removed")
@@ -132,9 +121,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
             print(f"domain {domain} {args.action}d")
         else:
             rows = await admin.domain_list(conn)
-            print_table(
-                rows, ["name", "kind", "relay", "alias_of", "default_uid", "default_gid", "enabled"]
-            )
+            print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
 
     return with_connection(args, action)
 
@@ -159,6 +146,17 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
                         f"own, no default from domain {domain}), so virtual(8) will defer its "
                         f"mail {_unless_server(missing, server)}; {_fix(domain, missing)}"
                     )
+        elif args.action == "set":
+            row = await admin.mailbox_set(
+                conn, args.address, path=args.path, uid=args.uid, gid=args.gid, login=args.login
+            )
+            print(
+                f"mailbox {row['address']} updated (path {row['path']}, "
+                f"uid {row['uid'] or '-'}, gid {row['gid'] or '-'}, login {row['login'] or '-'})"
+            )
+            low = admin_input.low_uid_warning(args.uid)
+            if low is not None:
+                warn(f"mailbox {row['address']}: {low}")
         elif args.action == "remove":
             await admin.mailbox_remove(conn, args.address)
             print(f"mailbox {admin_input.parse_address(args.address)} removed")
@@ -177,6 +175,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
         if args.action == "add":
             address, targets = await admin.alias_add(conn, args.address, args.targets)
             print(f"alias {address} -> {', '.join(targets)} added")
+        elif args.action == "set":
+            address, targets = await admin.alias_set(conn, args.address, args.targets)
+            print(f"alias {address} -> {', '.join(targets)} (targets replaced)")
         elif args.action == "remove":
             await admin.alias_remove(conn, args.address)
             print(f"alias {admin_input.parse_address(args.address)} removed")
@@ -233,20 +234,13 @@ def add_commands(commands: Any) -> None:
     )
     set_ids = group.add_parser(
         "set",
-        help="set a domain's default uid/gid, or whether it is relayed",
+        help="set a mailbox domain's default uid/gid",
         description="Set the default uid and/or gid of a mailbox domain: virtual(8) uses them "
-        "for its mailboxes that have none of their own.  An id not given is left as it is.  "
-        "--relay puts a hosted domain in relay_domains as well, for a backup MX that reads "
-        "the same database: it accepts at RCPT exactly the addresses the primary MX would.",
+        "for its mailboxes that have none of their own.  An id not given is left as it is.",
     )
     set_ids.add_argument("domain", metavar="DOMAIN")
     set_ids.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     set_ids.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
-    relay = set_ids.add_mutually_exclusive_group()
-    relay.add_argument(
-        "--relay", action="store_true", default=None, help="answer it in relay_domains too"
-    )
-    relay.add_argument("--no-relay", dest="relay", action="store_false", help="stop relaying it")
     add_database_options(set_ids)
     add.description = (
         "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "
@@ -261,13 +255,25 @@ def add_commands(commands: Any) -> None:
     add.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     add.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
 
-    _, add = _add_record_commands(
+    group, add = _add_record_commands(
         commands, "mailbox", "manage mailboxes", cmd_mailbox, ("address", "ADDRESS")
     )
     add.description = (
         "Add a mailbox.  ADDRESS may be @DOMAIN for a catch-all mailbox (needs --path).  "
         "PATH is relative to virtual_mailbox_base; a trailing / means Maildir."
     )
+    change = group.add_parser(
+        "set",
+        help="change a mailbox's path, uid, gid or login",
+        description="Change a mailbox's path, uid, gid or login; what is not given is left as "
+        "it is.  A new --path moves no mail: move the directory below virtual_mailbox_base.",
+    )
+    change.add_argument("address", metavar="ADDRESS")
+    change.add_argument("--path", help="relative to virtual_mailbox_base; trailing / = Maildir")
+    change.add_argument("--uid", type=int, help="owner uid")
+    change.add_argument("--gid", type=int, help="owner gid")
+    change.add_argument("--login", help="the SASL login that owns the address as a sender")
+    add_database_options(change)
     add.add_argument("--path", help="default DOMAIN/LOCALPART/ (a Maildir)")
     add.add_argument(
         "--login",
@@ -276,9 +282,17 @@ def add_commands(commands: Any) -> None:
     add.add_argument("--uid", type=int, help="owner uid (default: the domain's)")
     add.add_argument("--gid", type=int, help="owner gid (default: the domain's)")
 
-    _, add = _add_record_commands(
+    group, add = _add_record_commands(
         commands, "alias", "manage aliases (virtual_alias_maps)", cmd_alias, ("address", "ADDRESS")
     )
+    change = group.add_parser(
+        "set",
+        help="replace an alias's targets",
+        description="Replace the targets of an existing alias (the same forms as `alias add`).",
+    )
+    change.add_argument("address", metavar="ADDRESS")
+    change.add_argument("targets", nargs="+", metavar="TARGET")
+    add_database_options(change)
     add.description = (
         "Forward ADDRESS to one or more targets.  ADDRESS may be @DOMAIN (a catch-all, never "
         "used for addresses that are mailboxes); a target @OTHER keeps the local part."

@@ -89,47 +89,20 @@ async def domain_add(
     if (is_alias or relay) and (uid is not None or gid is not None):
         raise AdminError("--uid/--gid apply to mailbox domains only")
     if is_alias and relay:
-        raise AdminError(
-            "--relay adds a relay domain, which has no aliases: add the alias domain, then"
-            f" `maplookup domain set {domain} --relay` if a backup MX also relays it"
-        )
+        raise AdminError("a domain is an alias domain or a relay domain, not both")
     if target == domain:
         raise AdminError("a domain cannot mirror itself")
     await run_checked(
         conn,
-        "INSERT INTO maplookup.domains (name, kind, relay, alias_of, default_uid, default_gid)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO maplookup.domains (name, kind, alias_of, default_uid, default_gid)"
+        " VALUES ($1, $2, $3, $4, $5)",
         domain,
         "relay" if relay else "alias" if is_alias else "mailbox",
-        relay,
         target,
         uid,
         gid,
         subject=f"domain {domain}",
     )
-
-
-async def domain_set_relay(conn: asyncpg.Connection, name: str, relay: bool) -> str:
-    """Put a hosted domain in relay_domains (or take it out); returns its kind.
-
-    For one database serving the primary MX (which delivers the domain) and a backup MX
-    (which relays it, and accepts at RCPT exactly the addresses the primary would).
-    """
-    domain = parse_domain(name)
-    kind: str | None = await conn.fetchval(
-        "SELECT kind FROM maplookup.domains WHERE name = $1", domain
-    )
-    if kind is None:
-        raise AdminError(f"no such domain: {domain}")
-    if kind == "relay" and not relay:
-        raise AdminError(
-            f"{domain} is a relay domain and nothing else: remove it with"
-            f" `maplookup domain remove {domain}`"
-        )
-    await run_checked(
-        conn, "UPDATE maplookup.domains SET relay = $2 WHERE name = $1", domain, relay
-    )
-    return kind
 
 
 async def domain_set_ids(
@@ -192,7 +165,7 @@ async def domain_set_enabled(conn: asyncpg.Connection, name: str, enabled: bool)
 async def domain_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT name, kind, relay, alias_of, default_uid, default_gid, enabled"
+            "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
             " FROM maplookup.domains ORDER BY name"
         )
     )
@@ -269,6 +242,48 @@ async def mailbox_add(
     )
 
 
+async def mailbox_set(
+    conn: asyncpg.Connection,
+    address_text: str,
+    *,
+    path: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    login: str | None = None,
+) -> asyncpg.Record:
+    """Change a mailbox's path, ids or login (what is not given is left as it is); returns
+    the mailbox afterwards.  Moving the path moves no mail: the admin moves the directory."""
+    address = parse_address(address_text)
+    if path is None and uid is None and gid is None and login is None:
+        raise AdminError("give --path, --uid, --gid or --login")
+    check_id("--uid", uid)
+    check_id("--gid", gid)
+    if path is not None and (not path or path.startswith("/") or ".." in path.split("/")):
+        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    if login is not None:
+        login = parse_login(login)
+        if address.is_catchall:
+            raise AdminError("a catch-all mailbox has no login: grant @DOMAIN with `sender allow`")
+    try:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "UPDATE maplookup.mailboxes SET path = coalesce($3, path), uid = coalesce($4, uid),"
+            " gid = coalesce($5, gid), login = coalesce($6, login)"
+            " WHERE domain = $1 AND local_part = $2"
+            " RETURNING local_part || '@' || domain AS address, path, uid, gid, login",
+            address.domain,
+            address.local_part,
+            path,
+            uid,
+            gid,
+            login,
+        )
+    except asyncpg.CheckViolationError as exc:
+        raise AdminError(f"refused by constraint {exc.constraint_name}") from exc
+    if row is None:
+        raise AdminError(f"no such mailbox: {address}")
+    return row
+
+
 async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
     status = await run_checked(
@@ -322,7 +337,7 @@ async def alias_add(
     if domain["kind"] == "relay":
         raise AdminError(
             f"{address.domain} is a relay domain: its mail goes to another host, which has its"
-            " aliases (a hosted domain can be relayed as well: `maplookup domain set D --relay`)"
+            " aliases (add its valid recipients with `maplookup relay-recipient add`)"
         )
     if address.is_catchall and domain["alias_of"] is not None:
         raise AdminError(
@@ -337,6 +352,24 @@ async def alias_add(
         parsed,
         subject=f"alias {address}",
     )
+    return address, parsed
+
+
+async def alias_set(
+    conn: asyncpg.Connection, address_text: str, targets: list[str]
+) -> tuple[Address, list[str]]:
+    """Replace an alias's targets; returns the address and the targets as stored."""
+    address = parse_address(address_text)
+    parsed = parse_targets(targets)
+    status = await run_checked(
+        conn,
+        "UPDATE maplookup.aliases SET targets = $3 WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+        parsed,
+    )
+    if affected(status) == 0:
+        raise AdminError(f"no such alias: {address} (add it with `maplookup alias add`)")
     return address, parsed
 
 

@@ -87,23 +87,18 @@ async def sender_list(conn: asyncpg.Connection, domain: str | None = None) -> li
 # -- relay recipients (relay_recipient_maps) ---------------------------------------------------
 
 
-async def _require_relay_domain(conn: asyncpg.Connection, domain: str) -> None:
-    relay = await conn.fetchval("SELECT relay FROM maplookup.domains WHERE name = $1", domain)
-    if relay is None:
+async def _require_domain(conn: asyncpg.Connection, domain: str) -> None:
+    if not await conn.fetchval("SELECT true FROM maplookup.domains WHERE name = $1", domain):
         raise AdminError(
             f"no such domain: {domain} (add it with `maplookup domain add {domain} --relay`)"
-        )
-    if not relay:
-        raise AdminError(
-            f"{domain} is not a relay domain (relay it with `maplookup domain set {domain}"
-            " --relay`)"
         )
 
 
 async def relay_recipient_add(conn: asyncpg.Connection, address_text: str) -> Address:
-    """Accept ``address`` (``@domain``: every address) at RCPT for a relay domain."""
+    """Accept ``address`` (``@domain``: every address) at RCPT where its domain is relayed:
+    a relay domain, or a hosted domain on a backup MX (beyond its mailboxes and aliases)."""
     address = parse_address(address_text)
-    await _require_relay_domain(conn, address.domain)
+    await _require_domain(conn, address.domain)
     await run_checked(
         conn,
         "INSERT INTO maplookup.relay_recipients (domain, local_part) VALUES ($1, $2)",

@@ -52,9 +52,7 @@ DROP FUNCTION IF EXISTS maplookup.expand_targets(text[], text, text);
     # and transports (the new tables are created by schema.sql).
     4: """
 ALTER TABLE maplookup.domains DROP CONSTRAINT IF EXISTS domains_kind_check,
-    ADD CONSTRAINT domain_kind_values CHECK (kind IN ('mailbox', 'alias', 'relay')),
-    ADD COLUMN relay boolean NOT NULL DEFAULT false,
-    ADD CONSTRAINT relay_kind_is_relayed CHECK (kind <> 'relay' OR relay);
+    ADD CONSTRAINT domain_kind_values CHECK (kind IN ('mailbox', 'alias', 'relay'));
 ALTER TABLE maplookup.mailboxes ADD COLUMN login text CONSTRAINT mailbox_login_syntax CHECK (
     login <> '' AND login !~ '[[:space:][:cntrl:],]' AND length(login) <= 320);
 UPDATE maplookup.mailboxes SET login = local_part || '@' || domain

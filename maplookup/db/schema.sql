@@ -24,14 +24,14 @@ INSERT INTO maplookup.schema_version (version) VALUES (4)
     ON CONFLICT (singleton) DO NOTHING;
 
 -- A domain is a mailbox domain (virtual_mailbox_domains), an alias domain
--- (virtual_alias_domains) or a relay domain (relay_domains only).  An alias domain is
--- forwarding-only (its own aliases) or a mirror of one mailbox domain (alias_of): user@mirror
--- answers user@target.  `relay` puts a domain in relay_domains: always for kind 'relay', and
--- for a hosted domain when the same database also serves a backup MX that relays it.
+-- (virtual_alias_domains) or a relay domain (relay_domains: this host relays it, as backup
+-- MX or to an internal host).  An alias domain is forwarding-only (its own aliases) or a
+-- mirror of one mailbox domain (alias_of): user@mirror answers user@target.  A backup MX for
+-- the hosted domains themselves lists the domains and alias_domains maps in its relay_domains
+-- (`maplookup postfix-config --backup-mx`): a host's role is its Postfix configuration, not data.
 CREATE TABLE IF NOT EXISTS maplookup.domains (
     name text PRIMARY KEY,
     kind text NOT NULL CONSTRAINT domain_kind_values CHECK (kind IN ('mailbox', 'alias', 'relay')),
-    relay boolean NOT NULL DEFAULT false,
     alias_of text,
     -- Constant 'mailbox' whenever alias_of is set, so that the composite foreign key below
     -- proves the mirror target is a mailbox domain (no chains, no loops).
@@ -47,7 +47,6 @@ CREATE TABLE IF NOT EXISTS maplookup.domains (
         AND name !~ '^\.' AND name !~ '\.$' AND name !~ '\.\.'),
     CONSTRAINT domain_kind_name UNIQUE (name, kind),
     CONSTRAINT alias_of_needs_alias_kind CHECK (alias_of IS NULL OR kind = 'alias'),
-    CONSTRAINT relay_kind_is_relayed CHECK (kind <> 'relay' OR relay),
     CONSTRAINT ids_only_for_mailbox_domains CHECK (
         kind = 'mailbox' OR (default_uid IS NULL AND default_gid IS NULL)),
     CONSTRAINT alias_of_is_mailbox_domain FOREIGN KEY (alias_of, alias_of_kind)
@@ -144,8 +143,8 @@ CREATE TABLE IF NOT EXISTS maplookup.sender_grants (
         login <> '' AND login !~ '[[:space:][:cntrl:],]' AND length(login) <= 320)
 );
 
--- Valid recipients of relay domains (relay_recipient_maps) beyond the hosted addresses of a
--- domain that is hosted here as well: local_part '' accepts every address of the domain.
+-- Valid recipients of relay domains (relay_recipient_maps), beyond the mailboxes and aliases
+-- of a hosted domain that a backup MX relays: local_part '' accepts every address.
 CREATE TABLE IF NOT EXISTS maplookup.relay_recipients (
     domain text NOT NULL REFERENCES maplookup.domains (name)
         ON UPDATE RESTRICT ON DELETE RESTRICT,
@@ -578,16 +577,16 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     FROM unnest(maplookup.parent_domains(maplookup.ascii_lower(key), false))
          WITH ORDINALITY AS p(name, n)
     JOIN maplookup.domains d ON d.name = p.name
-    WHERE d.relay AND d.enabled
+    WHERE d.kind = 'relay' AND d.enabled
     ORDER BY p.n
     LIMIT 1
 $$;
 
--- relay_recipient_maps: 'OK' for a valid recipient of an enabled relay domain (smtpd asks
--- only for addresses in relay domains, src/smtpd/smtpd_check.c, check_rcpt_maps): an explicit
--- record (the address, without its extension, or '@domain'), or, for a domain that is hosted
--- here as well, an address the primary MX would accept (an alias or a mailbox, catch-alls
--- included).  A relay domain's subdomains have no records: their recipients are refused.
+-- relay_recipient_maps: 'OK' for a valid recipient of an enabled domain (smtpd asks only for
+-- addresses in relay domains, src/smtpd/smtpd_check.c, check_rcpt_maps): an explicit record
+-- (the address, without its extension, or '@domain'), or, in a hosted domain (which a backup
+-- MX relays), an address the primary MX accepts: an alias or a mailbox, catch-alls included.
+-- A relay domain's subdomains have no records: their recipients are refused.
 CREATE OR REPLACE FUNCTION maplookup.relay_recipients(key text, delimiter text DEFAULT '+')
 RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
@@ -599,7 +598,7 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT d.kind INTO relay_kind
-    FROM maplookup.domains d WHERE d.name = a.domain AND d.relay AND d.enabled;
+    FROM maplookup.domains d WHERE d.name = a.domain AND d.enabled;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;

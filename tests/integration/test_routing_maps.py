@@ -50,7 +50,6 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.domain_add(conn, "backup.example", uid=5000, gid=5000)
     await admin.mailbox_add(conn, "m@backup.example")
     await admin.alias_add(conn, "fwd@backup.example", ["m@backup.example"])
-    await admin.domain_set_relay(conn, "backup.example", True)
     await admin.domain_add(conn, "offrelay.test", relay=True)
     await admin.domain_set_enabled(conn, "offrelay.test", False)
 
@@ -109,17 +108,18 @@ CASES: list[tuple[str, str, str | None]] = [
     ("sender_login", "user@relay.test", None),
     ("sender_login", "no-at-sign", None),
     # relay_domains: the domain and its subdomains (parent_domain_matches_subdomains lists
-    # relay_domains by default); hosted domains only when relayed too; never when disabled.
+    # relay_domains by default); never a hosted domain (a backup MX lists the domains and
+    # alias_domains maps in its relay_domains itself), never a disabled one.
     ("relay_domains", "relay.test", "relay.test"),
     ("relay_domains", "RELAY.Test", "relay.test"),
     ("relay_domains", "mx.sub.relay.test", "relay.test"),
-    ("relay_domains", "backup.example", "backup.example"),
+    ("relay_domains", "backup.example", None),
     ("relay_domains", "example.com", None),
     ("relay_domains", "offrelay.test", None),
     ("relay_domains", "xrelay.test", None),
     ("relay_domains", "user@relay.test", None),
-    # relay_recipients: explicit records (extension stripped, '@domain' for all), and a
-    # relayed hosted domain's mailboxes and aliases; nothing else.
+    # relay_recipients: explicit records (extension stripped, '@domain' for all), and what a
+    # hosted domain accepts (mailboxes, aliases, catch-alls) for a backup MX; nothing else.
     ("relay_recipients", "known@relay.test", "OK"),
     ("relay_recipients", "Known+x@relay.test", "OK"),
     ("relay_recipients", "unknown@relay.test", None),
@@ -127,7 +127,12 @@ CASES: list[tuple[str, str, str | None]] = [
     ("relay_recipients", "m@backup.example", "OK"),
     ("relay_recipients", "fwd@backup.example", "OK"),
     ("relay_recipients", "x@backup.example", None),
-    ("relay_recipients", "alice@example.com", None),
+    ("relay_recipients", "alice@example.com", "OK"),
+    ("relay_recipients", "anyone@example.com", "OK"),  # its catch-all alias
+    ("relay_recipients", "anyone@example.org", "OK"),  # the mirrored domain's catch-all
+    ("relay_recipients", "alice+x@example.org", "OK"),
+    ("relay_recipients", "nobody@shared.test", None),
+    ("relay_recipients", "x@offrelay.test", None),
     ("relay_recipients", "known@sub.relay.test", None),
     # transport: address, address without extension, domain, then '.parent' entries; '*'
     # only for the key '*' (Postfix asks for it itself).
@@ -178,15 +183,14 @@ def _admin(dsn: str, action: Callable[[asyncpg.Connection], object]) -> object:
             "owns alice@example.com as a mailbox login",
         ),
         (lambda c: admin_routing.sender_deny(c, "shared@example.com", "eve"), "no grant"),
-        (lambda c: admin_routing.relay_recipient_add(c, "x@example.com"), "not a relay domain"),
         (lambda c: admin_routing.relay_recipient_add(c, "x@nowhere.test"), "no such domain"),
         (lambda c: admin_routing.transport_set(c, "@example.com", "smtp:"), "without '@'"),
         (lambda c: admin_routing.transport_set(c, "example.com", "a\x01b"), "invalid transport"),
         (lambda c: admin_routing.transport_unset(c, "nothing.test"), "no transport entry"),
         (lambda c: admin.alias_add(c, "x@relay.test", ["a@b.test"]), "is a relay domain"),
         (lambda c: admin.mailbox_add(c, "x@relay.test"), "is a relay domain"),
-        (lambda c: admin.domain_set_relay(c, "relay.test", False), "is a relay domain"),
-        (lambda c: admin.domain_add(c, "new.test", alias=True, relay=True), "--relay"),
+        (lambda c: admin.domain_add(c, "new.test", alias=True, relay=True), "not both"),
+        (lambda c: admin.domain_add(c, "new.test", relay=True, uid=5), "mailbox domains only"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_changes_nothing(
