@@ -3,13 +3,13 @@ relay_recipient_maps and transport_maps, as the source files of ``hash:`` tables
 Postfix answer exactly what maplookup answers.
 
 maplookup derives most of these answers (a mailbox's login owns its address, an alias is owned
-by the mailboxes it delivers to, a mirror domain answers like its target, a relayed hosted
-domain accepts its hosted addresses); a hash: table has only keys.  So, as for the virtual
-file, export enumerates the keys whose answer a hash: table cannot derive, asks the SQL
-functions the server asks (``maplookup.sender_login``, ``relay_recipients``) for each, and
-writes the derived lines between ``# maplookup-note: derived`` notes that import skips.  The
-records themselves (grants, relay domains and recipients, transports) are plain lines, with
-notes where a line also carries derived owners.
+by the mailboxes it delivers to, a mirror domain answers like its target, a hosted domain's
+valid recipients, for a backup MX, are its mailboxes and aliases); a hash: table has only keys.
+So, as for the virtual file, export enumerates the keys whose answer a hash: table cannot
+derive, asks the SQL functions the server asks (``maplookup.sender_login``,
+``relay_recipients``) for each, and writes the derived lines between ``# maplookup-note:
+derived`` notes that import skips.  The records themselves (grants, relay domains and
+recipients, transports) are plain lines, with notes where a line also carries derived owners.
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ ROUTING_HEADERS = {
         "maplookup: `maplookup import --sender-login FILE`.",
     ),
     "relay_domains": (
-        "relay_domains: the domains this host relays for (e.g. as backup MX).  Each covers its",
-        "subdomains, as with parent_domain_matches_subdomains' default (which lists",
-        "relay_domains); the derived `.domain` lines do the same without it.",
-        "A hosted domain listed here is relayed as well (`maplookup domain set D --relay`).",
+        "relay_domains: the relay domains (relayed to another host, not hosted here).  Each",
+        "covers its subdomains, as with parent_domain_matches_subdomains' default (which lists",
+        "relay_domains); the derived `.domain` lines do the same without it.  A backup MX of the",
+        "hosted domains lists the domains and alias_domains tables in relay_domains as well.",
         "Postfix: relay_domains = lmdb:/etc/postfix/relay_domains.",
         "maplookup: `maplookup import --relay-domains FILE`.",
     ),
     "relay_recipients": (
         "relay_recipient_maps: the valid recipients of relay domains (`@domain`: all of them).",
-        "Between `# maplookup-note: derived` notes: the addresses a relayed domain that is",
-        "hosted here accepts (its mailboxes and aliases, a mirror's target's), for import to skip.",
-        "`# disabled:` lines are records of domains that are not relayed (now).",
+        "Between `# maplookup-note: derived` notes: the addresses a hosted domain accepts (its",
+        "mailboxes and aliases, a mirror's target's), which a backup MX must accept too; import",
+        "skips them.  `# disabled:` lines are records of disabled domains.",
         "Postfix: relay_recipient_maps = lmdb:/etc/postfix/relay_recipients.",
         "maplookup: `maplookup import --relay-recipients FILE`.",
     ),
@@ -140,7 +140,9 @@ async def _export_relay_domains(
     """Each relay domain (``# disabled:`` when disabled), then ``.domain`` for each enabled one:
     match_hostname (src/util/match_ops.c) tries ``sub.domain``, ``domain`` under
     parent_domain_matches_subdomains, and ``sub.domain``, ``.domain`` without it."""
-    rows = await conn.fetch("SELECT name, enabled FROM maplookup.domains WHERE relay ORDER BY name")
+    rows = await conn.fetch(
+        "SELECT name, enabled FROM maplookup.domains WHERE kind = 'relay' ORDER BY name"
+    )
     for row in rows:
         checked(writer, result, "relay domain", row["name"], "OK", row["enabled"])
     derived(
@@ -154,10 +156,11 @@ async def _export_relay_domains(
 async def _export_relay_recipients(
     conn: asyncpg.Connection, writer: MapWriter, result: ExportResult, delimiter: str
 ) -> None:
-    """The records, then each relayed hosted domain's addresses as maplookup accepts them."""
+    """The records, then each hosted domain's addresses as maplookup accepts them (what a
+    backup MX accepts at RCPT: postfix-config --backup-mx)."""
     explicit: set[str] = set()
     for row in await conn.fetch(
-        "SELECT r.domain, r.local_part, d.relay AND d.enabled AS active"
+        "SELECT r.domain, r.local_part, d.enabled AS active"
         " FROM maplookup.relay_recipients r JOIN maplookup.domains d ON d.name = r.domain"
         " ORDER BY r.domain, r.local_part"
     ):
@@ -168,8 +171,7 @@ async def _export_relay_recipients(
     rows = await conn.fetch(
         """
         WITH relayed AS (
-            SELECT name, alias_of FROM maplookup.domains
-            WHERE relay AND enabled AND kind <> 'relay'
+            SELECT name, alias_of FROM maplookup.domains WHERE enabled AND kind <> 'relay'
         ), locals AS (
             SELECT domain, local_part FROM maplookup.mailboxes
             UNION SELECT domain, local_part FROM maplookup.aliases
@@ -191,7 +193,11 @@ async def _export_relay_recipients(
         if key not in explicit:
             by_domain.setdefault(row["domain"], []).append((key, "OK"))
     for domain, lines in by_domain.items():
-        derived(writer, result, f"{domain} is hosted here and relayed: its addresses", lines)
+        catchall = f"@{domain}"
+        if any(key == catchall for key, _ in lines):
+            # '@domain' answers every address of it: the other lines would change nothing.
+            lines = [(catchall, "OK")]
+        derived(writer, result, f"{domain} is hosted here: the addresses it accepts", lines)
 
 
 async def _export_transports(

@@ -41,7 +41,7 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
     names.update(d for d, _ in routing.relay_recipients)
     state = DbState()
     for row in await conn.fetch(
-        "SELECT name, kind, alias_of, default_uid, default_gid, enabled, relay"
+        "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
         " FROM maplookup.domains WHERE name = ANY($1::text[])",
         sorted(names),
     ):
@@ -51,7 +51,6 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
             row["default_uid"],
             row["default_gid"],
             row["enabled"],
-            row["relay"],
         )
     keys = sorted(mailbox_keys)
     for row in await conn.fetch(
@@ -87,10 +86,9 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
 async def write_plan(conn: asyncpg.Connection, plan: Plan) -> None:
     """COPY the new rows and apply the updates as one statement per kind of change."""
     domain_columns = ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"]
-    domain_columns.append("relay")
     for kind in ("mailbox", "alias", "relay"):  # mirrors reference mailbox domains
         rows = [
-            (name, d.kind, d.alias_of, d.default_uid, d.default_gid, d.enabled, d.relay)
+            (name, d.kind, d.alias_of, d.default_uid, d.default_gid, d.enabled)
             for name, d in sorted(plan.domains.items())
             if d.kind == kind
         ]

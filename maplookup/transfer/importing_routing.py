@@ -1,8 +1,8 @@
 """Fetching and writing the records of the maps beyond delivery, inside import's transaction.
 
 :func:`fetch_routing_state` reads the rows the files name (one query per table, keys passed as
-arrays); :func:`write_routing` writes what planning_routing.py decided: relayed domains, relay
-recipients, transports, grants and mailbox logins.  Also home of :func:`bulk`, the one-statement
+arrays); :func:`write_routing` writes what planning_routing.py decided: relay recipients,
+transports, grants and mailbox logins.  Also home of :func:`bulk`, the one-statement
 form of many updates that both writers use.
 """
 
@@ -60,12 +60,6 @@ async def fetch_routing_state(
 
 async def write_routing(conn: asyncpg.Connection, plan: Plan) -> None:
     """After the domains and mailboxes are in: the rows that reference them."""
-    await bulk(
-        conn,
-        "UPDATE maplookup.domains d SET relay = true"
-        " FROM unnest($1::text[]) AS u(name) WHERE d.name = u.name",
-        [(name,) for name in plan.domain_relay],
-    )
     if plan.relay_recipients:
         await conn.copy_records_to_table(
             "relay_recipients",

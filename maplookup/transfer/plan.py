@@ -26,7 +26,6 @@ class DbDomain:
     default_uid: int | None
     default_gid: int | None
     enabled: bool
-    relay: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +75,6 @@ class NewDomain:
     enabled: bool
     default_uid: int | None = None
     default_gid: int | None = None
-    relay: bool = False
 
 
 @dataclass
@@ -112,7 +110,6 @@ class Plan:
     mailbox_catchall_aliases: list[str] = field(default_factory=list)
     mirror_lines: int = 0
     # The maps beyond delivery (planning_routing.py).
-    domain_relay: list[str] = field(default_factory=list)  # hosted domains relayed as well
     grants: list[tuple[str, str, str]] = field(default_factory=list)
     relay_recipients: list[tuple[str, str]] = field(default_factory=list)
     transports: dict[TransportKey, str] = field(default_factory=dict)  # new or replaced
@@ -133,7 +130,6 @@ class Plan:
             + len(self.mailbox_updates)
             + sum(len(v) for v in self.mailbox_ids.values())
             + len(self.alias_updates)
-            + len(self.domain_relay)
             + len(self.grants)
             + len(self.relay_recipients)
             + len(self.transports)

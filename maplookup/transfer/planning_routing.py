@@ -31,6 +31,8 @@ class Planner(Protocol):
 
     def error(self, origin: Origin, message: str, category: str) -> None: ...
 
+    def warn(self, origin: Origin, message: str, category: str) -> None: ...
+
     def kind(self, name: str) -> str | None: ...
 
     def differs(self, origin: Origin, what: str, old: str, new: str, category: str) -> bool: ...
@@ -46,28 +48,24 @@ def plan_routing(planner: Planner, routing: RoutingParsed) -> None:
 
 
 def _relay_domains(planner: Planner, routing: RoutingParsed) -> None:
-    """A listed domain that is hosted (in the files or the database) is relayed as well (a
-    backup MX served by the same database); any other is a relay domain and nothing else."""
+    """A listed domain becomes a relay domain; one that is hosted here (in the files or the
+    database) is left as it is: a backup MX relays the hosted domains by its configuration
+    (``maplookup postfix-config --backup-mx``), not by data."""
     plan, counts = planner.plan, planner.plan.counts[RELAY_DOMAINS]
     for name, record in routing.relay_domains.items():
         kind = planner.kind(name)
-        new = plan.domains.get(name)
         old = planner.db.domains.get(name)
         if kind is None:
-            plan.domains[name] = NewDomain("relay", None, record.enabled, relay=True)
+            plan.domains[name] = NewDomain("relay", None, record.enabled)
             counts.added += 1
-        elif new is not None:
-            new.relay = True
-            counts.added += 1
-        elif old is None:
-            continue  # unreachable: kind() knows only planned and existing domains
         elif kind != "relay":
-            if old.relay:
-                counts.unchanged += 1
-            else:
-                plan.domain_relay.append(name)
-                counts.added += 1
-        elif old.enabled == record.enabled:
+            planner.warn(
+                record.origin,
+                f"{name} skipped: it is hosted here ({kind} domain); a backup MX relays the "
+                "hosted domains by its configuration (maplookup postfix-config --backup-mx)",
+                RELAY_DOMAINS,
+            )
+        elif old is None or old.enabled == record.enabled:
             counts.unchanged += 1
         elif planner.differs(
             record.origin,
@@ -79,17 +77,9 @@ def _relay_domains(planner: Planner, routing: RoutingParsed) -> None:
             plan.domain_enabled.append((name, record.enabled))
 
 
-def _relayed(planner: Planner, name: str) -> bool:
-    new = planner.plan.domains.get(name)
-    if new is not None:
-        return new.relay
-    old = planner.db.domains.get(name)
-    return old is not None and (old.relay or name in planner.plan.domain_relay)
-
-
 def _relay_recipients(planner: Planner, routing: RoutingParsed) -> None:
-    """An active line needs a relayed domain; a ``# disabled:`` one (export's form of a record
-    whose domain is not relayed now) only an existing domain."""
+    """Any domain of the files or the database: a relay domain's recipients, or those a
+    backup MX accepts for a hosted domain beyond its mailboxes and aliases."""
     plan, counts = planner.plan, planner.plan.counts[RELAY_RECIPIENTS]
     for key, record in routing.relay_recipients.items():
         domain = record.address.domain
@@ -98,13 +88,6 @@ def _relay_recipients(planner: Planner, routing: RoutingParsed) -> None:
                 record.origin,
                 f"no domain {domain} (in the files or the database): list it in the "
                 "relay_domains file",
-                RELAY_RECIPIENTS,
-            )
-        elif record.enabled and not _relayed(planner, domain):
-            planner.error(
-                record.origin,
-                f"{domain} is not a relay domain (in the relay_domains file or the database); "
-                "relay_recipient_maps applies to relay domains only",
                 RELAY_RECIPIENTS,
             )
         elif key in planner.db.relay_recipients:

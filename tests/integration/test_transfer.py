@@ -797,7 +797,7 @@ def test_source_format(text: str, entries: list[tuple[str, str, bool]]) -> None:
 
 ROUTING_TABLES = {
     **TABLES,
-    "domains": "SELECT name, kind, relay, alias_of, default_uid, default_gid, enabled"
+    "domains": "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
     " FROM maplookup.domains ORDER BY name",
     "logins": "SELECT domain, local_part, login FROM maplookup.mailboxes ORDER BY 1, 2",
     "grants": "SELECT domain, local_part, login FROM maplookup.sender_grants ORDER BY 1, 2, 3",
@@ -830,10 +830,8 @@ def routing_exported(
             )
             await admin.mailbox_add(conn, "off@example.com", login="Off-Login")
             await admin.mailbox_set_enabled(conn, "off@example.com", False)
-            await admin.domain_add(conn, "norelay.test", relay=True)
-            await admin_relay_recipient(conn, "kept@norelay.test")
-            await conn.execute("UPDATE maplookup.domains SET kind = 'mailbox', relay = false"
-                               " WHERE name = 'norelay.test'")  # fmt: skip
+            await admin_relay_recipient(conn, "kept@offrelay.test")  # a disabled domain
+            await admin_relay_recipient(conn, "extra@backup.example")  # a hosted domain
         finally:
             await conn.close()
 
@@ -865,8 +863,8 @@ def test_routing_files_round_trip(
     for line in (
         "sender grants:    3 added, 0 unchanged, 0 skipped",
         "mailbox logins:   3 added, 0 unchanged, 0 skipped",
-        "relay domains:    4 added, 0 unchanged, 0 skipped",
-        "relay recipients: 3 added, 0 unchanged, 0 skipped",
+        "relay domains:    3 added, 0 unchanged, 0 skipped",
+        "relay recipients: 4 added, 0 unchanged, 0 skipped",
     ):
         assert line in out, out
     assert "transports:       8 added, 0 unchanged, 0 skipped" in out
@@ -900,16 +898,20 @@ def test_routing_files_format(routing_exported: tuple[str, Path]) -> None:
     assert "\nunknown@example.com" not in sender  # a catch-all alias gives no ownership
     relay = (out_dir / "relay_domains").read_text()
     assert "\nrelay.test\tOK\n" in relay
-    assert "\nbackup.example\tOK\n" in relay
+    assert "backup.example" not in relay  # a backup MX lists the domains table itself
     assert "# disabled: offrelay.test\tOK\n" in relay
     assert "\n.relay.test\tOK\n" in relay.split("derived: begin", 1)[1]
     assert "relay.test" not in (out_dir / "alias_domains").read_text()
     recipients = (out_dir / "relay_recipients").read_text()
     assert "\nknown@relay.test\tOK\n" in recipients
     assert "\n@open.test\tOK\n" in recipients
-    assert "# disabled: kept@norelay.test\tOK\n" in recipients
+    assert "# disabled: kept@offrelay.test\tOK\n" in recipients
+    assert "\nextra@backup.example\tOK\n" in recipients.split("derived: begin", 1)[0]
     hosted = recipients.split("derived: begin", 1)[1]
     assert "\nfwd@backup.example\tOK\nm@backup.example\tOK\n" in hosted
+    # A catch-all alias accepts everything, in its domain and its mirror: one line each.
+    assert "\n@example.com\tOK\n# maplookup-note: derived: end\n" in hosted
+    assert "\n@example.org\tOK\n# maplookup-note: derived: end\n" in hosted
     transport = (out_dir / "transport").read_text()
     assert (
         "\nexample.com\tlmtp:unix:private/dovecot-lmtp\nspecial@example.com\tsmtp:[special.test]"
@@ -934,9 +936,11 @@ def test_routing_bad_lines_are_one_line_each_and_nothing_is_written(
         "c@hosted.test mine\n"
         "# maplookup-note: login of ghost@hosted.test: g\n",
     )
-    relay = write(tmp_path, "relay_domains", "relay.test\n.sub.test OK\n.relay.test OK\n")
+    relay = write(
+        tmp_path, "relay_domains", "relay.test\n.sub.test OK\n.relay.test OK\nhosted.test OK\n"
+    )
     recipients = write(
-        tmp_path, "relay_recipients", "x@relay.test OK\ny@hosted.test OK\nz@unknown.test OK\n"
+        tmp_path, "relay_recipients", "x@relay.test OK\ny@relay.test\nz@unknown.test OK\n"
     )
     transport = write(
         tmp_path, "transport", "@relay.test smtp:\nrelay.test\t smtp:[a]\n*  \x01bad\n"
@@ -958,7 +962,8 @@ def test_routing_bad_lines_are_one_line_each_and_nothing_is_written(
         "this login",
         f"{relay}:2: .sub.test: a relay domain covers its subdomains and itself",
         f"{relay}:3: warning: .relay.test skipped: relay.test covers its subdomains already",
-        f"{recipients}:2: hosted.test is not a relay domain",
+        f"{relay}:4: warning: hosted.test skipped: it is hosted here (mailbox domain)",
+        f"{recipients}:2: expected format: key whitespace value",
         f"{recipients}:3: no domain unknown.test (in the files or the database)",
         f"{transport}:1: invalid transport key '@relay.test'",
         f"{transport}:3: invalid transport",
@@ -990,6 +995,7 @@ def test_postmap_accepts_the_routing_files(
         ("relay_domains", ".relay.test", "OK"),
         ("relay_domains", "offrelay.test", None),
         ("relay_recipients", "m@backup.example", "OK"),
+        ("relay_recipients", "x@backup.example", None),
         ("transport", "*", "smtp:[smarthost.test]"),
     ]:
         assert postmap_query(postfix_conf, tmp_path / name, key) == (
