@@ -525,7 +525,7 @@ def trace_all(dsn: str, addresses: Iterable[str]) -> dict[str, tuple[object, ...
     async def run() -> dict[str, tuple[object, ...]]:
         conn = await asyncpg.connect(dsn)
         try:
-            out = {}
+            out: dict[str, tuple[object, ...]] = {}
             for address in addresses:
                 try:
                     result = await trace_address(conn, address, lookup, postfix)
