@@ -57,8 +57,8 @@ _IMPORT_FILES = (
     (
         "--relay-domains",
         "relay_domains",
-        "relay_domains list: `domain [value]`; a domain listed in the other files (or the "
-        "database) is relayed as well, any other becomes a relay domain",
+        "relay_domains list: `domain [value]`, each a relay domain (a hosted domain listed "
+        "there is skipped with a warning: a backup MX relays those by its configuration)",
     ),
     (
         "--relay-recipients",
@@ -94,8 +94,9 @@ Write the database as Postfix source map files into DIR: domains, alias_domains,
 virtual, uids, gids, sender_login (smtpd_sender_login_maps), relay_domains, relay_recipients
 (relay_recipient_maps) and transport (each `postmap lmdb:FILE`-able, each with a header saying
 what it is); Postfix answers from them what maplookup answers.  Owners and addresses maplookup
-derives (a mailbox's login, an alias's recipients, mirrors, a relayed hosted domain's
-addresses) are written out between `# maplookup-note: derived` notes, which import skips.
+derives (a mailbox's login, an alias's recipients, mirrors, the addresses a hosted domain
+accepts, which a backup MX accepts too) are written out between `# maplookup-note: derived`
+notes, which import skips.
 Mirror domains become `@mirror @target` in virtual plus `mirror alias-of=target` in
 alias_domains; disabled records are written as `# disabled: ...` comments, which Postfix
 ignores and `maplookup import` restores.  uids/gids hold only explicit values.  Files are
