@@ -97,8 +97,8 @@ what it is); Postfix answers from them what maplookup answers.  Owners and addre
 derives (a mailbox's login, an alias's recipients, mirrors, the addresses a hosted domain
 accepts, which a backup MX accepts too) are written out between `# maplookup-note: derived`
 notes, which import skips.
-Mirror domains become `@mirror @target` in virtual plus `mirror alias-of=target` in
-alias_domains; disabled records are written as `# disabled: ...` comments, which Postfix
+A mirror domain is `mirror alias-of=target` in alias_domains, and its addresses are written
+out in virtual (`@mirror @target` only when the target has a catch-all); disabled records are written as `# disabled: ...` comments, which Postfix
 ignores and `maplookup import` restores.  uids/gids hold only explicit values.  Files are
 written to temporary files and renamed; existing files are kept unless --force."""
 
