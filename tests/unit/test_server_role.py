@@ -1,4 +1,4 @@
-"""Host lists and session attributes in DSNs (check-config's per-host report)."""
+"""Host lists and session attributes in DSNs: check-config's per-host report, pgsql: hosts."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_session_attrs_are_set_or_replaced() -> None:
         )
         == "postgresql://u@h1,h2/db?sslmode=disable&target_session_attrs=read-write"
     )
+
+
+def test_a_host_list_becomes_one_pgsql_hosts_entry_without_commas() -> None:
+    from maplookup.postfix.config import pgsql_hosts_uri
+
+    assert pgsql_hosts_uri(
+        "postgresql://r:pw@10.0.0.2:5433,[::1],db.example/maplookup?target_session_attrs=prefer-standby"
+    ) == (
+        "postgresql://r:pw@/maplookup?host=10.0.0.2%2C::1%2Cdb.example&port=5433%2C5432%2C5432"
+        "&target_session_attrs=prefer-standby"
+    )
+    assert pgsql_hosts_uri("postgresql://r@h:5432/db") == "postgresql://r@h:5432/db"
