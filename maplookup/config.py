@@ -227,7 +227,9 @@ class CacheConfig(_Model):
     # change_feed_poll_interval_s.  Still accepted, so that a config file written for an
     # older version loads after an upgrade (refusing it would stop the server, and mail);
     # `check-config` says to remove it.
-    listen_keepalive_s: PositiveFloat = 5.0
+    listen_keepalive_s: Annotated[
+        PositiveFloat, Field(deprecated="unused since the change feed: remove it")
+    ] = 5.0
 
 
 class EmbeddedSettings(_Model):
