@@ -1,0 +1,301 @@
+"""Issue 14's maps through a real Postfix: sender login, relay domains and recipients, transport.
+
+One private Postfix instance (as in test_delivery.py: its own config, queue and mailboxes,
+smtpd on a loopback port) is configured by ``maplookup postfix-config`` and asks a maplookup
+server, fed from a real PostgreSQL, for:
+
+* ``smtpd_sender_login_maps`` (``sender_login``), with ``reject_sender_login_mismatch`` in
+  ``smtpd_sender_restrictions``; clients log in over SMTP AUTH through Cyrus SASL and a
+  sasldb of the test's own (tests/e2e/sasl.py), with their full address as login;
+* ``relay_domains`` and ``relay_recipient_maps`` (``relay_domains``, ``relay_recipients``);
+* ``transport_maps`` (``transport``): a relay domain's next hop is an SMTP sink, and a
+  hosted domain is delivered over LMTP to an LMTP sink (tests/e2e/sinks.py, aiosmtpd in a
+  thread), as a Dovecot-delivered domain would be.
+
+The data is loaded with the ``maplookup`` CLI, as an administrator would.  ``mynetworks``
+leaves out loopback, so the test client is an outside client: relaying is allowed only to
+what ``relay_domains`` answers, or after SMTP AUTH.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from maplookup.testing import RunningServer, free_port, start_server, stop_server
+from tests.e2e.postfix_instance import PrivatePostfix
+from tests.e2e.sasl import SaslDb
+from tests.e2e.sinks import Received, Sink
+from tests.helpers import require_postfix
+
+OUTSIDE_SENDER = "sender@outside.test"
+
+# Mailboxes, each the SASL login of its own address (the default login).
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+ADMIN = "admin@example.com"
+CAROL = "carol@lmtp.example"  # in the domain delivered over LMTP
+LOGINS = (ALICE, BOB, ADMIN)
+
+
+def password(login: str) -> str:
+    return f"{login} secret"
+
+
+def _maplookup(dsn: str, *args: str) -> str:
+    """Run the admin CLI against the test database."""
+    result = subprocess.run(
+        [sys.executable, "-m", "maplookup", *args, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"maplookup {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def _load(dsn: str, *, lmtp_port: int, smtp_port: int) -> None:
+    commands: list[tuple[str, ...]] = [
+        ("domain", "add", "example.com", "--uid", "5000", "--gid", "5000"),
+        ("mailbox", "add", ALICE),
+        ("mailbox", "add", BOB),
+        ("mailbox", "add", ADMIN),
+        # An alias is owned by the mailboxes it delivers to.
+        ("alias", "add", "info@example.com", ALICE),
+        # Explicit grants: one address, and every address of a domain.
+        ("sender", "allow", "noreply@example.com", ALICE),
+        ("sender", "allow", "@example.com", ADMIN),
+        # A hosted domain that Dovecot would deliver: over LMTP.
+        ("domain", "add", "lmtp.example", "--uid", "5000", "--gid", "5000"),
+        ("mailbox", "add", CAROL),
+        ("transport", "set", "lmtp.example", f"lmtp:inet:127.0.0.1:{lmtp_port}"),
+        # A backup-MX domain, relayed to its primary.
+        ("domain", "add", "relay.example", "--relay"),
+        ("relay-recipient", "add", "known@relay.example"),
+        ("transport", "set", "relay.example", f"smtp:[127.0.0.1]:{smtp_port}"),
+    ]
+    for command in commands:
+        _maplookup(dsn, *command)
+
+
+@dataclass
+class MailSystem:
+    postfix: PrivatePostfix
+    server: RunningServer
+    lmtp: Sink
+    smtp: Sink
+
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        *,
+        login: str | None = None,
+        mechanism: str = "PLAIN",
+    ) -> str:
+        """Send one message, after SMTP AUTH as ``login`` if given; returns its subject.
+
+        Raises what smtplib raises for a refusal (SMTPRecipientsRefused: Postfix applies
+        smtpd_sender_restrictions at RCPT time, smtpd_delay_reject = yes).
+        """
+        subject = f"test {uuid.uuid4()}"
+        message = f"From: {sender}\r\nSubject: {subject}\r\n\r\nHello.\r\n".encode()
+        with smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, timeout=30) as client:
+            if login is not None:
+                client.ehlo()
+                client.user, client.password = login, password(login)
+                authenticate = {"PLAIN": client.auth_plain, "LOGIN": client.auth_login}
+                client.auth(mechanism, authenticate[mechanism])
+            client.sendmail(sender, [recipient], message)
+        return subject
+
+    def refusal(self, sender: str, recipient: str, *, login: str | None = None) -> tuple[int, str]:
+        """The code and text with which Postfix refuses ``recipient`` of this message."""
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            self.send(sender, recipient, login=login)
+        code, text = refused.value.recipients[recipient]
+        return code, text.decode()
+
+
+def _with_subject(subject: str) -> Callable[[Received], bool]:
+    return lambda message: f"Subject: {subject}".encode() in message.content
+
+
+def _map_overrides(server: RunningServer) -> dict[str, str]:
+    """Issue 14's four map parameters, pointed at the server."""
+    return {
+        "smtpd_sender_login_maps": server.socketmap("sender_login"),
+        "relay_domains": server.socketmap("relay_domains"),
+        "relay_recipient_maps": server.socketmap("relay_recipients"),
+        "transport_maps": server.socketmap("transport"),
+    }
+
+
+@pytest.fixture(scope="module")
+def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
+    require_postfix("pgsql")
+    base = Path(tempfile.mkdtemp(prefix="maplookup-e2e14-"))
+    base.chmod(0o755)  # Postfix daemons run as user postfix and must reach their dirs
+    postfix = PrivatePostfix(base / "postfix", free_port())
+    postfix.base.mkdir()
+    sasl = SaslDb(postfix.config_dir)  # skips (fails under CI) without Cyrus SASL
+    for login in LOGINS:
+        sasl.add_user(login, password(login))
+    dsn = make_database()
+    with ExitStack() as stack:
+        lmtp = stack.enter_context(Sink(lmtp=True))
+        smtp = stack.enter_context(Sink())
+        _load(dsn, lmtp_port=lmtp.port, smtp_port=smtp.port)
+        server = start_server(dsn, base / "server.log", tcp_maps=())
+        stack.callback(stop_server, server)
+        generated = base / "generated"
+        _maplookup(
+            dsn,
+            "postfix-config",
+            "--output", str(generated),
+            "--socketmap", f"127.0.0.1:{server.socketmap_port}",
+            "--virtual-mailbox-base", str(postfix.mail_base),
+            "--virtual-minimum-uid", "1000",
+        )  # fmt: skip
+        overrides = {
+            **sasl.main_cf(),
+            **_map_overrides(server),
+            "smtpd_sender_restrictions": "reject_sender_login_mismatch",
+            # The test client (127.0.0.1) is an outside client: not in mynetworks.
+            "mynetworks": "192.0.2.0/24",
+        }
+        postfix.prepare(
+            (generated / "main.cf").read_text(), (generated / "master.cf").read_text(), overrides
+        )
+        postfix.make_domain_dirs("example.com")
+        postfix.start()
+        stack.callback(postfix.stop)
+        yield MailSystem(postfix, server, lmtp, smtp)
+
+
+# --- SMTP AUTH itself --------------------------------------------------------------------
+
+
+def test_a_wrong_password_is_refused(mail_system: MailSystem) -> None:
+    with smtplib.SMTP("127.0.0.1", mail_system.postfix.smtp_port, timeout=30) as client:
+        client.ehlo()
+        assert set(client.esmtp_features["auth"].split()) == {"PLAIN", "LOGIN"}
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login(ALICE, "not the password")
+    assert refused.value.smtp_code == 535
+
+
+# --- smtpd_sender_login_maps ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("login", "sender"),
+    [
+        pytest.param(ALICE, ALICE, id="own-mailbox"),
+        pytest.param(ALICE, "Alice@EXAMPLE.com", id="own-mailbox-other-case"),
+        pytest.param(ALICE, "alice+news@example.com", id="own-mailbox-extension"),
+        pytest.param(ALICE, "info@example.com", id="alias-delivering-to-it"),
+        pytest.param(ALICE, "noreply@example.com", id="address-granted"),
+        pytest.param(ADMIN, BOB, id="domain-granted"),
+        pytest.param(BOB, BOB, id="own-mailbox-login-mechanism"),
+    ],
+)
+def test_authenticated_client_may_send_as_an_address_it_owns(
+    mail_system: MailSystem, login: str, sender: str
+) -> None:
+    mechanism = "LOGIN" if login == BOB else "PLAIN"
+    subject = mail_system.send(sender, CAROL, login=login, mechanism=mechanism)
+    received = mail_system.lmtp.wait_for(_with_subject(subject), what=f"from {sender}")
+    assert received.mail_from == sender
+    assert received.rcpt_tos == (CAROL,)
+
+
+@pytest.mark.parametrize(
+    ("login", "sender"),
+    [
+        pytest.param(ALICE, BOB, id="another-mailbox"),
+        pytest.param(BOB, "info@example.com", id="alias-of-another"),
+        pytest.param(BOB, "noreply@example.com", id="granted-to-another"),
+        pytest.param(BOB, "alice+news@example.com", id="extension-of-another"),
+    ],
+)
+def test_authenticated_client_may_not_send_as_someone_elses_address(
+    mail_system: MailSystem, login: str, sender: str
+) -> None:
+    code, text = mail_system.refusal(sender, CAROL, login=login)
+    assert code == 553
+    assert text == f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}"
+
+
+@pytest.mark.parametrize("sender", [ALICE, "info@example.com", "noreply@example.com"])
+def test_unauthenticated_client_may_not_use_an_owned_address(
+    mail_system: MailSystem, sender: str
+) -> None:
+    code, text = mail_system.refusal(sender, CAROL)
+    assert code == 553
+    assert text == f"5.7.1 <{sender}>: Sender address rejected: not logged in"
+
+
+# --- relay_domains, relay_recipient_maps --------------------------------------------------
+
+
+@pytest.mark.parametrize("recipient", ["unknown@relay.example", "unknown@sub.relay.example"])
+def test_relay_domain_unknown_recipient_is_refused_at_rcpt(
+    mail_system: MailSystem, recipient: str
+) -> None:
+    code, text = mail_system.refusal(OUTSIDE_SENDER, recipient)
+    assert code == 550
+    assert "User unknown in relay recipient table" in text, text
+    assert text.startswith("5.1.1 ")
+
+
+def test_a_domain_that_is_not_a_relay_domain_is_not_relayed(mail_system: MailSystem) -> None:
+    # What makes the 550 above a relay domain's answer: any other domain is refused
+    # (smtpd_relay_restrictions' defer_unauth_destination) before its recipient is looked at.
+    code, text = mail_system.refusal(OUTSIDE_SENDER, "known@elsewhere.example")
+    assert code == 454
+    assert "Relay access denied" in text, text
+
+
+@pytest.mark.parametrize("recipient", ["known@relay.example", "Known+x@Relay.EXAMPLE"])
+def test_relay_domain_known_recipient_is_relayed_to_the_next_hop(
+    mail_system: MailSystem, recipient: str
+) -> None:
+    subject = mail_system.send(OUTSIDE_SENDER, recipient)
+    received = mail_system.smtp.wait_for(_with_subject(subject), what=f"for {recipient}")
+    assert received.mail_from == OUTSIDE_SENDER
+    assert received.rcpt_tos == (recipient,)
+    assert not any(_with_subject(subject)(m) for m in mail_system.lmtp.received)
+
+
+# --- transport_maps -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipient", [CAROL, "carol+tag@lmtp.example"])
+def test_domain_with_an_lmtp_transport_is_delivered_over_lmtp(
+    mail_system: MailSystem, recipient: str
+) -> None:
+    subject = mail_system.send(OUTSIDE_SENDER, recipient)
+    received = mail_system.lmtp.wait_for(_with_subject(subject), what=f"for {recipient}")
+    assert received.mail_from == OUTSIDE_SENDER
+    assert received.rcpt_tos == (recipient,)
+
+
+def test_domain_without_a_transport_entry_is_delivered_by_virtual(
+    mail_system: MailSystem,
+) -> None:
+    before = len(mail_system.postfix.maildir_messages("example.com/bob/"))
+    subject = mail_system.send(OUTSIDE_SENDER, BOB)
+    messages = mail_system.postfix.wait_for_messages("example.com/bob/", before + 1)
+    assert any(subject.encode() in m.read_bytes() for m in messages)
+    assert not any(_with_subject(subject)(m) for m in mail_system.lmtp.received)
