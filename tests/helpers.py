@@ -95,8 +95,10 @@ def require_postfix(*map_types: str) -> None:
         )
 
 
-# Cyrus SASL's plugins, by the Debian package that ships each (tests/e2e/sasl.py uses them).
+# Cyrus SASL's mechanism plugins, by the Debian package that ships each, and the packages
+# every SMTP AUTH test needs besides (saslpasswd2 and saslpluginviewer; the sasldb plugin).
 SASL_PLUGIN_PACKAGES = {"PLAIN": "libsasl2-modules", "LOGIN": "libsasl2-modules"}
+SASL_PACKAGES = ("sasl2-bin", "libsasl2-modules-db")
 
 
 def _sasl_plugins(option: str) -> frozenset[str]:
