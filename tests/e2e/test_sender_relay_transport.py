@@ -19,6 +19,7 @@ what ``relay_domains`` answers, or after SMTP AUTH.
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -148,11 +149,12 @@ def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
     base.chmod(0o755)  # Postfix daemons run as user postfix and must reach their dirs
     postfix = PrivatePostfix(base / "postfix", free_port())
     postfix.base.mkdir()
-    sasl = SaslDb(postfix.config_dir)  # skips (fails under CI) without Cyrus SASL
-    for login in LOGINS:
-        sasl.add_user(login, password(login))
-    dsn = make_database()
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, base, ignore_errors=True)  # runs last
+        sasl = SaslDb(postfix.config_dir)  # skips (fails under CI) without Cyrus SASL
+        for login in LOGINS:
+            sasl.add_user(login, password(login))
+        dsn = make_database()
         lmtp = stack.enter_context(Sink(lmtp=True))
         smtp = stack.enter_context(Sink())
         _load(dsn, lmtp_port=lmtp.port, smtp_port=smtp.port)
