@@ -24,6 +24,10 @@ class MapName(enum.StrEnum):
     VMAILBOX = "vmailbox"  # virtual_mailbox_maps
     UID = "uid"  # virtual_uid_maps
     GID = "gid"  # virtual_gid_maps
+    SENDER_LOGIN = "sender_login"  # smtpd_sender_login_maps
+    RELAY_DOMAINS = "relay_domains"  # relay_domains
+    RELAY_RECIPIENTS = "relay_recipients"  # relay_recipient_maps
+    TRANSPORT = "transport"  # transport_maps
 
     @property
     def postfix_parameter(self) -> str:
@@ -32,8 +36,19 @@ class MapName(enum.StrEnum):
 
     @property
     def is_address_map(self) -> bool:
-        """Address maps take ``user@domain`` keys; the two domain lists take bare domains."""
-        return self not in (MapName.DOMAINS, MapName.ALIAS_DOMAINS)
+        """Address maps take ``user@domain`` keys (``transport`` also a domain or ``*``);
+        the domain lists take bare domains."""
+        return self not in _DOMAIN_MAPS
+
+    @property
+    def depends_on_other_domains(self) -> bool:
+        """Whether an answer can change when a domain other than the key's changes.
+
+        ``sender_login`` follows alias targets into any domain; ``relay_domains`` and
+        ``transport`` match parent domains (and ``*``).  The cache invalidates their answers
+        on every change instead of per domain (lookup/cache.py).
+        """
+        return self in _CROSS_DOMAIN_MAPS
 
 
 _POSTFIX_PARAMETERS = {
@@ -43,7 +58,13 @@ _POSTFIX_PARAMETERS = {
     MapName.VMAILBOX: "virtual_mailbox_maps",
     MapName.UID: "virtual_uid_maps",
     MapName.GID: "virtual_gid_maps",
+    MapName.SENDER_LOGIN: "smtpd_sender_login_maps",
+    MapName.RELAY_DOMAINS: "relay_domains",
+    MapName.RELAY_RECIPIENTS: "relay_recipient_maps",
+    MapName.TRANSPORT: "transport_maps",
 }
+_DOMAIN_MAPS = frozenset({MapName.DOMAINS, MapName.ALIAS_DOMAINS, MapName.RELAY_DOMAINS})
+_CROSS_DOMAIN_MAPS = frozenset({MapName.SENDER_LOGIN, MapName.RELAY_DOMAINS, MapName.TRANSPORT})
 
 MAP_BY_WIRE_NAME: dict[bytes, MapName] = {m.value.encode(): m for m in MapName}
 
@@ -77,11 +98,15 @@ _MORE_PARAMETERS = {
     MapName.VMAILBOX: ", $2::text",
     MapName.UID: ", $2::text, $3::int",
     MapName.GID: ", $2::text, $3::int",
+    MapName.SENDER_LOGIN: ", $2::text",
+    MapName.RELAY_DOMAINS: "",
+    MapName.RELAY_RECIPIENTS: ", $2::text",
+    MapName.TRANSPORT: ", $2::text",
 }
 
 
 def _settings_args(map_name: MapName, settings: LookupSettings) -> tuple[object, ...]:
-    if not map_name.is_address_map:
+    if map_name in _DOMAIN_MAPS:
         return ()
     if map_name is MapName.UID:
         return (settings.recipient_delimiter, settings.default_uid)
@@ -151,10 +176,13 @@ def fold_decoded(map_name: MapName, decoded: str, smtputf8: bool = True) -> str 
     """:func:`fold_key` for a key already through :func:`decode_key` (which the lookup layer
     keeps, to carry the received case onto ``virtual`` answers without decoding twice)."""
     key = fold(decoded, smtputf8)
+    at = key.rfind("@")
+    if map_name is MapName.TRANSPORT and at < 0:
+        # transport(5) keys: '*' (the wildcard Postfix asks for itself) or a bare domain.
+        return key or None
     if map_name.is_address_map:
-        at = key.rfind("@")
         if at < 0 or at == len(key) - 1:
             return None
-    elif not key or "@" in key:
+    elif not key or at >= 0:
         return None
     return key

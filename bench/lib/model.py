@@ -79,7 +79,9 @@ class Dataset:
     async def load(self, conn: Any) -> None:
         """Replace the maplookup tables' rows with this dataset (an asyncpg connection)."""
         async with conn.transaction():
-            await conn.execute("TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.domains")
+            await conn.execute(
+                "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients, maplookup.domains"
+            )
             # Mirror targets first: alias_of must reference an existing mailbox domain.
             ordered = sorted(self.domains, key=lambda d: d.alias_of is not None)
             await conn.executemany(

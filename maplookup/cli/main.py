@@ -1,7 +1,8 @@
 """The ``maplookup`` command line: the parser, serve, query and database set-up.
 
 The other commands live in modules of their own, each registering itself with
-``add_commands``: records (domain, mailbox, alias), postfix, check, trace, transfer.
+``add_commands``: records (domain, mailbox, alias), routing (sender, relay-recipient,
+transport), postfix, check, trace, transfer.
 
 Exit codes are part of the contract (scripts and tests rely on them):
 ``query`` exits 0 found, 1 not found, 2 temporary error, 3 permanent error or bad usage;
@@ -23,6 +24,7 @@ import asyncpg
 from maplookup.cli import check as cli_check
 from maplookup.cli import postfix as cli_postfix
 from maplookup.cli import records as cli_records
+from maplookup.cli import routing as cli_routing
 from maplookup.cli import trace as cli_trace
 from maplookup.cli import transfer as cli_transfer
 from maplookup.cli.common import (
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_command(commands)
     _add_db_commands(commands)
     cli_records.add_commands(commands)
+    cli_routing.add_commands(commands)
     cli_postfix.add_commands(commands)
     cli_check.add_commands(commands)
     cli_trace.add_commands(commands)

@@ -47,6 +47,12 @@ def add_commands(commands: Any) -> None:
         help="write DIR/main.cf, DIR/master.cf (snippets to merge) and DIR/pgsql-MAP.cf",
     )
     parser.add_argument("--force", action="store_true", help="overwrite files in --output")
+    parser.add_argument(
+        "--backup-mx",
+        action="store_true",
+        help="a backup MX of the hosted domains: relay them, accept at RCPT only what the "
+        "primary accepts, deliver nothing here (main.cf only)",
+    )
     parser.add_argument("--socketmap", metavar="HOST:PORT", help="default 127.0.0.1:9000")
     parser.add_argument("--socketmap-unix", type=Path, metavar="PATH", help="use a unix socket")
     parser.add_argument(
@@ -106,9 +112,11 @@ def _options(args: argparse.Namespace) -> PostfixConfigOptions:
     pgsql_dir = args.pgsql_dir or (args.output.resolve() if args.output else Path("/etc/postfix"))
     lookup = settings.lookup
     server = server_ids(args)
-    pgsql_dsn = args.pgsql_dsn or loopback_dsn(resolve_dsn(args))
+    # A backup MX has no virtual(8), hence no pgsql: files and no database to name.
+    pgsql_dsn = "" if args.backup_mx else args.pgsql_dsn or loopback_dsn(resolve_dsn(args))
     if (
-        not args.pgsql_dsn
+        not args.backup_mx
+        and not args.pgsql_dsn
         and not args.dsn
         and settings.database.dsn is None
         and settings.embedded.port == 0
@@ -136,6 +144,7 @@ def _options(args: argparse.Namespace) -> PostfixConfigOptions:
         default_gid=args.default_gid if args.default_gid is not None else server.gid,
         virtual_minimum_uid=args.virtual_minimum_uid,
         pgsql_dir=pgsql_dir,
+        backup_mx=args.backup_mx,
     )
 
 
@@ -155,7 +164,9 @@ def _write(path: Path, content: str, mode: int, group: int | None) -> None:
 
 
 def _write_all(directory: Path, generated: GeneratedConfig, force: bool) -> list[Path]:
-    files = {"main.cf": generated.main_cf, "master.cf": generated.master_cf}
+    files = {"main.cf": generated.main_cf}
+    if generated.master_cf:
+        files["master.cf"] = generated.master_cf
     files.update(generated.pgsql_files)
     targets = [directory / name for name in files]
     existing = [str(p) for p in targets if p.exists()]

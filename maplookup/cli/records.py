@@ -91,10 +91,13 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 args.domain,
                 alias=args.alias,
                 alias_of=args.alias_of,
+                relay=args.relay,
                 uid=args.uid,
                 gid=args.gid,
             )
-            if args.alias_of is not None:
+            if args.relay:
+                kind = "relay domain: add its valid recipients with `maplookup relay-recipient add`"
+            elif args.alias_of is not None:
                 kind = f"alias domain, mirror of {admin_input.parse_domain(args.alias_of)}"
             elif args.alias:
                 kind = "alias domain, forwarding only"
@@ -104,7 +107,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
             low = admin_input.low_uid_warning(args.uid)
             if low is not None:
                 warn(f"domain {domain}: {low}")
-            if not (args.alias or args.alias_of is not None):
+            if not (args.alias or args.alias_of is not None or args.relay):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
         elif args.action == "set":
             uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
@@ -127,7 +130,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         if args.action == "add":
             added = await admin.mailbox_add(
-                conn, args.address, path=args.path, uid=args.uid, gid=args.gid
+                conn, args.address, path=args.path, uid=args.uid, gid=args.gid, login=args.login
             )
             print(f"mailbox {added.address} -> {added.path} added")
             low = admin_input.low_uid_warning(added.uid)
@@ -143,6 +146,17 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
                         f"own, no default from domain {domain}), so virtual(8) will defer its "
                         f"mail {_unless_server(missing, server)}; {_fix(domain, missing)}"
                     )
+        elif args.action == "set":
+            row = await admin.mailbox_set(
+                conn, args.address, path=args.path, uid=args.uid, gid=args.gid, login=args.login
+            )
+            print(
+                f"mailbox {row['address']} updated (path {row['path']}, "
+                f"uid {row['uid'] or '-'}, gid {row['gid'] or '-'}, login {row['login'] or '-'})"
+            )
+            low = admin_input.low_uid_warning(args.uid)
+            if low is not None:
+                warn(f"mailbox {row['address']}: {low}")
         elif args.action == "remove":
             await admin.mailbox_remove(conn, args.address)
             print(f"mailbox {admin_input.parse_address(args.address)} removed")
@@ -151,7 +165,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
             print(f"mailbox {admin_input.parse_address(args.address)} {args.action}d")
         else:
             rows = await admin.mailbox_list(conn, args.domain)
-            print_table(rows, ["address", "path", "uid", "gid", "enabled"])
+            print_table(rows, ["address", "path", "uid", "gid", "login", "enabled"])
 
     return with_connection(args, action)
 
@@ -161,6 +175,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
         if args.action == "add":
             address, targets = await admin.alias_add(conn, args.address, args.targets)
             print(f"alias {address} -> {', '.join(targets)} added")
+        elif args.action == "set":
+            address, targets = await admin.alias_set(conn, args.address, args.targets)
+            print(f"alias {address} -> {', '.join(targets)} (targets replaced)")
         elif args.action == "remove":
             await admin.alias_remove(conn, args.address)
             print(f"alias {admin_input.parse_address(args.address)} removed")
@@ -228,28 +245,54 @@ def add_commands(commands: Any) -> None:
     add.description = (
         "Add a mailbox domain (virtual_mailbox_domains), or with --alias a forwarding-only "
         "alias domain, or with --alias-of a mirror of a mailbox domain (user@DOMAIN reaches "
-        "user@OTHER)."
+        "user@OTHER), or with --relay a domain this host relays (relay_domains: as backup MX, "
+        "or to an internal host; route it with `maplookup transport set`)."
     )
     kind = add.add_mutually_exclusive_group()
     kind.add_argument("--alias", action="store_true", help="forwarding-only alias domain")
     kind.add_argument("--alias-of", metavar="OTHER", help="mirror of mailbox domain OTHER")
+    kind.add_argument("--relay", action="store_true", help="relay domain (it and its subdomains)")
     add.add_argument("--uid", type=int, help="default uid for this domain's mailboxes")
     add.add_argument("--gid", type=int, help="default gid for this domain's mailboxes")
 
-    _, add = _add_record_commands(
+    group, add = _add_record_commands(
         commands, "mailbox", "manage mailboxes", cmd_mailbox, ("address", "ADDRESS")
     )
     add.description = (
         "Add a mailbox.  ADDRESS may be @DOMAIN for a catch-all mailbox (needs --path).  "
         "PATH is relative to virtual_mailbox_base; a trailing / means Maildir."
     )
+    change = group.add_parser(
+        "set",
+        help="change a mailbox's path, uid, gid or login",
+        description="Change a mailbox's path, uid, gid or login; what is not given is left as "
+        "it is.  A new --path moves no mail: move the directory below virtual_mailbox_base.",
+    )
+    change.add_argument("address", metavar="ADDRESS")
+    change.add_argument("--path", help="relative to virtual_mailbox_base; trailing / = Maildir")
+    change.add_argument("--uid", type=int, help="owner uid")
+    change.add_argument("--gid", type=int, help="owner gid")
+    change.add_argument("--login", help="the SASL login that owns the address as a sender")
+    add_database_options(change)
     add.add_argument("--path", help="default DOMAIN/LOCALPART/ (a Maildir)")
+    add.add_argument(
+        "--login",
+        help="the SASL login that owns the address as a sender (default: the address)",
+    )
     add.add_argument("--uid", type=int, help="owner uid (default: the domain's)")
     add.add_argument("--gid", type=int, help="owner gid (default: the domain's)")
 
-    _, add = _add_record_commands(
+    group, add = _add_record_commands(
         commands, "alias", "manage aliases (virtual_alias_maps)", cmd_alias, ("address", "ADDRESS")
     )
+    change = group.add_parser(
+        "set",
+        help="replace an alias's targets",
+        description="Replace the targets of an existing alias (the same forms as `alias add`).",
+    )
+    change.add_argument("address", metavar="ADDRESS")
+    change.add_argument("targets", nargs="+", metavar="TARGET")
+    add_database_options(change)
     add.description = (
         "Forward ADDRESS to one or more targets.  ADDRESS may be @DOMAIN (a catch-all, never "
         "used for addresses that are mailboxes); a target @OTHER keeps the local part."

@@ -44,16 +44,17 @@ the server answers with, in one read-only snapshot).  With --dsn (or MAPLOOKUP_D
 config file's dsn) the server need not run; without one, trace reads the embedded cluster,
 which runs only while `maplookup serve` does:
 
-  1. the class of the address's domain: virtual mailbox domain, virtual alias domain, or
-     not hosted here (relayed);
+  1. the class of the address's domain: virtual mailbox domain, virtual alias domain, relay
+     domain, or not hosted here (relayed);
   2. virtual alias expansion as cleanup(8) does it, as a tree: each address is looked up
      in virtual_alias_maps and replaced by its targets, recursively; an address that
      appears in its own expansion is kept as is; a loop or more than 1000 addresses or
      levels (virtual_alias_expansion_limit, virtual_alias_recursion_limit) makes Postfix
      refuse the whole message (451 4.6.0 Alias expansion error);
-  3. for each final recipient: the mailbox path, uid and gid virtual(8) would use, or why
-     it would be rejected (550 5.1.1 User unknown), deferred (no or bad uid/gid), or
-     relayed to another host.
+  3. for each final recipient: the mailbox path, uid and gid virtual(8) would use, or the
+     transport_maps entry that delivers it instead, or why it would be rejected (550 5.1.1
+     User unknown), deferred (no or bad uid/gid), or relayed to another host;
+  4. who may use the address as envelope sender (smtpd_sender_login_maps).
 
 Use the same --recipient-delimiter and default ids as the server (they default to the
 config file's, like `maplookup serve`).
@@ -169,6 +170,7 @@ def _can_draw(stream: Any) -> bool:
 _CLASS_TEXT = {
     DomainClass.VIRTUAL_MAILBOX: "virtual mailbox domain {}",
     DomainClass.VIRTUAL_ALIAS: "virtual alias domain {}",
+    DomainClass.RELAY: "relay domain {}",
     DomainClass.REMOTE: "{} is not hosted here",
 }
 
@@ -184,7 +186,9 @@ def _delivery_text(delivery: Delivery) -> str:
             text += f"  DEFERRED: {delivery.reason}"
         return text
     if delivery.verdict is Verdict.RELAYED:
-        return f"remote: {delivery.reason}"
+        return f"{'relay' if delivery.domain_class is DomainClass.RELAY else 'remote'}: " + (
+            delivery.reason
+        )
     return f"{delivery.verdict.value.upper()}: {delivery.reason}"
 
 
@@ -250,6 +254,12 @@ def render_text(result: TraceResult, *, ascii: bool = False) -> str:
     else:
         lines = [header, ("`- " if ascii else "└─ ") + _node_text(root)]
     lines.append(_summary(result, ascii))
+    owners = result.sender_owners
+    lines.append(
+        f"as sender: owned by {owners.replace(',', ', ')} (smtpd_sender_login_maps)"
+        if owners is not None
+        else "as sender: no owner in smtpd_sender_login_maps"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +278,7 @@ def _delivery_json(delivery: Delivery | None) -> dict[str, Any] | None:
         "maildir": None if delivery.mailbox is None else delivery.mailbox.endswith("/"),
         "uid": delivery.uid,
         "gid": delivery.gid,
+        "transport": delivery.transport,
     }
 
 
@@ -305,6 +316,7 @@ def render_json(result: TraceResult) -> dict[str, Any]:
             for n in result.recipients
         ],
         "tree": _node_json(result.tree),
+        "sender_owners": None if result.sender_owners is None else result.sender_owners.split(","),
         "settings": {
             "recipient_delimiter": result.settings.recipient_delimiter,
             "default_uid": result.settings.default_uid,

@@ -22,11 +22,12 @@ from maplookup.db.admin_input import (
     check_id,
     parse_address,
     parse_domain,
+    parse_login,
     parse_targets,
 )
 
 
-async def _run(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
+async def run_checked(conn: asyncpg.Connection, query: str, *args: Any, subject: str = "it") -> str:
     """Execute one statement, turning constraint violations into AdminError."""
     try:
         status: str = await conn.execute(query, *args)
@@ -54,7 +55,7 @@ def _foreign_key_message(exc: asyncpg.ForeignKeyViolationError) -> str:
     return f"{exc.detail or exc}"
 
 
-def _affected(status: str) -> int:
+def affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
@@ -75,24 +76,28 @@ async def domain_add(
     *,
     alias: bool = False,
     alias_of: str | None = None,
+    relay: bool = False,
     uid: int | None = None,
     gid: int | None = None,
 ) -> None:
+    """Add a mailbox domain, an alias domain (``alias``/``alias_of``) or a relay domain."""
     domain = parse_domain(name)
     target = parse_domain(alias_of) if alias_of is not None else None
     is_alias = alias or target is not None
     check_id("--uid", uid)
     check_id("--gid", gid)
-    if is_alias and (uid is not None or gid is not None):
-        raise AdminError("--uid/--gid apply to mailbox domains only, not alias domains")
+    if (is_alias or relay) and (uid is not None or gid is not None):
+        raise AdminError("--uid/--gid apply to mailbox domains only")
+    if is_alias and relay:
+        raise AdminError("a domain is an alias domain or a relay domain, not both")
     if target == domain:
         raise AdminError("a domain cannot mirror itself")
-    await _run(
+    await run_checked(
         conn,
         "INSERT INTO maplookup.domains (name, kind, alias_of, default_uid, default_gid)"
         " VALUES ($1, $2, $3, $4, $5)",
         domain,
-        "alias" if is_alias else "mailbox",
+        "relay" if relay else "alias" if is_alias else "mailbox",
         target,
         uid,
         gid,
@@ -123,10 +128,16 @@ async def domain_set_ids(
         gid,
     )
     if row is None:
-        if await conn.fetchval("SELECT true FROM maplookup.domains WHERE name = $1", domain):
-            raise AdminError(f"{domain} is an alias domain; default ids apply to mailbox domains")
+        kind = await conn.fetchval("SELECT kind FROM maplookup.domains WHERE name = $1", domain)
+        if kind is not None:
+            raise AdminError(
+                f"{domain} is {_KIND_TEXT[kind]}; default ids apply to mailbox domains"
+            )
         raise AdminError(f"no such domain: {domain}")
     return row["default_uid"], row["default_gid"]
+
+
+_KIND_TEXT = {"mailbox": "a mailbox domain", "alias": "an alias domain", "relay": "a relay domain"}
 
 
 async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
@@ -135,18 +146,19 @@ async def domain_remove(conn: asyncpg.Connection, name: str) -> None:
         status = await conn.execute("DELETE FROM maplookup.domains WHERE name = $1", domain)
     except asyncpg.ForeignKeyViolationError as exc:
         raise AdminError(
-            f"{domain} still has mailboxes, aliases or mirror domains; remove those first"
+            f"{domain} still has mailboxes, aliases, relay recipients or mirror domains;"
+            " remove those first"
         ) from exc
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such domain: {domain}")
 
 
 async def domain_set_enabled(conn: asyncpg.Connection, name: str, enabled: bool) -> None:
     domain = parse_domain(name)
-    status = await _run(
+    status = await run_checked(
         conn, "UPDATE maplookup.domains SET enabled = $2 WHERE name = $1", domain, enabled
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such domain: {domain}")
 
 
@@ -184,9 +196,14 @@ async def mailbox_add(
     path: str | None = None,
     uid: int | None = None,
     gid: int | None = None,
+    login: str | None = None,
 ) -> AddedMailbox:
-    """Add a mailbox (default path ``domain/localpart/``, a Maildir); see AddedMailbox."""
+    """Add a mailbox (default path ``domain/localpart/``, a Maildir; default login its
+    address, which then owns it as a sender); see AddedMailbox."""
     address = parse_address(address_text)
+    login = parse_login(login) if login is not None else None
+    if login is not None and address.is_catchall:
+        raise AdminError("a catch-all mailbox has no login: grant @DOMAIN with `sender allow`")
     check_id("--uid", uid)
     check_id("--gid", gid)
     if path is None:
@@ -202,16 +219,19 @@ async def mailbox_add(
     if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
     if domain["kind"] != "mailbox":
-        raise AdminError(f"{address.domain} is an alias domain; mailboxes need a mailbox domain")
-    await _run(
+        raise AdminError(
+            f"{address.domain} is {_KIND_TEXT[domain['kind']]}; mailboxes need a mailbox domain"
+        )
+    await run_checked(
         conn,
-        "INSERT INTO maplookup.mailboxes (domain, local_part, path, uid, gid)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO maplookup.mailboxes (domain, local_part, path, uid, gid, login)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
         address.domain,
         address.local_part,
         path,
         uid,
         gid,
+        login,
         subject=f"mailbox {address}",
     )
     return AddedMailbox(
@@ -222,35 +242,77 @@ async def mailbox_add(
     )
 
 
+async def mailbox_set(
+    conn: asyncpg.Connection,
+    address_text: str,
+    *,
+    path: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    login: str | None = None,
+) -> asyncpg.Record:
+    """Change a mailbox's path, ids or login (what is not given is left as it is); returns
+    the mailbox afterwards.  Moving the path moves no mail: the admin moves the directory."""
+    address = parse_address(address_text)
+    if path is None and uid is None and gid is None and login is None:
+        raise AdminError("give --path, --uid, --gid or --login")
+    check_id("--uid", uid)
+    check_id("--gid", gid)
+    if path is not None and (not path or path.startswith("/") or ".." in path.split("/")):
+        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    if login is not None:
+        login = parse_login(login)
+        if address.is_catchall:
+            raise AdminError("a catch-all mailbox has no login: grant @DOMAIN with `sender allow`")
+    try:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "UPDATE maplookup.mailboxes SET path = coalesce($3, path), uid = coalesce($4, uid),"
+            " gid = coalesce($5, gid), login = coalesce($6, login)"
+            " WHERE domain = $1 AND local_part = $2"
+            " RETURNING local_part || '@' || domain AS address, path, uid, gid, login",
+            address.domain,
+            address.local_part,
+            path,
+            uid,
+            gid,
+            login,
+        )
+    except asyncpg.CheckViolationError as exc:
+        raise AdminError(f"refused by constraint {exc.constraint_name}") from exc
+    if row is None:
+        raise AdminError(f"no such mailbox: {address}")
+    return row
+
+
 async def mailbox_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "DELETE FROM maplookup.mailboxes WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such mailbox: {address}")
 
 
 async def mailbox_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "UPDATE maplookup.mailboxes SET enabled = $3 WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
         enabled,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such mailbox: {address}")
 
 
 async def mailbox_list(conn: asyncpg.Connection, domain: str | None = None) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT local_part || '@' || domain AS address, path, uid, gid, enabled"
+            "SELECT local_part || '@' || domain AS address, path, uid, gid, login, enabled"
             " FROM maplookup.mailboxes WHERE $1::text IS NULL OR domain = $1"
             " ORDER BY domain, local_part",
             parse_domain(domain) if domain else None,
@@ -268,16 +330,21 @@ async def alias_add(
     address = parse_address(address_text)
     parsed = parse_targets(targets)
     domain = await conn.fetchrow(
-        "SELECT alias_of FROM maplookup.domains WHERE name = $1", address.domain
+        "SELECT kind, alias_of FROM maplookup.domains WHERE name = $1", address.domain
     )
     if domain is None:
         raise AdminError(f"no such domain: {address.domain} (add it with `maplookup domain add`)")
+    if domain["kind"] == "relay":
+        raise AdminError(
+            f"{address.domain} is a relay domain: its mail goes to another host, which has its"
+            " aliases (add its valid recipients with `maplookup relay-recipient add`)"
+        )
     if address.is_catchall and domain["alias_of"] is not None:
         raise AdminError(
             f"{address.domain} mirrors {domain['alias_of']}: its unknown users are refused, so "
             "a catch-all alias there would never be used (give the target domain one instead)"
         )
-    await _run(
+    await run_checked(
         conn,
         "INSERT INTO maplookup.aliases (domain, local_part, targets) VALUES ($1, $2, $3)",
         address.domain,
@@ -288,28 +355,46 @@ async def alias_add(
     return address, parsed
 
 
+async def alias_set(
+    conn: asyncpg.Connection, address_text: str, targets: list[str]
+) -> tuple[Address, list[str]]:
+    """Replace an alias's targets; returns the address and the targets as stored."""
+    address = parse_address(address_text)
+    parsed = parse_targets(targets)
+    status = await run_checked(
+        conn,
+        "UPDATE maplookup.aliases SET targets = $3 WHERE domain = $1 AND local_part = $2",
+        address.domain,
+        address.local_part,
+        parsed,
+    )
+    if affected(status) == 0:
+        raise AdminError(f"no such alias: {address} (add it with `maplookup alias add`)")
+    return address, parsed
+
+
 async def alias_remove(conn: asyncpg.Connection, address_text: str) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "DELETE FROM maplookup.aliases WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such alias: {address}")
 
 
 async def alias_set_enabled(conn: asyncpg.Connection, address_text: str, enabled: bool) -> None:
     address = parse_address(address_text)
-    status = await _run(
+    status = await run_checked(
         conn,
         "UPDATE maplookup.aliases SET enabled = $3 WHERE domain = $1 AND local_part = $2",
         address.domain,
         address.local_part,
         enabled,
     )
-    if _affected(status) == 0:
+    if affected(status) == 0:
         raise AdminError(f"no such alias: {address}")
 
 

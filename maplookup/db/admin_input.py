@@ -145,3 +145,66 @@ def low_uid_warning(value: int | None) -> str | None:
         f"({POSTFIX_VIRTUAL_MINIMUM_UID}): virtual(8) defers such mail unless main.cf sets "
         f"virtual_minimum_uid = {value} or lower"
     )
+
+
+# smtpd splits an owner list on commas and white space (src/smtpd/smtpd_check.c,
+# CHARS_COMMA_SP); 320 = a 64-character local part, '@' and a 255-character domain.
+MAX_LOGIN_LENGTH = 320
+_LOGIN_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]+$")
+
+
+def parse_login(text: str) -> str:
+    """A SASL login name as smtpd compares it (case-insensitively), kept as written."""
+    login = text.strip()
+    if not _LOGIN_RE.match(login) or len(login) > MAX_LOGIN_LENGTH:
+        raise AdminError(
+            f"invalid login {text!r}: a SASL login name without spaces, commas or control "
+            f"characters, at most {MAX_LOGIN_LENGTH} characters"
+        )
+    return login
+
+
+# transport(5) keys: '*', a domain, '.domain' (its subdomains), or user@domain.
+WILDCARD = "*"
+MAX_TRANSPORT_LENGTH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TransportKey:
+    """A transport(5) key: ``domain`` is a domain, ``.domain`` or ``*``; ``local_part`` is
+    '' unless the key is one address."""
+
+    domain: str
+    local_part: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.local_part}@{self.domain}" if self.local_part else self.domain
+
+
+def parse_transport_key(text: str) -> TransportKey:
+    """``*``, ``DOMAIN``, ``.DOMAIN`` or ``user@DOMAIN``, folded as Postfix folds keys."""
+    stripped = text.strip()
+    if stripped == WILDCARD:
+        return TransportKey(WILDCARD)
+    if stripped.startswith("@"):
+        raise AdminError(
+            f"invalid transport key {text!r}: transport(5) names a domain without '@' "
+            f"(give {stripped[1:] or 'DOMAIN'!r})"
+        )
+    if "@" in stripped:
+        address = parse_address(stripped, allow_catchall=False)
+        return TransportKey(address.domain, address.local_part)
+    if stripped.startswith("."):
+        return TransportKey("." + parse_domain(stripped[1:]))
+    return TransportKey(parse_domain(stripped))
+
+
+def parse_transport(text: str) -> str:
+    """A transport(5) value, ``transport:nexthop`` (either part may be empty), as written."""
+    value = text.strip()
+    if not value or _CONTROL_RE.search(value) or len(value) > MAX_TRANSPORT_LENGTH:
+        raise AdminError(
+            f"invalid transport {text!r}: expected TRANSPORT:NEXTHOP as in transport(5), e.g. "
+            "lmtp:unix:private/dovecot-lmtp or smtp:[mx2.example.net]:25"
+        )
+    return value

@@ -19,7 +19,7 @@ import asyncpg
 
 from maplookup.address import fold
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _ASCII = "'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'"
 
@@ -46,6 +46,17 @@ ALTER TABLE maplookup.aliases DROP CONSTRAINT alias_targets_syntax,
         AND array_to_string(targets, E'\\n') !~ '@(\\n|$)'
         AND (cardinality(targets) = 1 OR array_to_string(targets, E'\\n') !~ '(^|\\n)@'));
 DROP FUNCTION IF EXISTS maplookup.expand_targets(text[], text, text);
+""",
+    # 4: the maps beyond virtual hosting (issue 14): relay domains, mailbox logins (each
+    # existing mailbox gets its address, as a new one does), sender grants, relay recipients
+    # and transports (the new tables are created by schema.sql).
+    4: """
+ALTER TABLE maplookup.domains DROP CONSTRAINT IF EXISTS domains_kind_check,
+    ADD CONSTRAINT domain_kind_values CHECK (kind IN ('mailbox', 'alias', 'relay'));
+ALTER TABLE maplookup.mailboxes ADD COLUMN login text CONSTRAINT mailbox_login_syntax CHECK (
+    login <> '' AND login !~ '[[:space:][:cntrl:],]' AND length(login) <= 320);
+UPDATE maplookup.mailboxes SET login = local_part || '@' || domain
+    WHERE local_part <> '' AND local_part !~ '[[:space:][:cntrl:],]';
 """,
 }
 

@@ -1,6 +1,6 @@
 -- maplookup schema: the truth behind Postfix's virtual-hosting maps.
 --
--- Schema version 3 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
+-- Schema version 4 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
 -- Applied by `maplookup db init`; every statement is idempotent, so applying it again
 -- upgrades the lookup functions in place and leaves the data alone.
 --
@@ -20,15 +20,18 @@ CREATE TABLE IF NOT EXISTS maplookup.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     version integer NOT NULL
 );
-INSERT INTO maplookup.schema_version (version) VALUES (3)
+INSERT INTO maplookup.schema_version (version) VALUES (4)
     ON CONFLICT (singleton) DO NOTHING;
 
--- A domain is either a mailbox domain (virtual_mailbox_domains) or an alias domain
--- (virtual_alias_domains).  An alias domain is forwarding-only (its own aliases) or a mirror
--- of one mailbox domain (alias_of): user@mirror answers user@target.
+-- A domain is a mailbox domain (virtual_mailbox_domains), an alias domain
+-- (virtual_alias_domains) or a relay domain (relay_domains: this host relays it, as backup
+-- MX or to an internal host).  An alias domain is forwarding-only (its own aliases) or a
+-- mirror of one mailbox domain (alias_of): user@mirror answers user@target.  A backup MX for
+-- the hosted domains themselves lists the domains and alias_domains maps in its relay_domains
+-- (`maplookup postfix-config --backup-mx`): a host's role is its Postfix configuration, not data.
 CREATE TABLE IF NOT EXISTS maplookup.domains (
     name text PRIMARY KEY,
-    kind text NOT NULL CHECK (kind IN ('mailbox', 'alias')),
+    kind text NOT NULL CONSTRAINT domain_kind_values CHECK (kind IN ('mailbox', 'alias', 'relay')),
     alias_of text,
     -- Constant 'mailbox' whenever alias_of is set, so that the composite foreign key below
     -- proves the mirror target is a mailbox domain (no chains, no loops).
@@ -59,6 +62,10 @@ CREATE TABLE IF NOT EXISTS maplookup.mailboxes (
     path text NOT NULL,        -- relative to virtual_mailbox_base; trailing '/' = Maildir
     uid integer CHECK (uid > 0),
     gid integer CHECK (gid > 0),
+    -- The SASL login that owns this address (smtpd_sender_login_maps); the address itself
+    -- unless set otherwise (trigger mailboxes_default_login), none for a catch-all.
+    login text CONSTRAINT mailbox_login_syntax CHECK (
+        login <> '' AND login !~ '[[:space:][:cntrl:],]' AND length(login) <= 320),
     enabled boolean NOT NULL DEFAULT true,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (domain, local_part),
@@ -100,6 +107,75 @@ CREATE TABLE IF NOT EXISTS maplookup.aliases (
         AND array_position(targets, '') IS NULL
         AND array_to_string(targets, E'\n') !~ '@(\n|$)'
         AND (cardinality(targets) = 1 OR array_to_string(targets, E'\n') !~ '(^|\n)@'))
+);
+
+-- A new mailbox's login is its address, when that is a valid login (no space or comma, which
+-- smtpd splits owner lists on: src/smtpd/smtpd_check.c, CHARS_COMMA_SP).
+CREATE OR REPLACE FUNCTION maplookup.default_login()
+RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.login IS NULL AND NEW.local_part <> ''
+       AND NEW.local_part !~ '[[:space:][:cntrl:],]' THEN
+        NEW.login := NEW.local_part || '@' || NEW.domain;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER mailboxes_default_login BEFORE INSERT ON maplookup.mailboxes
+    FOR EACH ROW EXECUTE FUNCTION maplookup.default_login();
+
+-- Explicit owners of sender addresses (smtpd_sender_login_maps), beyond the mailboxes' own
+-- logins: login may use domain/local_part ('' = every address of the domain).  Any domain,
+-- hosted here or not (a user may be allowed to send as an outside address).
+CREATE TABLE IF NOT EXISTS maplookup.sender_grants (
+    domain text NOT NULL,
+    local_part text NOT NULL,
+    login text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain, local_part, login),
+    CONSTRAINT sender_grant_domain_syntax CHECK (
+        domain = translate(domain, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+        AND domain ~ '^[^@[:space:][:cntrl:],]+$' AND length(domain) <= 253),
+    CONSTRAINT sender_grant_local_part_syntax CHECK (
+        local_part = translate(local_part, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+        AND local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
+    CONSTRAINT sender_grant_login_syntax CHECK (
+        login <> '' AND login !~ '[[:space:][:cntrl:],]' AND length(login) <= 320)
+);
+
+-- Valid recipients of relay domains (relay_recipient_maps), beyond the mailboxes and aliases
+-- of a hosted domain that a backup MX relays: local_part '' accepts every address.
+CREATE TABLE IF NOT EXISTS maplookup.relay_recipients (
+    domain text NOT NULL REFERENCES maplookup.domains (name)
+        ON UPDATE RESTRICT ON DELETE RESTRICT,
+    local_part text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain, local_part),
+    CONSTRAINT relay_recipient_local_part_syntax CHECK (
+        local_part = translate(local_part, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+        AND local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64)
+);
+
+-- transport(5) entries: domain is a domain ('example.com'), its subdomains ('.example.com'),
+-- or the wildcard '*' (local_part ''); local_part names one address of the domain.
+-- transport is `transport:nexthop` as transport(5) reads it.
+CREATE TABLE IF NOT EXISTS maplookup.transports (
+    domain text NOT NULL,
+    local_part text NOT NULL DEFAULT '',
+    transport text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (domain, local_part),
+    CONSTRAINT transport_domain_syntax CHECK (
+        domain = translate(domain, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+        AND domain ~ '^[^@[:space:][:cntrl:],]+$' AND length(domain) <= 254
+        AND domain !~ '\.$' AND domain !~ '\.\.'),
+    CONSTRAINT transport_local_part_syntax CHECK (
+        local_part = translate(local_part, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+        AND local_part !~ '[[:space:][:cntrl:],]' AND length(local_part) <= 64),
+    CONSTRAINT transport_address_in_a_domain CHECK (
+        local_part = '' OR (domain <> '*' AND domain !~ '^\.')),
+    CONSTRAINT transport_value_syntax CHECK (
+        transport <> '' AND transport !~ '[[:cntrl:]]' AND length(transport) <= 1024)
 );
 
 -- ---------------------------------------------------------------------------------------
@@ -365,7 +441,7 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT d.kind, d.alias_of INTO dom
-    FROM maplookup.domains d WHERE d.name = a.domain AND d.enabled;
+    FROM maplookup.domains d WHERE d.name = a.domain AND d.enabled AND d.kind <> 'relay';
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -464,6 +540,271 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
          maplookup.split_address(key, delimiter) AS a
     WHERE m IS NOT NULL
 $$;
+-- ---------------------------------------------------------------------------------------
+-- The maps a virtual-hosting MX needs beyond delivery: smtpd_sender_login_maps
+-- (sender_login), relay_domains, relay_recipient_maps (relay_recipients) and transport_maps
+-- (transport).  Like the six above, each answers what Postfix gets from the hash: table that
+-- `maplookup export` writes, doing the fallbacks Postfix does for hash: tables itself.
+-- ---------------------------------------------------------------------------------------
+
+-- A domain and its parent domains, most specific first, as match_hostname
+-- (src/util/match_ops.c) and mail_addr_find (src/global/mail_addr_find.c) try them:
+-- 'a.b.c' gives a.b.c, b.c, c when parent_domain_matches_subdomains lists the table
+-- (relay_domains, by default), and a.b.c, .b.c, .c when it does not (transport_maps).
+CREATE OR REPLACE FUNCTION maplookup.parent_domains(name text, dotted boolean)
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE STRICT AS $$
+DECLARE
+    result text[] := ARRAY[name];
+    rest text := name;
+    pos integer;
+BEGIN
+    LOOP
+        pos := strpos(substr(rest, 2), '.');  -- strchr(entry + 1, '.')
+        EXIT WHEN pos = 0;
+        rest := substr(rest, pos + 1);        -- '.parent'
+        result := result || CASE WHEN dotted THEN rest ELSE substr(rest, 2) END;
+    END LOOP;
+    RETURN result;
+END
+$$;
+
+-- relay_domains: the relay domain that is the key or one of its parent domains (what a
+-- hash: table holding the domain does under Postfix's default parent_domain_matches_subdomains,
+-- which lists relay_domains; export also writes '.domain' for the other setting).
+CREATE OR REPLACE FUNCTION maplookup.relay_domains(key text)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT d.name
+    FROM unnest(maplookup.parent_domains(maplookup.ascii_lower(key), false))
+         WITH ORDINALITY AS p(name, n)
+    JOIN maplookup.domains d ON d.name = p.name
+    WHERE d.kind = 'relay' AND d.enabled
+    ORDER BY p.n
+    LIMIT 1
+$$;
+
+-- relay_recipient_maps: 'OK' for a valid recipient of an enabled domain (smtpd asks only for
+-- addresses in relay domains, src/smtpd/smtpd_check.c, check_rcpt_maps): an explicit record
+-- (the address, without its extension, or '@domain'), or, in a hosted domain (which a backup
+-- MX relays), an address the primary MX accepts: an alias or a mailbox, catch-alls included.
+-- A relay domain's subdomains have no records: their recipients are refused.
+CREATE OR REPLACE FUNCTION maplookup.relay_recipients(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    a record;
+    relay_kind text;
+BEGIN
+    SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT d.kind INTO relay_kind
+    FROM maplookup.domains d WHERE d.name = a.domain AND d.enabled;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM maplookup.relay_recipients r
+               WHERE r.domain = a.domain
+                 AND r.local_part IN (a.local_part, coalesce(a.base_part, a.local_part), ''))
+    THEN
+        RETURN 'OK';
+    END IF;
+    IF relay_kind <> 'relay' AND (
+        maplookup.virtual_match(key, delimiter) IS NOT NULL
+        OR EXISTS (SELECT 1 FROM maplookup.find_mailbox(key, delimiter))) THEN
+        RETURN 'OK';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- transport_maps (transport(5), src/trivial-rewrite/transport.c): the address, the address
+-- without its extension, the domain, then '.parent' entries (the default: transport_maps is
+-- not in parent_domain_matches_subdomains).  The key '*' answers the wildcard entry, which
+-- Postfix asks for by itself; an address never falls back to it here (nor in a hash: table).
+-- A bare domain key answers as the domain part of an address would.
+CREATE OR REPLACE FUNCTION maplookup.transport(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    a record;
+    domain_name text;
+    result text;
+BEGIN
+    IF key = '*' THEN
+        SELECT t.transport INTO result FROM maplookup.transports t
+        WHERE t.domain = '*' AND t.local_part = '';
+        RETURN result;
+    END IF;
+    IF strpos(key, '@') = 0 THEN
+        domain_name := maplookup.ascii_lower(key);
+    ELSE
+        SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        domain_name := a.domain;
+        IF a.local_part <> '' THEN
+            SELECT t.transport INTO result FROM maplookup.transports t
+            WHERE t.domain = a.domain
+              AND t.local_part IN (a.local_part, coalesce(a.base_part, a.local_part))
+            ORDER BY t.local_part = a.local_part DESC
+            LIMIT 1;
+            IF FOUND THEN
+                RETURN result;
+            END IF;
+        END IF;
+    END IF;
+    SELECT t.transport INTO result
+    FROM unnest(maplookup.parent_domains(domain_name, true)) WITH ORDINALITY AS p(name, n)
+    JOIN maplookup.transports t ON t.domain = p.name AND t.local_part = ''
+    ORDER BY p.n
+    LIMIT 1;
+    RETURN result;
+END
+$$;
+
+-- The login of the enabled mailbox an address is delivered to (exact, then without its
+-- extension; a catch-all mailbox has no login), or NULL.
+CREATE OR REPLACE FUNCTION maplookup.mailbox_login(address text, delimiter text)
+RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT m.login
+    FROM maplookup.split_address(address, delimiter) a
+    JOIN maplookup.domains d ON d.name = a.domain AND d.kind = 'mailbox' AND d.enabled
+    JOIN maplookup.mailboxes m ON m.domain = a.domain AND m.enabled
+        AND m.local_part IN (a.local_part, coalesce(a.base_part, a.local_part))
+    WHERE a.local_part <> '' AND m.login IS NOT NULL
+    ORDER BY m.local_part = a.local_part DESC
+    LIMIT 1
+$$;
+
+-- The logins of the mailboxes on this host that alias_address's targets (internal form, as
+-- stored) are delivered to, expanding further aliases the way cleanup(8) does
+-- (virtual_match, including mirror domains and catch-alls of the targets' domains); an
+-- address that expands into itself or was seen before is final (src/cleanup/cleanup_map1n.c).
+-- At most max_depth levels: Postfix's own default is virtual_alias_recursion_limit = 1000,
+-- but an owner list deeper than a few levels is not something a sender should rely on.
+CREATE OR REPLACE FUNCTION maplookup.delivered_logins(
+    alias_address text, targets text[], delimiter text, max_depth integer DEFAULT 10)
+RETURNS text[] LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    frontier text[] := targets;
+    next_frontier text[];
+    seen text[] := ARRAY[alias_address];
+    logins text[] := '{}';
+    expanding text := alias_address;
+    address text;
+    target text;
+    match text;
+    expansion text[];
+    depth integer := 0;
+    login text;
+BEGIN
+    WHILE cardinality(frontier) > 0 AND depth < max_depth LOOP
+        depth := depth + 1;
+        next_frontier := '{}';
+        FOREACH target IN ARRAY frontier LOOP
+            address := maplookup.ascii_lower(target);
+            CONTINUE WHEN strpos(address, '@') = 0;  -- a local account: not a virtual mailbox
+            IF NOT address = ANY (seen) THEN
+                seen := seen || address;
+                match := maplookup.virtual_match(address, delimiter);
+                IF match IS NOT NULL THEN
+                    expansion := (string_to_array(match, E'\n'))[2:];
+                    IF left(expansion[1], 1) = '@' THEN  -- '@other' keeps the local part
+                        expansion := ARRAY[
+                            left(address, length(address) - strpos(reverse(address), '@'))
+                            || expansion[1]];
+                    END IF;
+                    IF NOT (cardinality(expansion) = 1
+                            AND maplookup.ascii_lower(expansion[1]) = address) THEN
+                        next_frontier := next_frontier || expansion;
+                        CONTINUE;
+                    END IF;
+                END IF;
+            END IF;
+            login := maplookup.mailbox_login(address, delimiter);
+            IF login IS NOT NULL THEN
+                logins := logins || login;
+            END IF;
+        END LOOP;
+        frontier := next_frontier;
+    END LOOP;
+    RETURN logins;
+END
+$$;
+
+-- The owners of one exact address local@domain_name (no extension handling, no '@domain'
+-- grants): explicit grants, the login of the mailbox it is, the mailboxes its alias delivers
+-- to (a catch-all alias gives no ownership: its recipients may not send as every address),
+-- and, in a mirror domain, the owners of the same address in the mirrored domain.
+CREATE OR REPLACE FUNCTION maplookup.sender_owners(local text, domain_name text, delimiter text)
+RETURNS text[] LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    dom record;
+    owners text[];
+    alias_targets text[];
+BEGIN
+    owners := ARRAY(SELECT g.login FROM maplookup.sender_grants g
+                    WHERE g.domain = domain_name AND g.local_part = local);
+    SELECT d.kind, d.alias_of INTO dom FROM maplookup.domains d
+    WHERE d.name = domain_name AND d.enabled AND d.kind <> 'relay';
+    IF NOT FOUND THEN
+        RETURN owners;
+    END IF;
+    IF dom.kind = 'mailbox' THEN
+        owners := owners || ARRAY(
+            SELECT m.login FROM maplookup.mailboxes m
+            WHERE m.domain = domain_name AND m.local_part = local AND m.enabled
+              AND m.login IS NOT NULL);
+    END IF;
+    SELECT al.targets INTO alias_targets FROM maplookup.aliases al
+    WHERE al.domain = domain_name AND al.local_part = local AND al.enabled;
+    IF FOUND THEN
+        IF left(alias_targets[1], 1) = '@' THEN
+            alias_targets := ARRAY[local || alias_targets[1]];
+        END IF;
+        owners := owners || maplookup.delivered_logins(
+            local || '@' || domain_name, alias_targets, delimiter);
+    END IF;
+    IF dom.alias_of IS NOT NULL THEN
+        owners := owners || maplookup.sender_owners(local, dom.alias_of, delimiter);
+    END IF;
+    RETURN owners;
+END
+$$;
+
+-- smtpd_sender_login_maps: every login that owns the sender address, sorted, joined by ','
+-- (smtpd splits on commas and spaces and compares each with strcasecmp_utf8,
+-- src/smtpd/smtpd_check.c, reject_auth_sender_login_mismatch).  As in a hash: table, the
+-- first of the address and the address without its extension that has owners answers; the
+-- '@domain' grants (and, in a mirror domain, those of the mirrored domain) are in every
+-- answer of the domain, because Postfix stops at the first key that matches and one list
+-- must name every owner.
+CREATE OR REPLACE FUNCTION maplookup.sender_login(key text, delimiter text DEFAULT '+')
+RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    a record;
+    mirrored text;
+    owners text[] := '{}';
+BEGIN
+    SELECT * INTO a FROM maplookup.split_address(key, delimiter);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF a.local_part <> '' THEN
+        owners := maplookup.sender_owners(a.local_part, a.domain, delimiter);
+        IF cardinality(owners) = 0 AND a.base_part IS NOT NULL THEN
+            owners := maplookup.sender_owners(a.base_part, a.domain, delimiter);
+        END IF;
+    END IF;
+    SELECT d.alias_of INTO mirrored FROM maplookup.domains d
+    WHERE d.name = a.domain AND d.enabled AND d.alias_of IS NOT NULL;
+    owners := owners || ARRAY(
+        SELECT g.login FROM maplookup.sender_grants g
+        WHERE g.domain IN (a.domain, mirrored) AND g.local_part = '');
+    RETURN (SELECT string_agg(DISTINCT o, ',' ORDER BY o) FROM unnest(owners) AS o);
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------
 -- pgsql: tables of Postfix before 3.8 (Debian 12 has 3.7) talk to PostgreSQL in LATIN1
 -- (src/global/dict_pgsql.c: PQsetClientEncoding(host->db, "LATIN1"), "Postfix does not send
@@ -613,4 +954,42 @@ CREATE OR REPLACE TRIGGER aliases_notify_delete AFTER DELETE ON maplookup.aliase
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
 CREATE OR REPLACE TRIGGER aliases_notify_truncate AFTER TRUNCATE ON maplookup.aliases
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();
+
+-- The records of sender_login, relay_recipients and transport name their domain like the
+-- others ('*', the wildcard transport, flushes everything).  The answers of sender_login,
+-- relay_domains and transport can depend on other domains (alias targets, parent domains):
+-- the server invalidates them on every change (maplookup/lookup/cache.py).
+CREATE OR REPLACE TRIGGER sender_grants_notify_insert AFTER INSERT ON maplookup.sender_grants
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER sender_grants_notify_update AFTER UPDATE ON maplookup.sender_grants
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER sender_grants_notify_delete AFTER DELETE ON maplookup.sender_grants
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER sender_grants_notify_truncate AFTER TRUNCATE ON maplookup.sender_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();
+CREATE OR REPLACE TRIGGER relay_recipients_notify_insert AFTER INSERT ON maplookup.relay_recipients
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER relay_recipients_notify_update AFTER UPDATE ON maplookup.relay_recipients
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER relay_recipients_notify_delete AFTER DELETE ON maplookup.relay_recipients
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER relay_recipients_notify_truncate AFTER TRUNCATE ON maplookup.relay_recipients
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();
+CREATE OR REPLACE TRIGGER transports_notify_insert AFTER INSERT ON maplookup.transports
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER transports_notify_update AFTER UPDATE ON maplookup.transports
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER transports_notify_delete AFTER DELETE ON maplookup.transports
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_record_change();
+CREATE OR REPLACE TRIGGER transports_notify_truncate AFTER TRUNCATE ON maplookup.transports
     FOR EACH STATEMENT EXECUTE FUNCTION maplookup.on_truncate();

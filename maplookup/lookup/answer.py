@@ -61,7 +61,7 @@ class _FixedSettings:
 
 
 class Lookup:
-    """Answers requests for the six maps from an AnswerSource.
+    """Answers requests for every map (MapName) from an AnswerSource.
 
     ``settings`` holds the lookup settings in force (how keys fold, the recipient delimiter
     that re-applies the received case onto ``virtual`` answers); by default those of a

@@ -113,8 +113,15 @@ class _Flight:
         return self.value
 
 
+# The generation of the answers that any change can change (MapName.depends_on_other_domains):
+# not a domain name, which cannot hold '@'.
+EVERY_CHANGE = "@every-change"
+
+
 def domain_of(map_name: MapName, key: str) -> str:
-    """The domain whose changes can change this key's answer."""
+    """The domain whose changes can change this key's answer (or EVERY_CHANGE)."""
+    if map_name.depends_on_other_domains:
+        return EVERY_CHANGE
     if map_name.is_address_map:
         return key[key.rfind("@") + 1 :]
     return key
@@ -203,9 +210,13 @@ class AnswerCache:
 
     def invalidate_domains(self, domains: Iterable[str]) -> None:
         generations = self._domain_generations
+        changed = False
         for domain in domains:
             generations[domain] = generations.get(domain, 0) + 1
             self.counters.invalidations += 1
+            changed = True
+        if changed:
+            generations[EVERY_CHANGE] = generations.get(EVERY_CHANGE, 0) + 1
 
     def flush(self) -> None:
         """Invalidate every entry (kept only as outage fallback)."""

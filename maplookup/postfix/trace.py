@@ -18,7 +18,9 @@ Three Postfix stages are modelled, each after the source that decides it:
    same lookups repeat for ever.
 2. trivial-rewrite's address classes, ``src/trivial-rewrite/resolve.c``: a final address in a
    virtual alias domain goes to the error transport ("User unknown in virtual alias table"),
-   one in a virtual mailbox domain to virtual(8), anything else off-host (relayed).
+   one in a virtual mailbox domain to virtual(8), one in a relay domain to the relay transport
+   (smtpd checks relay_recipient_maps at RCPT), anything else off-host; transport_maps
+   overrides every class's transport but the alias class's.
 3. virtual(8), ``src/virtual/mailbox.c`` and ``recipient.c``: no mailbox path means a bounce
    ("unknown user", 5.1.1); a missing uid or gid, a uid below ``virtual_minimum_uid`` or a gid
    that is not positive defers the mail ("4.3.5 mail system configuration error").
@@ -126,12 +128,20 @@ class _Tracer:
         return value
 
     async def classify(self, domain: str) -> DomainClass:
-        # resolve.c tests virtual_alias_domains first, then virtual_mailbox_domains.
+        # resolve.c tests virtual_alias_domains, virtual_mailbox_domains, then relay_domains.
         if await self.lookup(MapName.ALIAS_DOMAINS, domain) is not None:
             return DomainClass.VIRTUAL_ALIAS
         if await self.lookup(MapName.DOMAINS, domain) is not None:
             return DomainClass.VIRTUAL_MAILBOX
+        if await self.lookup(MapName.RELAY_DOMAINS, domain) is not None:
+            return DomainClass.RELAY
         return DomainClass.REMOTE
+
+    async def transport(self, address: str) -> str | None:
+        """transport_maps for a final address: its entry, else the wildcard '*', which
+        trivial-rewrite asks for itself (src/trivial-rewrite/transport.c)."""
+        found = await self.lookup(MapName.TRANSPORT, address)
+        return found if found is not None else await self.lookup(MapName.TRANSPORT, "*")
 
     # -- cleanup(8): src/cleanup/cleanup_map1n.c --------------------------------------------
 
@@ -249,11 +259,28 @@ class _Tracer:
     async def _deliver(self, address: str, at_rcpt: bool) -> Delivery:
         domain = _domain_of(address)
         domain_class = await self.classify(domain)
+        # resolve.c: transport_maps overrides every class's transport but the alias class's.
+        transport = (
+            None if domain_class is DomainClass.VIRTUAL_ALIAS else await self.transport(address)
+        )
+        via = f" via {transport}" if transport is not None else ""
+        if domain_class is DomainClass.RELAY:
+            if at_rcpt and await self.lookup(MapName.RELAY_RECIPIENTS, address) is None:
+                reason = "User unknown in relay recipient table (550 5.1.1 at RCPT)"
+                return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+            reason = f"relayed to {domain}{via} (relay domain"
+            if at_rcpt:
+                reason += ", a valid recipient in relay_recipient_maps"
+            return Delivery(
+                domain, domain_class, Verdict.RELAYED, reason + ")", transport=transport
+            )
         if domain_class is DomainClass.REMOTE:
-            reason = f"relayed to {domain} (not delivered here"
+            reason = f"relayed to {domain}{via} (not delivered here"
             if at_rcpt:
                 reason += "; smtpd accepts it only from clients allowed to relay"
-            return Delivery(domain, domain_class, Verdict.RELAYED, reason + ")")
+            return Delivery(
+                domain, domain_class, Verdict.RELAYED, reason + ")", transport=transport
+            )
         if domain_class is DomainClass.VIRTUAL_ALIAS:
             # resolve.c sends it to the error transport; smtpd rejects it at RCPT already.
             reason = "User unknown in virtual alias table " + (
@@ -268,6 +295,16 @@ class _Tracer:
                 else "unknown user (5.1.1, bounced by virtual(8))"
             )
             return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+        if transport is not None:
+            # smtpd still checked virtual_mailbox_maps (the class's recipient table), but the
+            # transport entry delivers it, not virtual(8): no uid, gid or path is used.
+            return Delivery(
+                domain,
+                domain_class,
+                Verdict.DELIVERED,
+                f"handed to {transport} (transport_maps; virtual(8) not used)",
+                transport=transport,
+            )
         uid = await self.lookup(MapName.UID, address)
         gid = await self.lookup(MapName.GID, address)
         problems = []
@@ -340,4 +377,5 @@ async def _trace(
         error=error,
         settings=settings,
         postfix=postfix,
+        sender_owners=await tracer.lookup(MapName.SENDER_LOGIN, address),
     )

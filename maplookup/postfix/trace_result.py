@@ -32,7 +32,8 @@ class DomainClass(enum.StrEnum):
 
     VIRTUAL_MAILBOX = "virtual_mailbox"  # virtual_mailbox_domains: delivered by virtual(8)
     VIRTUAL_ALIAS = "virtual_alias"  # virtual_alias_domains: must be aliased, else unknown
-    REMOTE = "remote"  # neither: delivered off-host (relayed)
+    RELAY = "relay"  # relay_domains: relayed; smtpd checks relay_recipient_maps at RCPT
+    REMOTE = "remote"  # none of these: delivered off-host (relayed)
 
 
 class Verdict(enum.StrEnum):
@@ -69,6 +70,9 @@ class Delivery:
     mailbox: str | None = None  # relative to virtual_mailbox_base; trailing '/' = Maildir
     uid: str | None = None
     gid: str | None = None
+    # The transport_maps answer for the address (else for '*'), which overrides the class's
+    # transport (resolve.c); None: the class's default (virtual(8), relay or smtp).
+    transport: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -105,6 +109,9 @@ class TraceResult:
     error: ExpansionError | None
     settings: LookupSettings
     postfix: PostfixSettings
+    # The smtpd_sender_login_maps answer for the address as an envelope sender: the logins
+    # that may use it (comma-separated), or None: anyone authenticated, nobody refused.
+    sender_owners: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -94,7 +94,9 @@ async def _init(conn: asyncpg.Connection) -> None:
 async def _reset_data(conn: asyncpg.Connection) -> None:
     keys = CACHED + [k for phase in PHASES for k in EXISTING[phase]] + PROBES + [CHANGE_KEY]
     async with conn.transaction():
-        await conn.execute("TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.domains")
+        await conn.execute(
+            "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients, maplookup.domains"
+        )
         await conn.execute(
             "INSERT INTO maplookup.domains (name, kind) VALUES ('example.com', 'mailbox')"
         )

@@ -116,6 +116,43 @@ async def test_changes_are_seen_by_the_next_lookups(dsn: str) -> None:
         await client.stream.aclose()
 
 
+async def test_changes_in_other_domains_reach_the_cross_domain_maps(dsn: str) -> None:
+    """sender_login follows alias targets into other domains, transport and relay_domains
+    match parent domains and '*': a change anywhere must reach their cached answers."""
+    run_sql(
+        dsn,
+        "INSERT INTO maplookup.domains (name, kind) VALUES ('lists.test', 'alias')",
+        "INSERT INTO maplookup.aliases (domain, local_part, targets)"
+        " VALUES ('lists.test', 'info', ARRAY['user@example.com'])",
+    )
+    async with running(settings_for(dsn), dsn) as service:
+        assert service.cache is not None
+        await wait_until(lambda: service.cache is not None and service.cache.live)
+        client = await Client.to(service)
+        owners = Reply.ok("user@example.com")
+        assert await client.ask("sender_login", "info@lists.test") == owners
+        assert await client.ask("sender_login", "info@lists.test") == owners
+        assert await client.ask("transport", "x@sub.example.net") == Reply.notfound()
+        assert await client.ask("transport", "*") == Reply.notfound()
+        assert await client.ask("relay_domains", "mx.example.net") == Reply.notfound()
+        hits = service.cache.counters.hits
+        assert hits >= 1
+
+        # The alias's target is a mailbox of another domain: disabling it changes the owners.
+        run_sql(dsn, "UPDATE maplookup.mailboxes SET enabled = false WHERE local_part = 'user'")
+        await client.wait_for("sender_login", "info@lists.test", Reply.notfound())
+        run_sql(
+            dsn,
+            "INSERT INTO maplookup.transports (domain, transport)"
+            " VALUES ('.example.net', 'smtp:[parent]'), ('*', 'smtp:[smarthost]')",
+            "INSERT INTO maplookup.domains (name, kind) VALUES ('example.net', 'relay')",
+        )
+        await client.wait_for("transport", "x@sub.example.net", Reply.ok("smtp:[parent]"))
+        await client.wait_for("transport", "*", Reply.ok("smtp:[smarthost]"))
+        await client.wait_for("relay_domains", "mx.example.net", Reply.ok("example.net"))
+        await client.stream.aclose()
+
+
 async def test_bulk_change_is_coalesced(dsn: str) -> None:
     async with running(settings_for(dsn), dsn) as service:
         assert service.cache is not None

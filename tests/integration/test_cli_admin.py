@@ -243,6 +243,19 @@ def test_missing_ids_warning_knows_the_config(
         (("alias", "add", "@mirror.test", "x@y.test"), "would never be used"),
         (("domain", "set", "base.test"), "give --uid, --gid or both"),
         (("domain", "set", "base.test", "--uid", "5", "--gid", "0"), "positive"),
+        # Issue 14's commands, and the set commands.
+        (("sender", "allow", "x@base.test", "two words"), "invalid login"),
+        (("sender", "deny", "x@base.test", "nobody"), "no grant"),
+        (("relay-recipient", "add", "x@nowhere.test"), "no such domain"),
+        (("relay-recipient", "remove", "x@base.test"), "no such relay recipient"),
+        (("transport", "set", "@base.test", "smtp:"), "without '@'"),
+        (("transport", "unset", "nothing.test"), "no transport entry"),
+        (("domain", "add", "r.test", "--relay", "--uid", "5"), "mailbox domains only"),
+        (("mailbox", "add", "@base.test", "--path", "p/", "--login", "x"), "no login"),
+        (("mailbox", "set", "taken@base.test"), "give --path"),
+        (("mailbox", "set", "nobody@base.test", "--uid", "5"), "no such mailbox"),
+        (("mailbox", "set", "taken@base.test", "--path", "/abs"), "relative"),
+        (("alias", "set", "nobody@base.test", "a@b.test"), "no such alias"),
     ],
 )
 def test_bad_input_is_one_line_error_and_writes_nothing(
@@ -373,3 +386,94 @@ def test_help_speaks_english(
     text = " ".join(capsys.readouterr().out.split())
     for phrase in phrases:
         assert phrase in text
+
+
+def test_routing_commands(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14's commands (sender, relay-recipient, transport, domain add --relay) and the
+    set commands of mailboxes and aliases: what each says, what it writes."""
+    d = ("--dsn", dsn)
+    assert (
+        run_cli(capsys, "domain", "add", "example.com", "--uid", "5000", "--gid", "5000", *d)[0]
+        == 0
+    )
+    assert run_cli(capsys, "mailbox", "add", "Alice@example.com", *d)[0] == 0
+    assert run_cli(capsys, "mailbox", "add", "bob@example.com", "--login", "Bob", *d)[0] == 0
+    assert run_cli(capsys, "alias", "add", "info@example.com", "alice@example.com", *d)[0] == 0
+    assert fetch(dsn, "SELECT local_part, login FROM maplookup.mailboxes ORDER BY 1") == [
+        ("alice", "alice@example.com"),
+        ("bob", "Bob"),
+    ]
+    assert run_cli(capsys, "sender", "allow", "Info@example.com", "Bob", *d) == (
+        0,
+        "Bob may now send as info@example.com\n",
+        "",
+    )
+    assert run_cli(capsys, "sender", "allow", "@example.com", "postmaster", *d)[0] == 0
+    code, out, _ = run_cli(capsys, "sender", "list", *d)
+    assert code == 0
+    assert [line.split() for line in out.splitlines()[1:]] == [
+        ["@example.com", "postmaster"],
+        ["info@example.com", "Bob"],
+    ]
+    assert run_cli(capsys, "sender", "deny", "info@example.com", "bob", *d) == (
+        0,
+        "grant of info@example.com to bob removed\n",
+        "",
+    )
+    assert fetch(dsn, "SELECT local_part, login FROM maplookup.sender_grants") == [
+        ("", "postmaster")
+    ]
+
+    assert run_cli(capsys, "domain", "add", "Relay.test", "--relay", *d) == (
+        0,
+        "domain relay.test added (relay domain: add its valid recipients with "
+        "`maplookup relay-recipient add`)\n",
+        "",
+    )
+    assert run_cli(capsys, "relay-recipient", "add", "Known@relay.test", *d) == (
+        0,
+        "relay recipient known@relay.test added\n",
+        "",
+    )
+    assert "known@relay.test" in run_cli(capsys, "relay-recipient", "list", *d)[1]
+    assert run_cli(capsys, "relay-recipient", "remove", "known@relay.test", *d)[0] == 0
+    assert fetch(dsn, "SELECT count(*) FROM maplookup.relay_recipients") == [(0,)]
+
+    assert run_cli(
+        capsys, "transport", "set", "Example.com", "lmtp:unix:private/dovecot-lmtp", *d
+    ) == (
+        0,
+        "transport example.com, .example.com -> lmtp:unix:private/dovecot-lmtp\n",
+        "",
+    )
+    assert run_cli(capsys, "transport", "set", "*", "smtp:[smarthost]", *d)[0] == 0
+    assert run_cli(capsys, "transport", "set", "only.test", "relay:[x]", "--no-subdomains", *d) == (
+        0,
+        "transport only.test -> relay:[x]\n",
+        "",
+    )
+    code, out, _ = run_cli(capsys, "transport", "list", *d)
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        "*",
+        "example.com",
+        ".example.com",
+        "only.test",
+    ]
+    assert run_cli(capsys, "transport", "unset", "example.com", *d) == (
+        0,
+        "transport example.com, .example.com removed\n",
+        "",
+    )
+
+    assert run_cli(capsys, "mailbox", "set", "alice@example.com", "--uid", "6000", *d) == (
+        0,
+        "mailbox alice@example.com updated (path example.com/alice/, uid 6000, gid -, "
+        "login alice@example.com)\n",
+        "",
+    )
+    assert run_cli(capsys, "alias", "set", "info@example.com", "bob@example.com", *d) == (
+        0,
+        "alias info@example.com -> bob@example.com (targets replaced)\n",
+        "",
+    )
+    assert fetch(dsn, "SELECT targets FROM maplookup.aliases") == [(["bob@example.com"],)]

@@ -74,9 +74,13 @@ def test_version_1_is_upgraded_in_place_keeping_data(empty_dsn: str) -> None:
     )
     assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 1
     assert _init(empty_dsn) == (1, schema.SCHEMA_VERSION)
-    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 3
+    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 4
     assert _fetch(empty_dsn, "SELECT maplookup.vmailbox('User+x@example.com')") == (
         "example.com/user/"
+    )
+    # Version 4: an existing mailbox's login is its address, so it owns it as a sender.
+    assert _fetch(empty_dsn, "SELECT maplookup.sender_login('User+x@example.com')") == (
+        "user@example.com"
     )
     # Version 2's change notification is in place.
     assert (
@@ -128,6 +132,37 @@ def test_cli_db_init_reports_the_upgrade(
 
     run_sql(empty_dsn, V1_SQL)
     assert main(["db", "init", "--dsn", empty_dsn]) == 0
-    assert "upgraded from version 1 to 3" in capsys.readouterr().out
+    assert f"upgraded from version 1 to {schema.SCHEMA_VERSION}" in capsys.readouterr().out
     assert main(["db", "init", "--dsn", empty_dsn]) == 0
     assert "is current" in capsys.readouterr().out
+
+
+_SHAPE = """
+SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
+    SELECT format('column %s.%s %s null=%s default=%s', table_name, column_name, data_type,
+                  is_nullable, column_default) AS line
+    FROM information_schema.columns WHERE table_schema = 'maplookup'
+    UNION ALL
+    SELECT format('constraint %s.%s %s', conrelid::regclass, conname,
+                  pg_get_constraintdef(oid))
+    FROM pg_constraint WHERE connamespace = 'maplookup'::regnamespace
+    UNION ALL
+    SELECT format('trigger %s.%s', tgrelid::regclass, tgname)
+    FROM pg_trigger WHERE NOT tgisinternal
+      AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'maplookup'::regnamespace)
+) AS shape
+"""
+
+
+def test_an_upgraded_schema_has_the_shape_of_a_fresh_one(pg_dsn: str, empty_dsn: str) -> None:
+    """Every migration must leave the tables exactly as schema.sql creates them (columns,
+    constraints by name, triggers), or the next migration's ALTERs meet a different table."""
+    run_sql(empty_dsn, V1_SQL)
+    _init(empty_dsn)
+    fresh_name = f"maplookup_schema_{uuid.uuid4().hex}"
+    run_sql(pg_dsn, f'CREATE DATABASE "{fresh_name}"')
+    fresh = dsn_for_database(pg_dsn, fresh_name)
+    _init(fresh)
+    upgraded_shape = _fetch(empty_dsn, _SHAPE)
+    assert isinstance(upgraded_shape, str)
+    assert upgraded_shape == _fetch(fresh, _SHAPE)

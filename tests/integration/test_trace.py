@@ -17,7 +17,7 @@ import pytest
 from maplookup.cli import trace as cli_trace
 from maplookup.cli.common import Parser
 from maplookup.cli.trace import render_json, render_text
-from maplookup.db import admin
+from maplookup.db import admin, admin_routing
 from maplookup.maps import LookupSettings
 from maplookup.postfix.trace import TraceInputError, trace_address
 from maplookup.postfix.trace_result import (
@@ -73,6 +73,14 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.alias_add(conn, "info@fwd.example", ["meier@arkum.ch"])
     # catch-all alias (never used for the real mailbox of that domain)
     await admin.alias_add(conn, "@catch.example", ["meier@arkum.ch"])
+    # issue 14: a relay domain, a transport entry, a sender grant
+    await admin.domain_add(conn, "relay.test", relay=True)
+    await admin_routing.relay_recipient_add(conn, "known@relay.test")
+    await admin_routing.transport_set(conn, "relay.test", "smtp:[mx2.relay.test]:25")
+    await admin.domain_add(conn, "lmtp.example", uid=5000, gid=5000)
+    await admin.mailbox_add(conn, "box@lmtp.example")
+    await admin_routing.transport_set(conn, "lmtp.example", "lmtp:unix:private/dovecot-lmtp")
+    await admin_routing.sender_allow(conn, "team@arkum.ch", "boss")
 
 
 @pytest.fixture(scope="module")
@@ -424,6 +432,7 @@ def test_text_rendering(dsn: str) -> None:
         "├─ mueller+x@arkum.ch → mailbox arkum.ch/mueller/ (Maildir)  uid 5000  gid 5000\n"
         "└─ ext+x@remote.test → remote: relayed to remote.test (not delivered here)\n"
         "result: OK: 2 delivered, 1 relayed\n"
+        "as sender: owned by boss, meier@arkum.ch, mueller@arkum.ch (smtpd_sender_login_maps)\n"
     )
     ascii_text = render_text(trace(dsn, "sales@arkum.ch"), ascii=True)
     assert "`- team@arkum.ch -> alias, 3 addresses\n   |- meier@arkum.ch -> mailbox" in ascii_text
@@ -435,6 +444,7 @@ def test_text_rendering_of_failures(dsn: str) -> None:
         "nobody@arkum.ch  (virtual mailbox domain arkum.ch)\n"
         "└─ REJECTED: User unknown in virtual mailbox table (550 5.1.1 at RCPT)\n"
         "result: NOT OK: 1 rejected\n"
+        "as sender: no owner in smtpd_sender_login_maps\n"
     )
     loop = render_text(trace(dsn, "a@arkum.ch"))
     assert "a@arkum.ch → LOOP" in loop
@@ -447,7 +457,7 @@ def test_text_rendering_of_failures(dsn: str) -> None:
     assert "(remote.test is not hosted here)" in render_text(trace(dsn, "u@remote.test"))
     n_text = render_text(trace(dsn, "x@arkum.ch"))
     assert n_text.count("(duplicate: written once)") == 1
-    assert n_text.endswith("result: OK: 1 delivered\n")
+    assert "result: OK: 1 delivered\n" in n_text
 
 
 def test_json_rendering(dsn: str) -> None:
@@ -479,7 +489,9 @@ def test_json_rendering(dsn: str) -> None:
         "maildir": True,
         "uid": "405",
         "gid": "5000",
+        "transport": None,
     }
+    assert data["sender_owners"] == ["meier@arkum.ch", "mueller@arkum.ch"]
     assert [r["address"] for r in data["recipients"]] == [
         "meier+x@arkum.ch",
         "mueller+x@arkum.ch",
@@ -491,6 +503,39 @@ def test_json_rendering(dsn: str) -> None:
     assert loop["ok"] is False
     assert loop["error"]["kind"] == "loop"
     assert loop["error"]["path"] == ["a@arkum.ch", "b@arkum.ch", "a@arkum.ch"]
+
+
+def test_relay_domain_transport_and_sender_owners(dsn: str) -> None:
+    """Issue 14's maps in a trace: relay_recipient_maps at RCPT for a relay domain, the
+    transport_maps entry that delivers instead of virtual(8), the owners of a sender."""
+    known = render_text(trace(dsn, "Known+x@relay.test"))
+    assert known.startswith("Known+x@relay.test  (relay domain relay.test)\n")
+    assert "relay: relayed to relay.test via smtp:[mx2.relay.test]:25 (relay domain, a valid" in (
+        known
+    )
+    assert "result: OK: 1 relayed\n" in known
+    unknown = render_text(trace(dsn, "unknown@relay.test"))
+    assert "REJECTED: User unknown in relay recipient table (550 5.1.1 at RCPT)" in unknown
+    box = trace(dsn, "box@lmtp.example")
+    delivery = box.recipients[0].delivery
+    assert delivery is not None
+    assert (delivery.verdict.value, delivery.transport, delivery.mailbox) == (
+        "delivered",
+        "lmtp:unix:private/dovecot-lmtp",
+        None,
+    )
+    assert "handed to lmtp:unix:private/dovecot-lmtp (transport_maps; virtual(8) not used)" in (
+        render_text(box)
+    )
+    # smtpd still checks virtual_mailbox_maps: an unknown user is rejected at RCPT.
+    assert "REJECTED: User unknown in virtual mailbox table" in render_text(
+        trace(dsn, "nobody@lmtp.example")
+    )
+    assert render_json(trace(dsn, "team@arkum.ch"))["sender_owners"] == [
+        "boss",
+        "meier@arkum.ch",
+        "mueller@arkum.ch",
+    ]
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -6,7 +6,13 @@ import pytest
 import trio
 
 from maplookup.db.database import DatabaseError
-from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource, domain_of
+from maplookup.lookup.cache import (
+    EVERY_CHANGE,
+    AnswerCache,
+    CacheSettings,
+    CachingSource,
+    domain_of,
+)
 from maplookup.maps import MapName
 
 V = MapName.VMAILBOX
@@ -56,6 +62,21 @@ def test_domain_of() -> None:
     assert domain_of(MapName.VIRTUAL, "a@b@example.com") == "example.com"
     assert domain_of(MapName.VMAILBOX, "@example.com") == "example.com"
     assert domain_of(MapName.DOMAINS, "example.com") == "example.com"
+    assert domain_of(MapName.RELAY_RECIPIENTS, "u@example.net") == "example.net"
+    for cross_domain in (MapName.SENDER_LOGIN, MapName.TRANSPORT, MapName.RELAY_DOMAINS):
+        assert domain_of(cross_domain, "u@example.net") == EVERY_CHANGE
+
+
+async def test_any_change_invalidates_the_cross_domain_maps() -> None:
+    source, inner, _ = make({"u@d": "owner"})
+    assert await source.fetch(MapName.SENDER_LOGIN, "u@d") == "owner"
+    assert await source.fetch(MapName.SENDER_LOGIN, "u@d") == "owner"
+    assert await source.fetch(MapName.VMAILBOX, "u@d") == "owner"
+    queries = inner.calls
+    source.cache.invalidate_domains(["other.test"])
+    assert await source.fetch(MapName.SENDER_LOGIN, "u@d") == "owner"
+    assert await source.fetch(MapName.VMAILBOX, "u@d") == "owner"
+    assert inner.calls == queries + 1  # sender_login asked again, vmailbox not
 
 
 async def test_hits_and_negative_hits_do_not_query_again() -> None:

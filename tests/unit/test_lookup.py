@@ -36,6 +36,17 @@ class FakeSource:
         (MapName.VMAILBOX, b"a\x00@x", None),
         (MapName.DOMAINS, b"", None),
         (MapName.DOMAINS, b"user@example.com", None),
+        # transport(5) keys: an address, the wildcard '*' (Postfix asks for it itself), or a
+        # bare domain (an admin's `query transport example.com`).
+        (MapName.TRANSPORT, b"User+X@Example.COM", "user+x@example.com"),
+        (MapName.TRANSPORT, b"*", "*"),
+        (MapName.TRANSPORT, b"Sub.Example.COM", "sub.example.com"),
+        (MapName.TRANSPORT, b"", None),
+        (MapName.TRANSPORT, b"user@", None),
+        (MapName.RELAY_DOMAINS, b"MX.Example.net", "mx.example.net"),
+        (MapName.RELAY_DOMAINS, b"u@example.net", None),
+        (MapName.RELAY_RECIPIENTS, b"example.net", None),
+        (MapName.SENDER_LOGIN, b'"Joe User"@Example.net', "joe user@example.net"),
     ],
 )
 def test_fold_key(map_name: MapName, raw: bytes, folded: str | None) -> None:
