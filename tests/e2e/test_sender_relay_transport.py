@@ -1,8 +1,8 @@
 """Issue 14's maps through a real Postfix: sender login, relay domains and recipients, transport.
 
 One private Postfix instance (as in test_delivery.py: its own config, queue and mailboxes,
-smtpd on a loopback port) is configured by ``maplookup postfix-config`` and asks a maplookup
-server, fed from a real PostgreSQL, for:
+smtpd on a loopback port) is configured by ``maplookup postfix-config``, which writes the four
+map parameters below, and asks a maplookup server, fed from a real PostgreSQL, for:
 
 * ``smtpd_sender_login_maps`` (``sender_login``), with ``reject_sender_login_mismatch`` in
   ``smtpd_sender_restrictions``; clients log in over SMTP AUTH through Cyrus SASL and a
@@ -132,16 +132,6 @@ def _with_subject(subject: str) -> Callable[[Received], bool]:
     return lambda message: f"Subject: {subject}".encode() in message.content
 
 
-def _map_overrides(server: RunningServer) -> dict[str, str]:
-    """Issue 14's four map parameters, pointed at the server."""
-    return {
-        "smtpd_sender_login_maps": server.socketmap("sender_login"),
-        "relay_domains": server.socketmap("relay_domains"),
-        "relay_recipient_maps": server.socketmap("relay_recipients"),
-        "transport_maps": server.socketmap("transport"),
-    }
-
-
 @pytest.fixture(scope="module")
 def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
     require_postfix("pgsql")
@@ -171,7 +161,6 @@ def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
         )  # fmt: skip
         overrides = {
             **sasl.main_cf(),
-            **_map_overrides(server),
             "smtpd_sender_restrictions": "reject_sender_login_mismatch",
             # The test client (127.0.0.1) is an outside client: not in mynetworks.
             "mynetworks": "192.0.2.0/24",
