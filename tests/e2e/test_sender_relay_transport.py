@@ -12,6 +12,10 @@ map parameters below, and asks a maplookup server, fed from a real PostgreSQL, f
   hosted domain is delivered over LMTP to an LMTP sink (tests/e2e/sinks.py, aiosmtpd in a
   thread), as a Dovecot-delivered domain would be.
 
+A second instance on the same server is a backup MX of the hosted domains, configured by
+``maplookup postfix-config --backup-mx``: it relays what the primary accepts and refuses the
+rest at RCPT.
+
 The data is loaded with the ``maplookup`` CLI, as an administrator would.  ``mynetworks``
 leaves out loopback, so the test client is an outside client: relaying is allowed only to
 what ``relay_domains`` answers, or after SMTP AUTH.
@@ -27,7 +31,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +96,7 @@ def _load(dsn: str, *, lmtp_port: int, smtp_port: int) -> None:
 @dataclass
 class MailSystem:
     postfix: PrivatePostfix
+    dsn: str
     server: RunningServer
     lmtp: Sink
     smtp: Sink
@@ -171,7 +176,7 @@ def mail_system(make_database: Callable[[], str]) -> Iterator[MailSystem]:
         postfix.make_domain_dirs("example.com")
         postfix.start()
         stack.callback(postfix.stop)
-        yield MailSystem(postfix, server, lmtp, smtp)
+        yield MailSystem(postfix, dsn, server, lmtp, smtp)
 
 
 # --- SMTP AUTH itself --------------------------------------------------------------------
@@ -296,3 +301,63 @@ def test_domain_without_a_transport_entry_is_delivered_by_virtual(
     messages = mail_system.postfix.wait_for_messages("example.com/bob/", before + 1)
     assert any(subject.encode() in m.read_bytes() for m in messages)
     assert not any(_with_subject(subject)(m) for m in mail_system.lmtp.received)
+
+
+# --- a backup MX of the hosted domains -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backup_mx(mail_system: MailSystem) -> Iterator[MailSystem]:
+    """A second Postfix on the same maplookup server, configured by ``postfix-config
+    --backup-mx``.  A real backup MX relays to each domain's MX host; this one relays every
+    relay-class recipient to the SMTP sink (``relay_transport``), so it needs no DNS."""
+    base = Path(tempfile.mkdtemp(prefix="maplookup-e2e14-backup-"))
+    base.chmod(0o755)
+    postfix = PrivatePostfix(base / "postfix", free_port())
+    postfix.base.mkdir()
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, base, ignore_errors=True)
+        generated = base / "generated"
+        _maplookup(
+            mail_system.dsn,
+            "postfix-config",
+            "--backup-mx",
+            "--output", str(generated),
+            "--socketmap", f"127.0.0.1:{mail_system.server.socketmap_port}",
+        )  # fmt: skip
+        overrides = {
+            "mynetworks": "192.0.2.0/24",  # the test client is an outside client here too
+            "relay_transport": f"relay:[127.0.0.1]:{mail_system.smtp.port}",
+        }
+        postfix.prepare((generated / "main.cf").read_text(), "", overrides)
+        postfix.start()
+        stack.callback(postfix.stop)
+        yield replace(mail_system, postfix=postfix)
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        pytest.param(BOB, id="mailbox"),
+        pytest.param("Bob+tag@Example.COM", id="mailbox-extension-case"),
+        pytest.param("info@example.com", id="alias"),
+        pytest.param(CAROL, id="mailbox-of-the-lmtp-domain"),
+        pytest.param("known@relay.example", id="relay-recipient"),
+    ],
+)
+def test_backup_mx_relays_what_the_primary_accepts(backup_mx: MailSystem, recipient: str) -> None:
+    subject = backup_mx.send(OUTSIDE_SENDER, recipient)
+    received = backup_mx.smtp.wait_for(_with_subject(subject), what=f"for {recipient}")
+    assert received.rcpt_tos == (recipient,)
+
+
+@pytest.mark.parametrize(
+    "recipient", ["nobody@example.com", "nobody@lmtp.example", "unknown@relay.example"]
+)
+def test_backup_mx_refuses_at_rcpt_what_the_primary_would_refuse(
+    backup_mx: MailSystem, recipient: str
+) -> None:
+    code, text = backup_mx.refusal(OUTSIDE_SENDER, recipient)
+    assert code == 550
+    assert text.startswith("5.1.1 "), text
+    assert "User unknown in relay recipient table" in text, text
