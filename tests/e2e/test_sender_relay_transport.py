@@ -49,6 +49,7 @@ ALICE = "alice@example.com"
 BOB = "bob@example.com"
 ADMIN = "admin@example.com"
 CAROL = "carol@lmtp.example"  # in the domain delivered over LMTP
+DAVE = "dave@example.com"  # a mailbox with a transport entry of its own
 LOGINS = (ALICE, BOB, ADMIN)
 
 
@@ -84,6 +85,9 @@ def _load(dsn: str, *, lmtp_port: int, smtp_port: int) -> None:
         ("domain", "add", "lmtp.example", "--uid", "5000", "--gid", "5000"),
         ("mailbox", "add", CAROL),
         ("transport", "set", "lmtp.example", f"lmtp:inet:127.0.0.1:{lmtp_port}"),
+        # One mailbox of a domain that virtual(8) delivers, delivered over LMTP instead.
+        ("mailbox", "add", DAVE),
+        ("transport", "set", DAVE, f"lmtp:inet:127.0.0.1:{lmtp_port}"),
         # A backup-MX domain, relayed to its primary.
         ("domain", "add", "relay.example", "--relay"),
         ("relay-recipient", "add", "known@relay.example"),
@@ -290,6 +294,25 @@ def test_domain_with_an_lmtp_transport_is_delivered_over_lmtp(
     subject = mail_system.send(OUTSIDE_SENDER, recipient)
     received = mail_system.lmtp.wait_for(_with_subject(subject), what=f"for {recipient}")
     assert received.mail_from == OUTSIDE_SENDER
+    assert received.rcpt_tos == (recipient,)
+
+
+@pytest.mark.parametrize("recipient", [DAVE, "Dave+tag@example.com"])
+def test_address_with_a_transport_entry_is_delivered_over_lmtp(
+    mail_system: MailSystem, recipient: str
+) -> None:
+    subject = mail_system.send(OUTSIDE_SENDER, recipient)
+    received = mail_system.lmtp.wait_for(_with_subject(subject), what=f"for {recipient}")
+    assert received.rcpt_tos == (recipient,)
+    assert mail_system.postfix.maildir_messages("example.com/dave/") == []
+
+
+def test_subdomain_of_a_domain_with_a_transport_follows_it(mail_system: MailSystem) -> None:
+    # `transport set lmtp.example` covers sub.lmtp.example (as a hash: table with the entry
+    # .lmtp.example).  Not a hosted domain: only a logged-in client may relay to it.
+    recipient = "someone@sub.lmtp.example"
+    subject = mail_system.send(ALICE, recipient, login=ALICE)
+    received = mail_system.lmtp.wait_for(_with_subject(subject), what=f"for {recipient}")
     assert received.rcpt_tos == (recipient,)
 
 
