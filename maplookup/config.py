@@ -218,7 +218,13 @@ class CacheConfig(_Model):
     negative_ttl_s: PositiveFloat = 60.0
     # While PostgreSQL is unreachable, cached answers up to this old are still served.
     max_stale_s: Annotated[float, Field(ge=0)] = 3600.0
-    # How often the LISTEN connection is checked when no notification arrives.
+    # How often the server reads the change log (on the database it reads lookups from, a
+    # standby included) when no NOTIFY wakes it earlier: on a standby, a change is seen within
+    # this plus the replay lag; on a primary NOTIFY makes it milliseconds.  Each read also
+    # checks the connection.
+    change_feed_poll_interval_s: PositiveFloat = 0.2
+    # Unused since the change feed (schema version 5): its reads check the connection every
+    # change_feed_poll_interval_s.  Still accepted, so that existing config files load.
     listen_keepalive_s: PositiveFloat = 5.0
 
 

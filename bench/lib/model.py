@@ -80,7 +80,8 @@ class Dataset:
         """Replace the maplookup tables' rows with this dataset (an asyncpg connection)."""
         async with conn.transaction():
             await conn.execute(
-                "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients, maplookup.domains"
+                "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients,"
+                " maplookup.domains"
             )
             # Mirror targets first: alias_of must reference an existing mailbox domain.
             ordered = sorted(self.domains, key=lambda d: d.alias_of is not None)

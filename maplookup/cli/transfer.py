@@ -23,6 +23,8 @@ from maplookup.cli.common import (
     server_ids,
     with_connection,
 )
+from maplookup.config import ConfigError
+from maplookup.config_load import load_settings
 from maplookup.db.admin_input import AdminError
 
 _IMPORT_FILES = (
@@ -46,6 +48,28 @@ _IMPORT_FILES = (
     ),
     ("--uids", "uids", "virtual_uid_maps source: `user@domain N`; `@domain N` = domain default"),
     ("--gids", "gids", "virtual_gid_maps source: `user@domain N`; `@domain N` = domain default"),
+    (
+        "--sender-login",
+        "sender_login",
+        "smtpd_sender_login_maps source: `address login, login ...` (`@domain`: every address "
+        "of it); each line's logins become sender grants (export's notes say which)",
+    ),
+    (
+        "--relay-domains",
+        "relay_domains",
+        "relay_domains list: `domain [value]`, each a relay domain (a hosted domain listed "
+        "there is skipped with a warning: a backup MX relays those by its configuration)",
+    ),
+    (
+        "--relay-recipients",
+        "relay_recipients",
+        "relay_recipient_maps source: `user@domain value` (`@domain`: every address)",
+    ),
+    (
+        "--transport",
+        "transport",
+        "transport_maps source (transport(5)): `user@domain|domain|.domain|* transport:nexthop`",
+    ),
 )
 
 _IMPORT_DESCRIPTION = """\
@@ -60,15 +84,24 @@ Bad lines are reported as FILE:LINE: message on stderr.  If there is any, nothin
 alone (unchanged); one with a different value is an error, unless --replace.
 
 `# disabled: KEY VALUE` comment lines (written by `maplookup export`) are imported as disabled
-records; Postfix sees them as comments."""
+records; Postfix sees them as comments.  Lines between `# maplookup-note: derived` notes are
+the hash-table form of rules maplookup applies itself (mirror domains, alias owners, a relayed
+domain's addresses): import skips them.  Sender grants only add owners; a grant already in
+the database that the file does not list is kept."""
 
 _EXPORT_DESCRIPTION = """\
 Write the database as Postfix source map files into DIR: domains, alias_domains, vmailbox,
-virtual, uids, gids (each `postmap lmdb:FILE`-able, each with a header saying what it is).
-Mirror domains become `@mirror @target` in virtual plus `mirror alias-of=target` in
-alias_domains; disabled records are written as `# disabled: ...` comments, which Postfix
-ignores and `maplookup import` restores.  uids/gids hold only explicit values.  Files are
-written to temporary files and renamed; existing files are kept unless --force."""
+virtual, uids, gids, sender_login (smtpd_sender_login_maps), relay_domains, relay_recipients
+(relay_recipient_maps) and transport (each `postmap lmdb:FILE`-able, each with a header saying
+what it is); Postfix answers from them what maplookup answers.  Owners and addresses maplookup
+derives (a mailbox's login, an alias's recipients, mirrors, the addresses a hosted domain
+accepts, which a backup MX accepts too) are written out between `# maplookup-note: derived`
+notes, which import skips.
+A mirror domain is `mirror alias-of=target` in alias_domains, and its addresses are written
+out in virtual (`@mirror @target` only when the target has a catch-all); disabled records
+are written as `# disabled: ...` comments, which Postfix ignores and `maplookup import`
+restores.  Files are written to temporary files and renamed; existing files are kept unless
+--force."""
 
 
 def add_commands(commands: Any) -> None:
@@ -123,6 +156,12 @@ def add_commands(commands: Any) -> None:
     exporter.add_argument(
         "--default-gid", type=int, metavar="N", help="default: as for --default-uid"
     )
+    exporter.add_argument(
+        "--recipient-delimiter",
+        metavar="CHARS",
+        help="the server's lookup.recipient_delimiter (Postfix's recipient_delimiter), which "
+        "the sender-login and relay-recipient answers depend on (default: the config's, else +)",
+    )
     add_database_options(exporter)
     exporter.set_defaults(func=cmd_export)
 
@@ -176,9 +215,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.output,
             default_uid=args.default_uid if args.default_uid is not None else ids.uid,
             default_gid=args.default_gid if args.default_gid is not None else ids.gid,
+            recipient_delimiter=_recipient_delimiter(args),
         )
         for warning in result.warnings:
             print(f"maplookup: warning: {warning}", file=sys.stderr)
         print("\n".join(transfer.export_summary(result)))
 
     return with_connection(args, action)
+
+
+def _recipient_delimiter(args: argparse.Namespace) -> str:
+    """--recipient-delimiter, else the config file's (as a server reading it would use)."""
+    if args.recipient_delimiter is not None:
+        return str(args.recipient_delimiter)
+    try:
+        return load_settings(getattr(args, "config", None)).lookup.recipient_delimiter
+    except ConfigError:
+        return "+"

@@ -1,15 +1,30 @@
-"""LISTEN for data changes and keep the cache coherent, across connection losses.
+"""Follow the change log and keep the cache coherent, on a primary or a hot standby.
 
-schema.sql NOTIFYs channel ``maplookup_changes`` with the domains each committed change
-touched.  This listener holds its own connection (not one from the lookup pool, which must
-stay free for lookups), runs in the asyncio thread that owns asyncpg, and hands batches of
-domains to the cache in the trio thread through the trio token.  Notifications that arrive
-together are coalesced into one hand-over, so a burst of 10,000 changes costs the trio side one
-call, not 10,000.
+The reader holds one connection of its own (not one from the lookup pool, which must stay free
+for lookups) **to the database the lookups read**, and asks it for every change after the last
+position it applied (``feed.changes_after``) every ``poll_interval_s``.  On a standby that
+database only reports what it has replayed, so an invalidation is never applied before the
+lookups can read the change it announces: the lag race of a reader that LISTENs on the primary
+and reads a standby cannot happen (DESIGN.md section 5).
 
-When the connection drops, notifications may be lost: the cache is told it is no longer live
-(nothing is served from it as fresh), and once LISTEN is in place again it is flushed and goes
-live.  Reconnection backs off from ``RECONNECT_MIN_S`` to ``RECONNECT_MAX_S``.
+LISTEN only wakes the reader early.  Where the database allows it (a primary), a NOTIFY from
+the triggers makes the reader read the log at once, so a single host keeps its
+millisecond commit-to-visible latency; where it refuses (a hot standby: "cannot execute LISTEN
+during recovery"; a transaction-mode pooler may also swallow it silently) polling alone keeps
+the cache coherent, bounded by the poll interval plus the standby's replay lag.  A standby is
+recognised (``pg_is_in_recovery()``) and not sent a LISTEN at all; either way it is logged
+once, not at every poll, and checked again every ``listen_retry_s``, so a promoted standby
+gets its early wake-ups back (logged once too).
+
+Start and lost connections: the cache is not live (nothing served from it as fresh) until
+the reader has connected and read the head position; it then flushes and goes live, and
+follows from that position.  A read that fails or outlasts ``query_timeout_s`` is a lost
+connection.  Reconnection backs off from ``reconnect_min_s`` to ``reconnect_max_s``.  If the
+log was pruned past the reader's position (it lagged more than the retention), the log says
+``*`` and the cache is flushed.
+
+Runs in the asyncio thread that owns asyncpg and hands what it read to the cache in the trio
+thread through the trio token, coalesced: a burst of changes costs the trio side one call.
 """
 
 from __future__ import annotations
@@ -25,49 +40,66 @@ import asyncpg
 import trio
 
 from maplookup.db.database import AsyncioThread
+from maplookup.db.feed import (
+    MAX_CHANGES_PER_READ,
+    FeedCursor,
+    FeedStep,
+    changes_after,
+    head_position,
+)
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "maplookup_changes"
-FLUSH_ALL = "*"
+APPLICATION_NAME = "maplookup-feed"
+# A single host sees a change within this long even if LISTEN is broken; on a standby, within
+# this plus the replay lag.  Each poll is one index lookup on the log's primary key.
+DEFAULT_POLL_INTERVAL_S = 0.2
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
+# Where LISTEN was refused, it is tried again this often (a standby may have been promoted).
+LISTEN_RETRY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerSettings:
+class FeedSettings:
     dsn: str
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     connect_timeout_s: float = 5.0
-    # A silent network failure is noticed within about this long.
-    keepalive_s: float = 5.0
+    # A read of the log taking longer counts as a lost connection (a silent network failure
+    # is noticed within poll_interval_s plus this).
+    query_timeout_s: float = 5.0
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
+    listen_retry_s: float = LISTEN_RETRY_S
 
 
 @dataclass(slots=True)
-class ListenerCounters:
-    notifications: int = 0
-    connects: int = 0
+class FeedCounters:
+    notifications: int = 0  # NOTIFYs received (wake-ups only)
+    connects: int = 0  # times the feed went live on a fresh connection
     connection_losses: int = 0
+    reads: int = 0  # reads of the log
+    changes: int = 0  # change-log rows applied
+    listen_refusals: int = 0  # times LISTEN was not possible (a standby, or refused)
 
 
-def _listen_refused(exc: BaseException) -> str:
-    """The one log line for a LISTEN the database refuses, saying what it means for answers."""
-    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) or "recovery" in str(exc):
-        return (
-            f"LISTEN refused: the database is a hot standby ({exc}); change notifications "
-            "need the primary, so nothing is served from the cache (every lookup asks the "
-            "database) until LISTEN works; retrying with a growing delay"
-        )
-    return f"LISTEN refused ({exc!r}): cache not trusted until it works; retrying"
+class _Lost(Exception):
+    """The feed connection is gone (its termination listener fired)."""
 
 
-class ChangeListener:
-    """Feeds ``invalidate(domains)``, ``flush()`` and ``set_live(bool)`` in the trio thread."""
+class ChangeFeed:
+    """Feeds ``invalidate(domains)``, ``flush()`` and ``set_live(bool)`` in the trio thread.
+
+    ``live``: the cache may serve as fresh; ``position``: the change-log position whose
+    invalidations the cache has been given (trio thread); ``listening``: LISTEN is in place on
+    the current connection (else the reader only polls); ``in_recovery``: that database is a
+    hot standby.
+    """
 
     def __init__(
         self,
-        settings: ListenerSettings,
+        settings: FeedSettings,
         invalidate: Callable[[set[str]], None],
         flush: Callable[[], None],
         set_live: Callable[[bool], None],
@@ -80,9 +112,15 @@ class ChangeListener:
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._pending_flush = False
+        self._pending_position: int | None = None
         self._delivery_scheduled = False
-        self.counters = ListenerCounters()
+        self._wake: asyncio.Event | None = None
+        self._listen_state: bool | None = None  # what was last logged about LISTEN
+        self.counters = FeedCounters()
         self.live = False
+        self.listening = False
+        self.in_recovery: bool | None = None  # the database is a hot standby (None: unknown)
+        self.position: int | None = None
 
     async def run(
         self,
@@ -93,96 +131,152 @@ class ChangeListener:
         """Run until cancelled.  Reports started at once: the server must not wait for it."""
         self._token = trio.lowlevel.current_trio_token()
         task_status.started()
-        await bridge.run(self._listen_forever())
+        await bridge.run(self.follow_forever())
 
     # -- asyncio thread ------------------------------------------------------------------------
 
-    async def _listen_forever(self) -> None:
-        delay = self._settings.reconnect_min_s
+    async def follow_forever(self) -> None:
+        """Connect, follow, and reconnect with a growing delay, until cancelled."""
+        settings = self._settings
+        delay = settings.reconnect_min_s
         failures = 0
         while True:
+            connects = self.counters.connects
             try:
                 conn = await asyncpg.connect(
-                    self._settings.dsn,
-                    timeout=self._settings.connect_timeout_s,
-                    server_settings={"application_name": "maplookup-listen"},
+                    settings.dsn,
+                    timeout=settings.connect_timeout_s,
+                    server_settings={"application_name": APPLICATION_NAME},
                 )
             except Exception as exc:  # any failure to connect: retry, never stop the server
                 failures += 1
                 if failures == 1:
-                    log.warning("cannot LISTEN for changes: %s; retrying", exc)
+                    log.warning("cannot read the change feed: %s; retrying", exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.reconnect_max_s)
+                delay = min(delay * 2, settings.reconnect_max_s)
                 continue
             try:
-                await conn.add_listener(CHANNEL, self._on_notification)
-            except Exception as exc:
-                # Connected, but LISTEN refused (a hot standby: "cannot execute LISTEN during
-                # recovery"): a failure like any other, with the same growing delay.  Resetting
-                # the delay on connect made this a loop of ten attempts and log lines a second.
-                conn.terminate()
-                failures += 1
-                if failures == 1:
-                    log.warning("%s", _listen_refused(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.reconnect_max_s)
-                continue
-            delay = self._settings.reconnect_min_s
-            if failures:
-                log.info("LISTEN for changes established after %d failed attempts", failures)
-            failures = 0
-            try:
-                await self._serve_connection(conn)
+                await self._follow(conn)
             except Exception as exc:
                 # asyncpg can raise more than its documented errors on a connection the
                 # server just killed (InternalClientError "cannot switch to state"): a lost
                 # connection all the same.
-                self.counters.connection_losses += 1
-                log.warning(
-                    "LISTEN connection failed (%r): cache not trusted until it is back", exc
-                )
+                if self.counters.connects > connects:
+                    self.counters.connection_losses += 1
+                    log.warning(
+                        "change feed connection lost (%r): cache not trusted until it is back",
+                        exc,
+                    )
+                else:
+                    failures += 1
+                    if failures == 1:
+                        log.warning("cannot read the change feed: %r; retrying", exc)
             finally:
                 self._post_live(False)
+                self.listening = False
+                self._wake = None
                 conn.terminate()
-            # Not at once: a connection that drops right after LISTEN must not make a hot loop.
+            if self.counters.connects > connects:
+                delay = settings.reconnect_min_s  # it was live: start the back-off afresh
+                failures = 0
+            # Not at once: a connection that drops right after it went live must not loop hot.
             await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.reconnect_max_s)
 
-    async def _serve_connection(self, conn: asyncpg.Connection) -> None:
+    async def _follow(self, conn: asyncpg.Connection) -> None:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        wake = self._wake = asyncio.Event()
         lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        self.counters.connects += 1
-        # LISTEN is in place: from now on no change goes unnoticed.  Anything before may have.
-        self._post_live(True)
-        while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), timeout=self._settings.keepalive_s)
-            except TimeoutError:
-                try:
-                    await asyncio.wait_for(
-                        conn.fetchval("SELECT 1"), timeout=self._settings.connect_timeout_s
-                    )
-                except Exception:
-                    break
-        self.counters.connection_losses += 1
-        log.warning("LISTEN connection lost: cache not trusted until it is back")
 
-    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        def on_termination(_conn: object) -> None:
+            lost.set()
+            wake.set()
+
+        conn.add_termination_listener(on_termination)
+        # LISTEN before the head is read: a change committed in between wakes the first poll.
+        self.listening = await self._try_listen(conn)
+        next_listen_try = loop.time() + settings.listen_retry_s
+        async with asyncio.timeout(settings.query_timeout_s):
+            cursor = FeedCursor(await head_position(conn))
+        self.counters.connects += 1
+        # Changes before the head may have been missed: flush, then follow from the head.
+        self._post_live(True, cursor.position)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.poll_interval_s):
+                    await wake.wait()
+            if lost.is_set():
+                raise _Lost("connection terminated")
+            wake.clear()
+            if not self.listening and loop.time() >= next_listen_try:
+                self.listening = await self._try_listen(conn)
+                next_listen_try = loop.time() + settings.listen_retry_s
+            async with asyncio.timeout(settings.query_timeout_s):
+                batch = await changes_after(conn, cursor.position, MAX_CHANGES_PER_READ)
+            self.counters.reads += 1
+            step = cursor.advance(batch)
+            if step.changes:
+                self.counters.changes += step.changes
+                self._post_step(step)
+            if len(batch) >= MAX_CHANGES_PER_READ:
+                wake.set()  # more to read: no waiting
+
+    async def _try_listen(self, conn: asyncpg.Connection) -> bool:
+        """LISTEN on ``conn`` where the database allows it; False (said once per change of
+        state) where it does not.
+
+        A hot standby is asked first (``pg_is_in_recovery()``) rather than sent a LISTEN it
+        refuses: a refusal is an ERROR line in PostgreSQL's own log at every retry.
+        """
+        async with asyncio.timeout(self._settings.query_timeout_s):
+            self.in_recovery = bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+            if self.in_recovery:
+                self._listen_refused("the database is a hot standby")
+                return False
+            try:
+                await conn.add_listener(CHANNEL, self._on_notification)
+            except asyncpg.PostgresError as exc:
+                # The connection stays usable: refusing LISTEN does not end the session.
+                self._listen_refused(f"LISTEN refused: {exc}")
+                return False
+        if self._listen_state is False:
+            log.info("LISTEN in place again (a promoted standby?): changes wake the feed at once")
+        self._listen_state = True
+        return True
+
+    def _listen_refused(self, why: str) -> None:
+        self.counters.listen_refusals += 1
+        if self._listen_state is not False:
+            log.info(
+                "no LISTEN (%s): following the change log every %s s, which keeps the cache "
+                "consistent with what this database has replayed",
+                why,
+                self._settings.poll_interval_s,
+            )
+        self._listen_state = False
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
+        # Only a wake-up: what changed is read from the log, in order, with its position.
         self.counters.notifications += 1
-        text = str(payload)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _post_step(self, step: FeedStep) -> None:
         with self._lock:
-            if text == FLUSH_ALL:
+            if step.flush:
                 self._pending_flush = True
-            else:
-                self._pending.update(d for d in text.split(",") if d)
+            self._pending.update(step.domains)
+            self._pending_position = step.position
             if self._delivery_scheduled:
                 return
             self._delivery_scheduled = True
         self._call_in_trio(self._deliver)
 
-    def _post_live(self, live: bool) -> None:
+    def _post_live(self, live: bool, position: int | None = None) -> None:
         if self.live != live:
             self.live = live
-            self._call_in_trio(self._set_live, live)
+            self._call_in_trio(self._go_live if live else self._go_down, position)
 
     def _call_in_trio(self, fn: Callable[..., object], *args: object) -> None:
         if self._token is None:
@@ -192,12 +286,22 @@ class ChangeListener:
 
     # -- trio thread ---------------------------------------------------------------------------
 
+    def _go_live(self, position: int | None) -> None:
+        self.position = position
+        self._set_live(True)
+
+    def _go_down(self, _position: int | None) -> None:
+        self._set_live(False)
+
     def _deliver(self) -> None:
         with self._lock:
             domains, self._pending = self._pending, set()
             flush, self._pending_flush = self._pending_flush, False
+            position, self._pending_position = self._pending_position, None
             self._delivery_scheduled = False
         if flush:
             self._flush()
         if domains:
             self._invalidate(domains)
+        if position is not None:
+            self.position = position

@@ -264,7 +264,7 @@ class Database:
 
     @property
     def bridge(self) -> AsyncioThread:
-        """The asyncio thread, for other asyncpg work (the change listener)."""
+        """The asyncio thread, for other asyncpg work (the change feed)."""
         return self._bridge
 
     def pool_state(self) -> tuple[int, int, int]:

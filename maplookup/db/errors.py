@@ -42,6 +42,8 @@ def describe(exc: BaseException) -> str:
     ``connection refused (127.0.0.1:5432)`` rather than ``ConnectionRefusedError: [Errno 111]
     Connect call failed ('127.0.0.1', 5432)``; PostgreSQL's own message with its SQLSTATE.
     """
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return "no server of the host list matches its target_session_attrs"
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
         return "the connection to PostgreSQL was lost"
     if isinstance(exc, asyncpg.PostgresError):

@@ -19,7 +19,7 @@ import asyncpg
 
 from maplookup.address import fold
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _ASCII = "'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'"
 
@@ -58,6 +58,11 @@ ALTER TABLE maplookup.mailboxes ADD COLUMN login text CONSTRAINT mailbox_login_s
 UPDATE maplookup.mailboxes SET login = local_part || '@' || domain
     WHERE local_part <> '' AND local_part !~ '[[:space:][:cntrl:],]';
 """,
+    # 5: the change log (maplookup.change_log, change_feed, the change_log_position sequence
+    # and their functions; issue 15), written by the same triggers that NOTIFY.  All new
+    # objects, created by schema.sql itself (IF NOT EXISTS, OR REPLACE): no table to change.
+    # The log starts empty at position 0; a server reading it starts from the head anyway.
+    5: "",
 }
 
 

@@ -1,6 +1,6 @@
 -- maplookup schema: the truth behind Postfix's virtual-hosting maps.
 --
--- Schema version 4 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
+-- Schema version 5 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
 -- Applied by `maplookup db init`; every statement is idempotent, so applying it again
 -- upgrades the lookup functions in place and leaves the data alone.
 --
@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS maplookup.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     version integer NOT NULL
 );
-INSERT INTO maplookup.schema_version (version) VALUES (4)
+INSERT INTO maplookup.schema_version (version) VALUES (5)
     ON CONFLICT (singleton) DO NOTHING;
 
 -- A domain is a mailbox domain (virtual_mailbox_domains), an alias domain
@@ -844,6 +844,135 @@ BEGIN
 END
 $$;
 
+-- =======================================================================================
+-- Change log (schema version 5, issue 15): the change feed, readable on a hot standby.
+--
+-- NOTIFY is not replayed on standbys and LISTEN is refused there, and a notification from
+-- the primary can overtake the standby's replay (the lag race).  So the triggers below that
+-- NOTIFY also append what changed to maplookup.change_log, and the server reads "every change
+-- after position P" on the very database it reads lookups from: on a standby it only ever
+-- invalidates what that standby has replayed, so the miss that follows an invalidation reads
+-- the new rows (no lag race, by construction).  LISTEN, where it works (a primary), only wakes
+-- the reader early.  Reader: maplookup/db/changes.py; the contract: maplookup/db/feed.py.
+--
+-- Positions are in commit order.  A plain sequence alone is not: a transaction that took
+-- position 7 can commit after one that took 8, and a reader that has already read 8 would
+-- skip 7 for ever.  So every writer first takes one transaction-scoped advisory lock
+-- (pg_advisory_xact_lock(CHANGE_LOG_LOCK_ID), below as a literal), then the next value of a
+-- sequence: the lock is released only after the commit is visible (and, for standbys, after
+-- its commit record is in the WAL), so the next writer's positions are higher than every
+-- position a reader can see before it, and a reader that sees position N sees every lower
+-- position that will ever exist.  A sequence rather than max(position) + 1 because nextval
+-- does not depend on the transaction's snapshot (a REPEATABLE READ writer would read a stale
+-- max and collide).  Positions can have holes (a rolled-back writer, a crash): readers
+-- never rely on them being consecutive.
+--
+-- The price: writers of the maps are serialised from their first change to their commit.
+-- Admin writes are rare and short (one CLI command, one import); lookups never take the lock.
+-- Two concurrent multi-statement transactions that also wait on each other's rows can now
+-- deadlock; PostgreSQL detects it and aborts one, which the admin runs again.
+--
+-- Old rows are pruned by the writers themselves (every PRUNE_EVERY-th position, below as a
+-- literal), not by a server: every server may be reading a standby, where nothing can be
+-- deleted, and the reader's role needs no write privilege.  maplookup.change_feed holds the
+-- retention and pruned_through, the highest position that may have been deleted: a reader
+-- still at or before it has missed changes and must flush everything (changes_after says so
+-- with a '*' row).
+-- =======================================================================================
+
+CREATE TABLE IF NOT EXISTS maplookup.change_feed (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- Rows older than this are pruned; a reader disconnected for longer flushes anyway.
+    retention interval NOT NULL DEFAULT interval '1 hour' CHECK (retention > interval '0'),
+    pruned_through bigint NOT NULL DEFAULT 0
+);
+INSERT INTO maplookup.change_feed DEFAULT VALUES ON CONFLICT (singleton) DO NOTHING;
+
+CREATE SEQUENCE IF NOT EXISTS maplookup.change_log_position AS bigint;
+
+CREATE TABLE IF NOT EXISTS maplookup.change_log (
+    position bigint PRIMARY KEY,
+    -- The domains whose answers may have changed; '{*}' means every domain.
+    domains text[] NOT NULL CHECK (cardinality(domains) > 0),
+    -- When the change was written (clock_timestamp(), under the lock: close to its commit).
+    logged_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Delete rows older than the retention and move pruned_through past them.  Called by
+-- log_change now and then; callable by hand (tests, an admin shrinking the log).
+CREATE OR REPLACE FUNCTION maplookup.prune_change_log()
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    keep_from bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7881704433701645927);  -- CHANGE_LOG_LOCK_ID ("maplchng")
+    -- Positions follow time under the lock, so the first young row (by primary key) bounds
+    -- what goes: cost proportional to the rows deleted, no index on logged_at needed.
+    SELECT l.position INTO keep_from FROM maplookup.change_log l
+    WHERE l.logged_at >= clock_timestamp() - (SELECT f.retention FROM maplookup.change_feed f)
+    ORDER BY l.position LIMIT 1;
+    IF keep_from IS NULL THEN
+        SELECT max(l.position) + 1 INTO keep_from FROM maplookup.change_log l;
+    END IF;
+    IF keep_from IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM maplookup.change_log l WHERE l.position < keep_from;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    UPDATE maplookup.change_feed SET pruned_through = greatest(pruned_through, keep_from - 1);
+    RETURN keep_from - 1;
+END
+$$;
+
+-- Append one change (called by notify_domains and on_truncate); returns its position.
+CREATE OR REPLACE FUNCTION maplookup.log_change(affected text[])
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    new_position bigint;
+BEGIN
+    -- Held until commit: positions become visible in the order they were taken (see above).
+    PERFORM pg_advisory_xact_lock(7881704433701645927);  -- CHANGE_LOG_LOCK_ID ("maplchng")
+    new_position := nextval('maplookup.change_log_position');
+    INSERT INTO maplookup.change_log (position, domains) VALUES (new_position, affected);
+    IF new_position % 100 = 0 THEN  -- PRUNE_EVERY: the log holds about an hour plus 100 rows
+        PERFORM maplookup.prune_change_log();
+    END IF;
+    RETURN new_position;
+END
+$$;
+
+-- The two reader functions are SECURITY DEFINER (owner's rights, a fixed search_path, every
+-- name schema-qualified): a server whose role was granted SELECT on the tables before this
+-- version existed (deploy/README.md's maplookup_reader) reads the log without a new grant.
+
+-- The position of the last change this database can see (0 before any): what a reader
+-- starting now has seen, and, read in a REPEATABLE READ transaction before the maps, the
+-- position a snapshot of the maps is consistent with.
+CREATE OR REPLACE FUNCTION maplookup.change_log_head()
+RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT greatest(
+        (SELECT max(l.position) FROM maplookup.change_log l),
+        (SELECT f.pruned_through FROM maplookup.change_feed f),
+        0)
+$$;
+
+-- Every change after position `after`, oldest first, at most max_rows of them (one
+-- statement: one snapshot).  When rows after `after` have been pruned, the first row is
+-- (pruned_through, '{*}'): everything may have changed up to there.
+CREATE OR REPLACE FUNCTION maplookup.changes_after(after bigint, max_rows integer)
+RETURNS TABLE (change_position bigint, domains text[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT f.pruned_through, ARRAY['*'] FROM maplookup.change_feed f
+    WHERE f.pruned_through > after
+    UNION ALL
+    (SELECT l.position, l.domains FROM maplookup.change_log l
+     WHERE l.position > after ORDER BY l.position LIMIT max_rows)
+    ORDER BY 1
+$$;
+-- ======================= end of the change log block (schema version 5) ================
+
 -- ---------------------------------------------------------------------------------------
 -- Change notification, for the server's cache (DESIGN.md section 5).
 --
@@ -858,18 +987,23 @@ $$;
 CREATE OR REPLACE FUNCTION maplookup.notify_domains(changed text[])
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+    affected text[];
     payload text;
 BEGIN
-    SELECT string_agg(DISTINCT d, ',') INTO payload
+    SELECT array_agg(DISTINCT d) INTO affected
     FROM (
         SELECT unnest(changed) AS d
         UNION
         SELECT m.name FROM maplookup.domains m WHERE m.alias_of = ANY (changed)
-    ) AS affected
+    ) AS affected_domains
     WHERE d IS NOT NULL;
-    IF payload IS NULL THEN
+    IF affected IS NULL THEN
         RETURN;
     END IF;
+    -- The change log (schema version 5), read by servers on primaries and standbys alike;
+    -- it has no payload limit, so it always names the domains.
+    PERFORM maplookup.log_change(affected);
+    payload := array_to_string(affected, ',');
     IF octet_length(payload) > 7000 THEN
         payload := '*';
     END IF;
@@ -914,6 +1048,7 @@ $$;
 CREATE OR REPLACE FUNCTION maplookup.on_truncate()
 RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM maplookup.log_change(ARRAY['*']);  -- the change log (schema version 5)
     PERFORM pg_notify('maplookup_changes', '*');
     RETURN NULL;
 END

@@ -4,14 +4,16 @@ Rules (DESIGN.md §5):
 
 * Bounded by entry count (LRU), with a TTL as a safety net and a shorter one for negative
   answers.
-* Coherent: schema.sql NOTIFYs the domains every change touches; each domain has a generation
-  counter, and an entry is valid only while its domain's generation is the one it was fetched
-  under.  Invalidating a domain is one integer increment, however many entries it has.
+* Coherent: schema.sql logs the domains every change touches (the change log, read by
+  ``db/changes.py`` on the database the lookups read, so an invalidation never overtakes a
+  standby's replay); each domain has a generation counter, and an entry is valid only while
+  its domain's generation is the one it was fetched under.  Invalidating a domain is one
+  integer increment, however many entries it has.
 * Race-free: a miss records the generations before it queries and does not store its answer if
   either moved meanwhile (the answer may predate the change).
-* Notifications can be lost while the LISTEN connection is down.  While it is down nothing is
-  served from the cache as fresh; when it is back, a global generation bump invalidates every
-  entry stored before (a flush that costs O(1) and keeps the entries for outage use).
+* Changes can be missed while the change feed's connection is down.  While it is down nothing
+  is served from the cache as fresh; when it is back, a global generation bump invalidates
+  every entry stored before (a flush that costs O(1) and keeps the entries for outage use).
 * During an outage, a failed query falls back to the cached answer (positive or negative) if its
   domain was not invalidated and it is younger than ``max_stale_s``.  A miss with no such entry
   re-raises the error, which the lookup layer turns into TEMP.  Never NOTFOUND for an error.
@@ -22,7 +24,7 @@ Rules (DESIGN.md §5):
   100,000 entries a pause of 40 to 230 ms for every connection, several times a minute under
   load (bench/README.md, "Garbage collection").
 
-Everything here runs in the trio thread; the change listener hands notifications over through
+Everything here runs in the trio thread; the change feed hands its changes over through
 the trio token, so no locks are needed.
 """
 
@@ -138,7 +140,7 @@ class AnswerCache:
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._domain_generations: dict[str, int] = {}
         self._global_generation = 0
-        # Not live until the change listener says LISTEN is in place.
+        # Not live until the change feed says it follows the change log.
         self.live = False
         self.counters = CacheCounters()
 
@@ -181,7 +183,7 @@ class AnswerCache:
         """Store an answer fetched under ``generations``.
 
         If its domain was invalidated meanwhile, the answer may predate the change: it is
-        dropped.  If only the global generation moved (LISTEN was (re)established while the
+        dropped.  If only the global generation moved (the change feed (re)connected while the
         query was out: right after start-up, or after a reconnect), no change of this domain
         is known, so the answer is kept under the generations it was fetched with: never
         served as fresh, but usable if PostgreSQL goes away a moment later, like every entry
@@ -224,7 +226,7 @@ class AnswerCache:
         self.counters.flushes += 1
 
     def set_live(self, live: bool) -> None:
-        """LISTEN is (again) in place, or lost.
+        """The change feed is (again) followed, or lost.
 
         Going live flushes: changes may have been missed while it was lost.
         """

@@ -1,7 +1,7 @@
 """Prometheus metrics that cost (almost) nothing on the lookup path.
 
-The hot path only ever touches plain Python integers: the server, cache and change listener keep
-their own counters (``ServerCounters``, ``CacheCounters``, ``ListenerCounters``), and the two
+The hot path only ever touches plain Python integers: the server, cache and change feed keep
+their own counters (``ServerCounters``, ``CacheCounters``, ``FeedCounters``), and the two
 classes in ``stats``, :class:`LookupStats` and :class:`DatabaseStats`, add per-map request
 counts and fixed-bucket latency histograms that cost one dict lookup, one ``bisect`` and a few
 integer additions per record.  No locks: everything that records runs in the single trio thread.

@@ -83,7 +83,7 @@ class MaplookupCollector(Collector):
         pool_state: PoolState | None = None,
         info: Mapping[str, str] | None = None,
     ) -> MaplookupCollector:
-        """From a ``Running`` (server counters, cache, change listener) and the stats objects."""
+        """From a ``Running`` (server counters, cache, change feed) and the stats objects."""
         return cls(
             lookups=lookups,
             database=database,
@@ -220,7 +220,7 @@ class MaplookupCollector(Collector):
         )
         yield _counter(
             "maplookup_cache_stores_outage_only_total",
-            "Database answers fetched while the cache was flushed (LISTEN coming up): kept "
+            "Database answers fetched while the cache was flushed (change feed coming up): kept "
             "only as outage fallback, never served as fresh.",
             counters.stores_outage_only,
         )
@@ -231,7 +231,7 @@ class MaplookupCollector(Collector):
         )
         yield _counter(
             "maplookup_cache_flushes_total",
-            "Whole-cache invalidations (LISTEN (re)established, or a flush-all notification).",
+            "Whole-cache invalidations (change feed (re)connected, or a flush-all change).",
             counters.flushes,
         )
         yield _counter(
@@ -257,7 +257,7 @@ class MaplookupCollector(Collector):
         )
         yield _gauge(
             "maplookup_cache_live",
-            "1 when cached answers are trusted as fresh (LISTEN in place), 0 when every "
+            "1 when cached answers are trusted as fresh (change feed live), 0 when every "
             "lookup goes to the database.",
             1 if cache.live else 0,
         )
@@ -267,23 +267,41 @@ class MaplookupCollector(Collector):
         counters = listener.counters
         yield _gauge(
             "maplookup_listen_connected",
-            "1 when the LISTEN connection for change notifications is established, else 0.",
+            "1 when the change feed is connected and followed (the cache may serve as fresh), "
+            "else 0.",
             1 if listener.live else 0,
+        )
+        yield _gauge(
+            "maplookup_change_feed_listening",
+            "1 when LISTEN wakes the change feed early, 0 when it only polls (a hot standby "
+            "refuses LISTEN).",
+            1 if listener.listening else 0,
+        )
+        if listener.position is not None:
+            yield _gauge(
+                "maplookup_change_feed_position",
+                "The change-log position whose invalidations the cache has applied.",
+                listener.position,
+            )
+        yield _counter(
+            "maplookup_change_feed_changes_total",
+            "Change-log rows applied to the cache.",
+            counters.changes,
         )
         yield _counter(
             "maplookup_notifications_total",
-            "Change notifications received from PostgreSQL.",
+            "NOTIFY wake-ups received from PostgreSQL (what changed is read from the log).",
             counters.notifications,
         )
         yield _counter(
             "maplookup_listen_reconnects_total",
-            "Times LISTEN was re-established after the first connection (each one flushes "
-            "the cache).",
+            "Times the change feed connected again after the first connection (each one "
+            "flushes the cache).",
             max(counters.connects - 1, 0),
         )
         yield _counter(
             "maplookup_listen_connection_losses_total",
-            "Times the LISTEN connection was lost.",
+            "Times the change feed connection was lost.",
             counters.connection_losses,
         )
 

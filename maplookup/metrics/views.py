@@ -80,7 +80,7 @@ class CacheView(Protocol):
 
 
 class ListenerCountersView(Protocol):
-    """``maplookup.changes.ListenerCounters``."""
+    """``maplookup.db.changes.FeedCounters``."""
 
     @property
     def notifications(self) -> int: ...
@@ -88,15 +88,21 @@ class ListenerCountersView(Protocol):
     def connects(self) -> int: ...
     @property
     def connection_losses(self) -> int: ...
+    @property
+    def changes(self) -> int: ...
 
 
 class ListenerView(Protocol):
-    """``maplookup.changes.ChangeListener``."""
+    """``maplookup.db.changes.ChangeFeed``."""
 
     @property
     def counters(self) -> ListenerCountersView: ...
     @property
     def live(self) -> bool: ...
+    @property
+    def listening(self) -> bool: ...
+    @property
+    def position(self) -> int | None: ...
 
 
 class RunningView(Protocol):

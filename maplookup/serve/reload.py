@@ -123,8 +123,8 @@ async def apply_settings(
             ("embedded", new.embedded != old.embedded),
             ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),
             (
-                "listen_keepalive_s",
-                new.cache.listen_keepalive_s != old.cache.listen_keepalive_s,
+                "change_feed_poll_interval_s",
+                new.cache.change_feed_poll_interval_s != old.cache.change_feed_poll_interval_s,
             ),
         )
         if differs

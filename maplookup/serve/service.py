@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from maplookup import __version__
 from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import schema
-from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.changes import ChangeFeed, FeedSettings
 from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
 from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
 from maplookup.lookup.cache import AnswerCache, CachingSource
@@ -73,7 +73,7 @@ class Running:
     server: Server
     lookup: Lookup
     cache: AnswerCache | None
-    listener: ChangeListener | None
+    listener: ChangeFeed | None  # the change feed that keeps the cache coherent
     lookup_stats: LookupStats
     database_stats: DatabaseStats
     collector: MaplookupCollector
@@ -108,7 +108,7 @@ HEALTH_DATABASE_TIMEOUT_S = 2.0
 
 
 class Service:
-    """One running maplookup: database, cache, change listener, server; reloadable."""
+    """One running maplookup: database, cache, change feed, server; reloadable."""
 
     def __init__(
         self,
@@ -176,15 +176,18 @@ class Service:
             )
             source: AnswerSource = self._source
             cache: AnswerCache | None = None
-            listener: ChangeListener | None = None
+            listener: ChangeFeed | None = None
             if settings.cache.max_entries > 0:
                 cache = AnswerCache(cache_settings(settings))
                 source = CachingSource(source, cache)
-                listener = ChangeListener(
-                    ListenerSettings(
+                # The feed reads the database the lookups read (a standby included): its
+                # invalidations can never overtake that database's replay.
+                listener = ChangeFeed(
+                    FeedSettings(
                         dsn=self._dsn,
+                        poll_interval_s=settings.cache.change_feed_poll_interval_s,
                         connect_timeout_s=settings.database.connect_timeout_s,
-                        keepalive_s=settings.cache.listen_keepalive_s,
+                        query_timeout_s=settings.database.query_timeout_s,
                     ),
                     invalidate=cache.invalidate_domains,
                     flush=cache.flush,
@@ -273,7 +276,7 @@ class Service:
         log.info("metrics and health on http://%s/metrics and /healthz", endpoint)
 
     async def health(self) -> tuple[bool, dict[str, object]]:
-        """Healthy: PostgreSQL answers, and (with the cache on) change notifications are live."""
+        """Healthy: PostgreSQL answers, and (with the cache on) the change feed is live."""
         details: dict[str, object] = {}
         healthy = True
         try:
@@ -285,8 +288,14 @@ class Service:
             details["database"] = f"unreachable: {exc or 'timeout'}"
         running = self._running
         if running is not None and running.listener is not None:
-            live = running.listener.live
+            feed = running.listener
+            live = feed.live
             details["notifications"] = "live" if live else "down"
+            details["change_feed"] = {
+                "live": live,
+                "position": feed.position,
+                "listening": feed.listening,
+            }
             healthy = healthy and live
         else:
             details["notifications"] = "off (no cache)"

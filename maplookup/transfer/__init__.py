@@ -16,12 +16,18 @@ The package, in the order an import runs through it:
 - ``problems``: :class:`Problem` (a skipped or caveated line, with its file and line) and the
   terminal :class:`Progress` line, shared by every stage;
 - ``source``: postmap(1) source format (logical lines, continuations, comments, key/value);
-- ``records``: the typed records and the rules for each field;
-- ``reading``: the six files into checked, de-duplicated records (:func:`read_sources`);
+- ``records``, ``routing_records``: the typed records and the rules for each field (the six
+  delivery maps; the sender-login, relay and transport maps of issue 14);
+- ``checking``: what every reader shares (records from entries, repeated keys, derived blocks);
+- ``reading``, ``reading_routing``: the files into checked, de-duplicated records
+  (:func:`read_sources`);
 - ``plan``: what the import will write, and the database rows it is compared with;
-- ``planning``: the rules comparing the files with the database;
-- ``importing``: the one transaction that fetches, plans and writes, and the summary;
-- ``exporting``: the database back as source files.
+- ``planning``, ``planning_routing``: the rules comparing the files with the database;
+- ``importing``, ``importing_routing``: the one transaction that fetches, plans and writes,
+  and the summary;
+- ``writing``: one export file (temporary file renamed into place) and what a line can hold;
+- ``exporting``, ``exporting_routing``: the database back as source files, derived lines
+  included, so that Postfix's ``hash:`` tables answer what maplookup answers.
 
 This module re-exports what the CLI (maplookup/cli/transfer.py) and the tests use.
 

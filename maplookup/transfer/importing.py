@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
 from maplookup.db.admin_input import AdminError
 
-from .plan import DbAlias, DbDomain, DbMailbox, DbState, Plan
+from .importing_routing import bulk as _bulk
+from .importing_routing import fetch_routing_state, write_routing
+from .plan import Counts, DbAlias, DbDomain, DbMailbox, DbState, Plan
 from .planning import plan_import
 from .problems import _SILENT, PROGRESS_MIN_LINES, Progress
 from .reading import Parsed
 from .records import CATEGORIES, GIDS, UIDS
+from .routing_records import ROUTING_CATEGORIES
 
 
 async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
@@ -32,7 +34,11 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
     # '@d' keys of the uid/gid files are domain defaults, not the catch-all mailbox.
     mailbox_keys = set(parsed.mailboxes) | {k for k in (*parsed.uids, *parsed.gids) if k[1] != ""}
     alias_keys = set(parsed.aliases)
+    routing = parsed.routing
+    mailbox_keys |= set(routing.logins)
     names.update(d for d, _ in (*mailbox_keys, *alias_keys, *parsed.uids, *parsed.gids))
+    names.update(routing.relay_domains)
+    names.update(d for d, _ in routing.relay_recipients)
     state = DbState()
     for row in await conn.fetch(
         "SELECT name, kind, alias_of, default_uid, default_gid, enabled"
@@ -40,11 +46,15 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
         sorted(names),
     ):
         state.domains[row["name"]] = DbDomain(
-            row["kind"], row["alias_of"], row["default_uid"], row["default_gid"], row["enabled"]
+            row["kind"],
+            row["alias_of"],
+            row["default_uid"],
+            row["default_gid"],
+            row["enabled"],
         )
     keys = sorted(mailbox_keys)
     for row in await conn.fetch(
-        "SELECT m.domain, m.local_part, m.path, m.uid, m.gid, m.enabled"
+        "SELECT m.domain, m.local_part, m.path, m.uid, m.gid, m.enabled, m.login"
         " FROM maplookup.mailboxes m"
         " JOIN unnest($1::text[], $2::text[]) AS k(domain, local_part)"
         " ON m.domain = k.domain AND m.local_part = k.local_part",
@@ -52,7 +62,7 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
         [lp for _, lp in keys],
     ):
         state.mailboxes[(row["domain"], row["local_part"])] = DbMailbox(
-            row["path"], row["uid"], row["gid"], row["enabled"]
+            row["path"], row["uid"], row["gid"], row["enabled"], row["login"]
         )
     keys = sorted(alias_keys)
     for row in await conn.fetch(
@@ -66,22 +76,17 @@ async def fetch_state(conn: asyncpg.Connection, parsed: Parsed) -> DbState:
         state.aliases[(row["domain"], row["local_part"])] = DbAlias(
             tuple(row["targets"]), row["enabled"]
         )
+    await fetch_routing_state(conn, parsed.routing, state)
     return state
 
 
 # -- writing -----------------------------------------------------------------------------------
 
 
-async def _bulk(conn: asyncpg.Connection, query: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """One statement for many rows: each column travels as one array parameter (unnest)."""
-    if rows:
-        await conn.execute(query, *[list(column) for column in zip(*rows, strict=True)])
-
-
 async def write_plan(conn: asyncpg.Connection, plan: Plan) -> None:
     """COPY the new rows and apply the updates as one statement per kind of change."""
     domain_columns = ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"]
-    for kind in ("mailbox", "alias"):  # mirrors reference mailbox domains
+    for kind in ("mailbox", "alias", "relay"):  # mirrors reference mailbox domains
         rows = [
             (name, d.kind, d.alias_of, d.default_uid, d.default_gid, d.enabled)
             for name, d in sorted(plan.domains.items())
@@ -144,6 +149,7 @@ async def write_plan(conn: asyncpg.Connection, plan: Plan) -> None:
         " WHERE a.domain = u.domain AND a.local_part = u.local_part",
         plan.alias_updates,
     )
+    await write_routing(conn, plan)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +176,8 @@ async def import_parsed(
     try:
         async with conn.transaction():
             await conn.execute(
-                "LOCK TABLE maplookup.domains, maplookup.mailboxes, maplookup.aliases"
+                "LOCK TABLE maplookup.domains, maplookup.mailboxes, maplookup.aliases,"
+                " maplookup.sender_grants, maplookup.relay_recipients, maplookup.transports"
                 " IN SHARE ROW EXCLUSIVE MODE"
             )
             if large:
@@ -208,8 +215,10 @@ def summary_lines(plan: Plan, options: ImportOptions, committed: bool) -> list[s
     else:
         head = "nothing imported; the import would have done:"
     lines = [head]
-    width = max(len(c) for c in CATEGORIES) + 1
-    for category in CATEGORIES:
+    # The maps beyond delivery only when the import had something for them.
+    shown = list(CATEGORIES) + [c for c in ROUTING_CATEGORIES if plan.counts[c] != Counts()]
+    width = max(len(c) for c in shown) + 1
+    for category in shown:
         counts = plan.counts[category]
         parts = [f"{counts.added} added", f"{counts.unchanged} unchanged"]
         if options.replace:

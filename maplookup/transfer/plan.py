@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from maplookup.db.admin_input import TransportKey
+
 from .problems import Problem
 from .records import CATEGORIES, GIDS, UIDS, AliasRecord
+from .routing_records import ROUTING_CATEGORIES
 
 # -- what the database holds already -----------------------------------------------------------
 
@@ -31,6 +34,7 @@ class DbMailbox:
     uid: int | None
     gid: int | None
     enabled: bool
+    login: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,11 @@ class DbState:
     domains: dict[str, DbDomain] = field(default_factory=dict)
     mailboxes: dict[tuple[str, str], DbMailbox] = field(default_factory=dict)
     aliases: dict[tuple[str, str], DbAlias] = field(default_factory=dict)
+    # The maps beyond delivery: grants as (domain, local_part, login), relay recipients as
+    # (domain, local_part), transports by key.
+    grants: set[tuple[str, str, str]] = field(default_factory=set)
+    relay_recipients: set[tuple[str, str]] = field(default_factory=set)
+    transports: dict[TransportKey, str] = field(default_factory=dict)
 
 
 # -- deciding what to write --------------------------------------------------------------------
@@ -92,12 +101,19 @@ class Plan:
         default_factory=lambda: {UIDS: [], GIDS: []}
     )
     alias_updates: list[tuple[str, str, str, bool]] = field(default_factory=list)
-    counts: dict[str, Counts] = field(default_factory=lambda: {c: Counts() for c in CATEGORIES})
+    counts: dict[str, Counts] = field(
+        default_factory=lambda: {c: Counts() for c in CATEGORIES + ROUTING_CATEGORIES}
+    )
     implied_mailbox_domains: list[str] = field(default_factory=list)
     implied_alias_domains: list[str] = field(default_factory=list)
     domain_forwards: list[tuple[str, str]] = field(default_factory=list)
     mailbox_catchall_aliases: list[str] = field(default_factory=list)
     mirror_lines: int = 0
+    # The maps beyond delivery (planning_routing.py).
+    grants: list[tuple[str, str, str]] = field(default_factory=list)
+    relay_recipients: list[tuple[str, str]] = field(default_factory=list)
+    transports: dict[TransportKey, str] = field(default_factory=dict)  # new or replaced
+    mailbox_logins: list[tuple[str, str, str | None]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -114,4 +130,8 @@ class Plan:
             + len(self.mailbox_updates)
             + sum(len(v) for v in self.mailbox_ids.values())
             + len(self.alias_updates)
+            + len(self.grants)
+            + len(self.relay_recipients)
+            + len(self.transports)
+            + len(self.mailbox_logins)
         )

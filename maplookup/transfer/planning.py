@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .plan import DbState, NewDomain, NewMailbox, Plan
+from .planning_routing import plan_routing
 from .problems import Origin, Problem
 from .reading import Parsed
 from .records import (
@@ -32,7 +33,8 @@ def _state_word(enabled: bool) -> str:
 class _Planner:
     """Compares the parsed files with the database, record by record, in a fixed order:
     declared domains, mailboxes (which imply mailbox domains), mirror targets, bare-domain
-    declarations, aliases (which imply alias domains), then uids and gids."""
+    declarations, aliases (which imply alias domains), uids and gids, then the maps beyond
+    delivery (planning_routing.py)."""
 
     def __init__(self, parsed: Parsed, db: DbState, replace: bool) -> None:
         self.parsed = parsed
@@ -82,6 +84,7 @@ class _Planner:
         self.aliases()
         self.ids(UIDS, self.parsed.uids, "uid")
         self.ids(GIDS, self.parsed.gids, "gid")
+        plan_routing(self, self.parsed.routing)
         plan = self.plan
         for problem in plan.problems:
             if not problem.warning:
@@ -144,10 +147,11 @@ class _Planner:
         for key, record in self.parsed.mailboxes.items():
             domain = record.address.domain
             kind = self.kind(domain)
-            if kind == "alias":
+            if kind in ("alias", "relay"):
                 self.error(
                     record.origin,
-                    f"{domain} is an alias domain; mailboxes need a mailbox domain",
+                    f"{domain} is {'an alias' if kind == 'alias' else 'a relay'} domain; "
+                    "mailboxes need a mailbox domain",
                     MAILBOXES,
                 )
                 self.failed_mailboxes[key] = record.origin
@@ -212,6 +216,14 @@ class _Planner:
                 self.plan.counts[ALIAS_DOMAINS].added += 1
                 self.plan.implied_alias_domains.append(domain)
                 kind = "alias"
+            if kind == "relay":
+                self.error(
+                    record.origin,
+                    f"{domain} is a relay domain: its mail goes to another host, which has its "
+                    "aliases",
+                    ALIASES,
+                )
+                continue
             mirror_of = self.alias_of(domain)
             if record.address.is_catchall and mirror_of is not None:
                 if record.targets == [f"@{mirror_of}"]:

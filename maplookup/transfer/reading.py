@@ -7,20 +7,19 @@ not consulted: :class:`Parsed` is what the files say, plus the problems found on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
 
 from maplookup.db.admin_input import AdminError
 
+from .checking import convert, dedupe, without_derived
 from .problems import _SILENT, Origin, Problem, Progress
+from .reading_routing import ROUTING_READERS, RoutingParsed
 from .records import (
     ALIAS_DOMAINS,
     ALIAS_OF_PREFIX,
     ALIASES,
-    DERIVED_BEGIN,
-    DERIVED_END,
     GIDS,
     MAILBOX_DOMAINS,
     MAILBOXES,
@@ -39,63 +38,6 @@ from .records import (
 from .source import Entry, parse_source
 
 
-class _Located(Protocol):
-    origin: Origin
-    enabled: bool
-
-
-_Record = TypeVar("_Record", bound=_Located)
-
-
-def _convert(
-    entries: Iterable[Entry],
-    category: str,
-    problems: list[Problem],
-    make: Callable[[Entry], _Record],
-) -> list[_Record]:
-    records: list[_Record] = []
-    for entry in entries:
-        try:
-            records.append(make(entry))
-        except AdminError as exc:
-            problems.append(Problem(entry.origin, str(exc), category))
-    return records
-
-
-def _dedupe(
-    records: Iterable[_Record],
-    category: str,
-    problems: list[Problem],
-    key: Callable[[_Record], object],
-    value: Callable[[_Record], object],
-    show: Callable[[_Record], str],
-) -> dict[Any, _Record]:
-    """First record per key.  A repeat with the same value is harmless; with another value it is
-    an error (postmap only warns, and which one wins depends on the table type).  An active line
-    beats a ``# disabled:`` one for the same key: that is what Postfix would use."""
-    kept: dict[Any, _Record] = {}
-    for record in records:
-        k = key(record)
-        first = kept.get(k)
-        if first is None:
-            kept[k] = record
-            continue
-        if first.enabled != record.enabled:
-            if record.enabled:
-                kept[k] = record
-            continue
-        if value(first) != value(record):
-            problems.append(
-                Problem(
-                    record.origin,
-                    f"duplicate key {show(record)} with a different value (first at "
-                    f"{first.origin})",
-                    category,
-                )
-            )
-    return kept
-
-
 @dataclass(frozen=True, slots=True)
 class Sources:
     """The files to import; any may be None."""
@@ -106,6 +48,10 @@ class Sources:
     virtual: Path | None = None
     uids: Path | None = None
     gids: Path | None = None
+    sender_login: Path | None = None
+    relay_domains: Path | None = None
+    relay_recipients: Path | None = None
+    transport: Path | None = None
 
     def given(self) -> list[tuple[str, Path]]:
         return [(name, path) for name, path in self._items() if path is not None]
@@ -118,6 +64,10 @@ class Sources:
             ("virtual", self.virtual),
             ("uids", self.uids),
             ("gids", self.gids),
+            ("sender_login", self.sender_login),
+            ("relay_domains", self.relay_domains),
+            ("relay_recipients", self.relay_recipients),
+            ("transport", self.transport),
         ]
 
 
@@ -136,6 +86,8 @@ class Parsed:
     # Mailboxes whose address was readable but whose line was not, for the uid/gid messages.
     failed_mailboxes: dict[tuple[str, str], Origin] = field(default_factory=dict)
     lines: int = 0
+    # The maps beyond delivery (reading_routing.py).
+    routing: RoutingParsed = field(default_factory=RoutingParsed)
 
 
 def read_sources(sources: Sources, progress: Progress = _SILENT) -> Parsed:
@@ -147,7 +99,10 @@ def read_sources(sources: Sources, progress: Progress = _SILENT) -> Parsed:
         except OSError as exc:
             raise AdminError(f"cannot read {path}: {exc.strerror or exc}") from exc
         parsed.lines += data.count(b"\n")
-        _READERS[name](parsed, data, str(path), rank, progress)
+        if name in ROUTING_READERS:
+            ROUTING_READERS[name](parsed.routing, parsed.problems, data, str(path), rank, progress)
+        else:
+            _READERS[name](parsed, data, str(path), rank, progress)
     return parsed
 
 
@@ -167,13 +122,13 @@ def _read_domains(parsed: Parsed, data: bytes, source: str, rank: int, progress:
                     warning=True,
                 )
             )
-    records = _convert(
+    records = convert(
         entries,
         MAILBOX_DOMAINS,
         problems,
         lambda e: DomainRecord(_domain(e.key), "mailbox", e.origin, e.enabled),
     )
-    parsed.mailbox_domains = _dedupe(
+    parsed.mailbox_domains = dedupe(
         records, MAILBOX_DOMAINS, problems, lambda r: r.name, lambda r: r.kind, lambda r: r.name
     )
 
@@ -195,8 +150,8 @@ def _read_alias_domains(
                 raise AdminError(f"{name}: a domain cannot mirror itself")
         return DomainRecord(name, "alias", entry.origin, entry.enabled, alias_of)
 
-    records = _convert(entries, ALIAS_DOMAINS, problems, make)
-    parsed.alias_domains = _dedupe(
+    records = convert(entries, ALIAS_DOMAINS, problems, make)
+    parsed.alias_domains = dedupe(
         records,
         ALIAS_DOMAINS,
         problems,
@@ -218,8 +173,8 @@ def _read_vmailbox(parsed: Parsed, data: bytes, source: str, rank: int, progress
             parsed.failed_mailboxes[(address.domain, address.local_part)] = entry.origin
             raise
 
-    records = _convert(entries, MAILBOXES, problems, make)
-    parsed.mailboxes = _dedupe(
+    records = convert(entries, MAILBOXES, problems, make)
+    parsed.mailboxes = dedupe(
         records,
         MAILBOXES,
         problems,
@@ -229,29 +184,13 @@ def _read_vmailbox(parsed: Parsed, data: bytes, source: str, rank: int, progress
     )
 
 
-def _without_derived(entries: list[Entry], notes: list[tuple[Origin, str]]) -> list[Entry]:
-    """The entries outside export's ``derived`` blocks (a hash: table's form of maplookup's
-    mirror and catch-all rules, which the records imply)."""
-    blocks: list[tuple[int, int]] = []
-    start: int | None = None
-    for origin, text in notes:
-        if text.startswith(DERIVED_BEGIN):
-            start = origin.line
-        elif text.startswith(DERIVED_END) and start is not None:
-            blocks.append((start, origin.line))
-            start = None
-    if not blocks:
-        return entries
-    return [e for e in entries if not any(a < e.origin.line < b for a, b in blocks)]
-
-
 def _read_virtual(parsed: Parsed, data: bytes, source: str, rank: int, progress: Progress) -> None:
     problems = parsed.problems
     notes: list[tuple[Origin, str]] = []
     entries = parse_source(
         data, source, ALIASES, problems, rank=rank, progress=progress, notes=notes
     )
-    entries = _without_derived(entries, notes)
+    entries = without_derived(entries, notes)
     alias_entries: list[Entry] = []
     domain_entries: list[Entry] = []
     for entry in entries:
@@ -261,22 +200,22 @@ def _read_virtual(parsed: Parsed, data: bytes, source: str, rank: int, progress:
             domain_entries.append(entry)
         else:
             alias_entries.append(entry)
-    domains = _convert(
+    domains = convert(
         domain_entries,
         ALIAS_DOMAINS,
         problems,
         lambda e: DomainRecord(_domain(e.key), "alias", e.origin, e.enabled, declared=False),
     )
-    parsed.virtual_domains = _dedupe(
+    parsed.virtual_domains = dedupe(
         domains, ALIAS_DOMAINS, problems, lambda r: r.name, lambda r: r.kind, lambda r: r.name
     )
-    aliases = _convert(
+    aliases = convert(
         alias_entries,
         ALIASES,
         problems,
         lambda e: AliasRecord(_address(e.key), _targets(e.value), e.origin, e.enabled),
     )
-    parsed.aliases = _dedupe(
+    parsed.aliases = dedupe(
         aliases,
         ALIASES,
         problems,
@@ -312,7 +251,7 @@ def _id_reader(category: str, name: str) -> Callable[[Parsed, bytes, str, int, P
             else:
                 fallbacks[note[1]] = (note[2] or "", note[3])
         entries = [e for e in entries if e.key not in inherited]
-        records = _convert(
+        records = convert(
             entries,
             category,
             problems,
@@ -327,7 +266,7 @@ def _id_reader(category: str, name: str) -> Callable[[Parsed, bytes, str, int, P
         setattr(
             parsed,
             category,
-            _dedupe(
+            dedupe(
                 records,
                 category,
                 problems,

@@ -4,7 +4,8 @@
     python -m tests.differential --seeds 3 --exclude catchall_alias,mirror_domain --keep
 
 Exit status 0 when A (Postfix + maplookup), B (Postfix + hash: from export) and maplookup's
-trace agree for every recipient and export+import gives back the same records, else 1.
+trace agree for every recipient, the maps of issue 14 answer alike key by key, and
+export+import gives back the same records, else 1.
 """
 
 from __future__ import annotations
@@ -79,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.dataset:
                 print(result.dataset_text)
-            bad = bool(result.disagreements or result.round_trip or result.refused)
+            bad = bool(
+                result.disagreements or result.round_trip or result.refused or result.routing
+            )
             failed |= bad
             print(
                 f"seed {seed}: {result.recipients} recipients, "
-                f"{len(result.disagreements)} disagreeing, {len(result.refused)} refused, "
+                f"{len(result.disagreements)} disagreeing, {len(result.routing)} routing-map "
+                f"keys disagreeing, {len(result.refused)} refused, "
                 f"{len(result.round_trip)} round-trip differences, {result.seconds:.1f} s",
                 flush=True,
             )

@@ -22,7 +22,18 @@ Kinds (the names ``exclude`` takes):
 * ``domain_target``: an alias whose only target is ``@other.domain`` (keeps the local part);
 * ``utf8``: UTF-8 local parts (``straße``, ``ärger``);
 * ``delimiter_key``: a mailbox whose local part contains the recipient delimiter
-  (``list+info``), so the full key matches before extension stripping.
+  (``list+info``), so the full key matches before extension stripping;
+* ``mailbox_login``: mailboxes whose SASL login is not their address (issue 14);
+* ``sender_grant``: explicit sender grants: an alias, an outside address, an address with an
+  extension, ``@domain`` of a mailbox domain (and so of its mirror), a mirror's address;
+* ``relay_domain``: relay domains, one a subdomain of another, one open (``@domain``), one
+  sometimes disabled, with relay recipients (and one in a hosted domain, for a backup MX);
+* ``transport``: transport entries for a domain (and its subdomains), a domain without its
+  subdomains, ``.domain`` only, addresses, and sometimes the wildcard ``*``; all of them
+  ``discard:`` transports (the nexthop names the entry), so that nothing leaves the host.
+
+The records of the maps beyond delivery come from a random generator of their own, so that
+the delivery records of a seed are those it always had.
 
 Uids and gids are in the range 1000..9999 (``virtual_minimum_uid = 1000``); ``SERVER_DEFAULT_UID``
 and ``SERVER_DEFAULT_GID`` are the server's configured defaults, for mailboxes whose domain has
@@ -32,11 +43,12 @@ none.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import asyncpg
 
-from maplookup.db import admin
+from maplookup.db import admin, admin_routing
 from maplookup.db.admin_input import AdminError
 
 KINDS = (
@@ -54,6 +66,10 @@ KINDS = (
     "domain_target",
     "utf8",
     "delimiter_key",
+    "mailbox_login",
+    "sender_grant",
+    "relay_domain",
+    "transport",
 )
 
 VIRTUAL_MINIMUM_UID = 1000
@@ -90,6 +106,7 @@ class Mailbox:
     path: str | None = None  # None: admin's default domain/local/ (a Maildir)
     uid: int | None = None
     gid: int | None = None
+    login: str | None = None  # None: the default, the address itself
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,11 @@ class Dataset:
     alias_domains: list[AliasDomain] = field(default_factory=list)
     mailboxes: list[Mailbox] = field(default_factory=list)
     aliases: list[Alias] = field(default_factory=list)
+    # The maps beyond delivery (issue 14).
+    grants: list[tuple[str, str]] = field(default_factory=list)  # (address or @domain, login)
+    relay_domains: list[tuple[str, bool]] = field(default_factory=list)  # (name, enabled)
+    relay_recipients: list[str] = field(default_factory=list)
+    transports: list[tuple[str, str, bool]] = field(default_factory=list)  # key, value, subdomains
     # Filled by load(): records admin refused, with its message.
     refused: list[tuple[object, str]] = field(default_factory=list)
 
@@ -131,6 +153,14 @@ class Dataset:
             lines.append(f"mailbox {m.address} path={m.path} uid={m.uid} gid={m.gid}")
         for al in self.aliases:
             lines.append(f"alias {al.address} -> {', '.join(al.targets)}")
+        lines += [f"mailbox {m.address} login={m.login}" for m in self.mailboxes if m.login]
+        lines += [f"sender allow {address} {login}" for address, login in self.grants]
+        lines += [f"domain {name} --relay enabled={on}" for name, on in self.relay_domains]
+        lines += [f"relay-recipient add {address}" for address in self.relay_recipients]
+        lines += [
+            f"transport set {key} {value}" + ("" if sub else " (no subdomains)")
+            for key, value, sub in self.transports
+        ]
         for record, message in self.refused:
             lines.append(f"REFUSED by admin: {record}: {message}")
         return "\n".join(lines)
@@ -312,7 +342,57 @@ def generate(
     if "mirror_domain" in kinds and rng.random() < 0.5:
         # An alias of the mirror domain's own (it takes precedence over the mirror rule).
         ds.aliases.append(Alias(fresh("mirror.test"), (rng.choice(all_mailboxes),)))
+    _generate_routing(ds, random.Random(seed * 104_729 + 14))
     return ds
+
+
+RELAY_DOMAINS = ("relay.test", "sub.relay.test", "open.test", "offrelay.test")
+
+
+def _generate_routing(ds: Dataset, rng: random.Random) -> None:
+    """The records of the maps beyond delivery (issue 14), with their own random generator."""
+    kinds = ds.kinds
+    boxes = [m for m in ds.mailboxes if not m.address.startswith("@")]
+    aliases = [a.address for a in ds.aliases if not a.address.startswith("@")]
+    if "mailbox_login" in kinds:
+        for index in rng.sample(range(len(ds.mailboxes)), 3):
+            m = ds.mailboxes[index]
+            if not m.address.startswith("@"):
+                local = m.address.partition("@")[0]
+                login = rng.choice((f"{local}-sasl", f"U{index}", m.address.upper()))
+                ds.mailboxes[index] = replace(m, login=login)
+    if "sender_grant" in kinds:
+        logins = ["boss", "Helper", rng.choice(boxes).address]
+        ds.grants.append((rng.choice(aliases), rng.choice(logins)))
+        ds.grants.append((f"me@{REMOTE_DOMAINS[0]}", rng.choice(boxes).address))
+        ds.grants.append(("@gamma.test", "gammaboss"))
+        ds.grants.append((f"shared{rng.randint(1, 9)}@beta.test", "boss"))
+        ds.grants.append((f"{rng.choice(boxes).address.partition('@')[0]}+news@alpha.test", "news"))
+        if rng.random() < 0.6:
+            ds.grants.append(("@alpha.test", rng.choice(logins)))
+        if "mirror_domain" in kinds and rng.random() < 0.6:
+            ds.grants.append((f"{rng.choice(('sales', 'info', 'x'))}@mirror.test", "mirrorboss"))
+        if rng.random() < 0.5:  # a second owner of a granted address
+            ds.grants.append((ds.grants[0][0], "second"))
+    if "relay_domain" in kinds:
+        for name in RELAY_DOMAINS:
+            ds.relay_domains.append((name, name != "offrelay.test" or rng.random() < 0.3))
+        ds.relay_recipients += ["known@relay.test", "other@relay.test", "deep@sub.relay.test"]
+        ds.relay_recipients += ["@open.test", "gone@offrelay.test", "extra@beta.test"]
+        if rng.random() < 0.5:
+            ds.relay_recipients.append("known+ext@relay.test")
+    if "transport" in kinds:
+        ds.transports.append(("gamma.test", "discard:t-gamma", rng.random() < 0.7))
+        box = rng.choice([m.address for m in boxes if m.address.endswith("@beta.test")])
+        ds.transports.append((box, "discard:t-box", True))
+        ds.transports.append(("relay.test", "discard:t-relay", True))
+        ds.transports.append(("only.test", "discard:t-only", False))
+        ds.transports.append((".deep.test", "discard:t-deep", True))
+        ds.transports.append((f"x@{UNHOSTED_DOMAINS[0]}", "discard:t-x", True))
+        if "delimiter_key" in kinds:
+            ds.transports.append(("list+info@beta.test", "discard:t-list", True))
+        if rng.random() < 0.25:  # every class but the alias class: no virtual(8) delivery
+            ds.transports.append(("*", "discard:t-wildcard", True))
 
 
 async def load(conn: asyncpg.Connection, ds: Dataset) -> None:
@@ -333,6 +413,29 @@ async def load(conn: asyncpg.Connection, ds: Dataset) -> None:
         else:
             await attempt(a, admin.domain_add(conn, a.name, alias=True))
     for m in ds.mailboxes:
-        await attempt(m, admin.mailbox_add(conn, m.address, path=m.path, uid=m.uid, gid=m.gid))
+        await attempt(
+            m,
+            admin.mailbox_add(conn, m.address, path=m.path, uid=m.uid, gid=m.gid, login=m.login),
+        )
     for al in ds.aliases:
         await attempt(al, admin.alias_add(conn, al.address, list(al.targets)))
+    await _load_routing(conn, ds, attempt)
+
+
+async def _load_routing(conn: asyncpg.Connection, ds: Dataset, attempt: Any) -> None:
+    for address, login in ds.grants:
+        await attempt(("grant", address, login), admin_routing.sender_allow(conn, address, login))
+    for name, _ in ds.relay_domains:
+        await attempt(("relay domain", name), admin.domain_add(conn, name, relay=True))
+    for address in ds.relay_recipients:
+        await attempt(
+            ("relay recipient", address), admin_routing.relay_recipient_add(conn, address)
+        )
+    for name, enabled in ds.relay_domains:
+        if not enabled:
+            await attempt(("disable", name), admin.domain_set_enabled(conn, name, False))
+    for key, value, subdomains in ds.transports:
+        await attempt(
+            ("transport", key, value),
+            admin_routing.transport_set(conn, key, value, subdomains=subdomains),
+        )

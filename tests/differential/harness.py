@@ -3,7 +3,13 @@
 * **A**: the maplookup server (a separate process) and exactly what ``maplookup postfix-config``
   generates: socketmap for smtpd, cleanup and trivial-rewrite, ``pgsql:`` files for virtual(8).
 * **B**: ``maplookup export`` of the same database, each file built with ``postmap hash:``, and
-  main.cf pointing the six virtual_* parameters at those tables.
+  main.cf pointing the six virtual_* parameters and the four of issue 14
+  (smtpd_sender_login_maps, relay_domains, relay_recipient_maps, transport_maps) at those
+  tables.  The dataset's transports are all ``discard:``, so that nothing leaves the host.
+
+Beyond what the two instances deliver, ``routing.py`` compares the answers of the four maps of
+issue 14 key by key, with Postfix's own lookup order over ``postmap -q`` (smtpd's sender
+login check has no outcome to observe without SASL).
 
 Everything else in main.cf is the same for both (checked with ``postconf -n``): SMTPUTF8 on,
 ``recipient_delimiter = +``, ``virtual_minimum_uid``, ``myorigin`` a name not hosted here, and
@@ -38,11 +44,13 @@ from maplookup.maps import LookupSettings
 from maplookup.postfix.trace import trace_address
 from maplookup.postfix.trace_result import PostfixSettings
 from maplookup.testing import RunningServer, free_port, start_server, stop_server
+from maplookup.transfer.exporting import EXPORT_FILES
 from tests.e2e.postfix_instance import PostfixError, PrivatePostfix
 
 from . import dataset as ds_mod
 from .dataset import Dataset
 from .recipients import Recipient
+from .routing import RoutingDisagreement, compare_routing
 
 SENDER = "sender@outside.example"
 DELIVERY_TIMEOUT_S = 60.0
@@ -66,6 +74,10 @@ MAP_PARAMETERS = frozenset(
         "virtual_mailbox_maps",
         "virtual_uid_maps",
         "virtual_gid_maps",
+        "smtpd_sender_login_maps",
+        "relay_domains",
+        "relay_recipient_maps",
+        "transport_maps",
         "queue_directory",
         "data_directory",
         "maillog_file",
@@ -294,7 +306,7 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
         )  # fmt: skip
         tables = b.config_dir / "maps"
         tables.mkdir(parents=True)
-        for name in ("domains", "alias_domains", "vmailbox", "virtual", "uids", "gids"):
+        for name in EXPORT_FILES:
             shutil.copy(export_dir / name, tables / name)
         b_main = "\n".join(
             [
@@ -305,6 +317,10 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
                 f"virtual_mailbox_maps = hash:{tables}/vmailbox",
                 f"virtual_uid_maps = hash:{tables}/uids",
                 f"virtual_gid_maps = hash:{tables}/gids",
+                f"smtpd_sender_login_maps = hash:{tables}/sender_login",
+                f"relay_domains = hash:{tables}/relay_domains",
+                f"relay_recipient_maps = hash:{tables}/relay_recipients",
+                f"transport_maps = hash:{tables}/transport",
                 f"virtual_mailbox_base = {b.mail_base}",
                 "recipient_delimiter = +",
                 f"virtual_minimum_uid = {ds_mod.VIRTUAL_MINIMUM_UID}",
@@ -312,7 +328,7 @@ def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
             ]
         )
         b.prepare(b_main, VIRTUAL_SERVICE, COMMON_OVERRIDES)
-        for name in ("domains", "alias_domains", "vmailbox", "virtual", "uids", "gids"):
+        for name in EXPORT_FILES:
             built = subprocess.run(
                 [_postbin("postmap"), "-c", str(b.config_dir), f"hash:{tables / name}"],
                 capture_output=True,
@@ -485,7 +501,10 @@ def trace_outcome(trace: dict[str, object]) -> tuple[object, ...]:
         verdict = delivery["verdict"]
         local_box = delivery["domain_class"] == "virtual_mailbox"
         relay = "virtual" if local_box else "none"
-        if verdict == "delivered":
+        if verdict == "delivered" and delivery.get("transport"):
+            # A transport_maps entry delivers it (the dataset's are all discard:, relay=none).
+            finals.append((node["address"], "none", "sent", "2"))
+        elif verdict == "delivered":
             finals.append((node["address"], relay, "sent", "2"))
             mailbox = delivery["mailbox"]
             form = "maildir" if mailbox.endswith("/") else "mbox"
@@ -506,7 +525,7 @@ def trace_all(dsn: str, addresses: Iterable[str]) -> dict[str, tuple[object, ...
     async def run() -> dict[str, tuple[object, ...]]:
         conn = await asyncpg.connect(dsn)
         try:
-            out = {}
+            out: dict[str, tuple[object, ...]] = {}
             for address in addresses:
                 try:
                     result = await trace_address(conn, address, lookup, postfix)
@@ -526,10 +545,13 @@ def trace_all(dsn: str, addresses: Iterable[str]) -> dict[str, tuple[object, ...
 _TABLE_QUERIES = (
     "SELECT name, kind, alias_of, default_uid, default_gid, enabled FROM maplookup.domains"
     " ORDER BY name",
-    "SELECT domain, local_part, path, uid, gid, enabled FROM maplookup.mailboxes"
+    "SELECT domain, local_part, path, uid, gid, enabled, login FROM maplookup.mailboxes"
     " ORDER BY domain, local_part",
     "SELECT domain, local_part, targets, enabled FROM maplookup.aliases"
     " ORDER BY domain, local_part",
+    "SELECT domain, local_part, login FROM maplookup.sender_grants ORDER BY 1, 2, 3",
+    "SELECT domain, local_part FROM maplookup.relay_recipients ORDER BY 1, 2",
+    "SELECT domain, local_part, transport FROM maplookup.transports ORDER BY 1, 2",
 )
 
 
@@ -560,18 +582,11 @@ def round_trip(dsn: str, export_dir: Path, empty_dsn: str) -> list[str]:
             "import",
             "--dsn",
             empty_dsn,
-            "--domains",
-            str(export_dir / "domains"),
-            "--alias-domains",
-            str(export_dir / "alias_domains"),
-            "--vmailbox",
-            str(export_dir / "vmailbox"),
-            "--virtual",
-            str(export_dir / "virtual"),
-            "--uids",
-            str(export_dir / "uids"),
-            "--gids",
-            str(export_dir / "gids"),
+            *(
+                arg
+                for name in EXPORT_FILES
+                for arg in (f"--{name.replace('_', '-')}", str(export_dir / name))
+            ),
         ],
         capture_output=True,
         text=True,
@@ -581,7 +596,7 @@ def round_trip(dsn: str, export_dir: Path, empty_dsn: str) -> list[str]:
     problems = []
     if result.returncode != 0:
         problems.append(f"import failed ({result.returncode}): {result.stderr.strip()}")
-    names = ("domain", "mailbox", "alias")
+    names = ("domain", "mailbox", "alias", "sender grant", "relay recipient", "transport")
     for name, first, second in zip(names, _tables(dsn), _tables(empty_dsn), strict=True):
         for row in sorted(set(first) - set(second), key=repr):
             problems.append(f"{name} lost or changed by export+import: {row}")
@@ -616,6 +631,8 @@ class SeedResult:
     round_trip: list[str]
     export_warnings: str
     dataset_text: str
+    # The maps of issue 14, key by key (routing.py).
+    routing: list[RoutingDisagreement] = field(default_factory=list)
 
 
 def make_database_factory(pg_dsn: str) -> Callable[[], str]:
@@ -656,6 +673,14 @@ def run_seed(
     try:
         outcomes_a = run_instance(pair.a, seed, recipients)
         outcomes_b = run_instance(pair.b, seed, recipients)
+        routing = compare_routing(
+            ds,
+            [r.address for r in recipients],
+            f"socketmap:inet:127.0.0.1:{pair.server.socketmap_port}",
+            pair.b.config_dir / "maps",
+            pair.b.config_dir,
+            _postbin("postmap"),
+        )
     finally:
         pair.stop()
     traces = trace_all(dsn, [r.address for r in recipients])
@@ -683,6 +708,7 @@ def run_seed(
         trip,
         pair.export_warnings,
         ds.describe(),
+        routing,
     )
 
 
@@ -711,6 +737,8 @@ def format_table(results: Iterable[SeedResult], *, records: bool = True) -> str:
                 lines.append(f"seed {res.seed}: admin REFUSED {record}: {message}")
         for problem in res.round_trip:
             lines.append(f"seed {res.seed}: round trip: {problem}")
+        for disagreement in res.routing:
+            lines.append(f"seed {res.seed}: {disagreement}")
         for d in res.disagreements:
             which = ",".join(
                 n for n, flag in (("A!=B", d.a_vs_b), ("trace!=A", d.trace_vs_a),

@@ -3,8 +3,10 @@
 Each recipient carries a ``kind`` label, shown in the disagreement table, so a developer sees at
 once which sort of address disagrees: ``mailbox``, ``alias``, ``+ext`` (extensions with mixed
 case), ``case`` (mixed-case local part and domain), ``utf8`` (UTF-8 local parts, Unicode case
-folding), ``quoted`` (local parts that travel quoted), ``mirror``, ``unknown@<domain kind>`` and
-``unhosted``.
+folding), ``quoted`` (local parts that travel quoted), ``mirror``, ``unknown@<domain kind>``,
+``unhosted``, and for the maps beyond delivery ``relay`` (relay domains, their subdomains and
+relay recipients: relay_domains and relay_recipient_maps at RCPT) and ``transport`` (addresses
+a transport_maps entry or its fallbacks decide).
 """
 
 from __future__ import annotations
@@ -115,4 +117,34 @@ def recipients_for(ds: Dataset) -> list[Recipient]:
     add(f"Mixed+{_ext(rng)}@{_mixed_case(UNHOSTED_DOMAINS[0], rng)}", "unhosted")
     if "utf8" in ds.kinds:
         add(f"straße@{UNHOSTED_DOMAINS[1]}", "unhosted")
+    for address, kind in routing_addresses(ds, rng):
+        add(address, kind)
+    return out
+
+
+def routing_addresses(ds: Dataset, rng: random.Random) -> list[tuple[str, str]]:
+    """Addresses the relay and transport records decide: records, their extensions and case,
+    unknown users, subdomains (parent-domain matching), look-alike domains."""
+    out: list[tuple[str, str]] = []
+    for address in ds.relay_recipients:
+        local, _, domain = address.rpartition("@")
+        local = local or f"anyone{rng.randint(1, 9)}"
+        out.append((f"{local}@{domain}", "relay"))
+        out.append((f"{_mixed_case(local, rng)}+{_ext(rng)}@{_mixed_case(domain, rng)}", "relay"))
+    for name, _ in ds.relay_domains:
+        out.append((f"nobody{rng.randint(1, 99)}@{name}", "relay"))
+        out.append((f"known@mx.{name}", "relay"))
+        out.append((f"x@x{name}", "relay"))
+    for key, _, _ in ds.transports:
+        if key == "*":
+            continue
+        local, at, domain = key.rpartition("@")
+        if at:
+            out.append((f"{local}+{_ext(rng)}@{domain}", "transport"))
+            out.append((f"other{rng.randint(1, 9)}@{domain}", "transport"))
+            continue
+        domain = domain.lstrip(".")
+        out.append((f"x@{domain}", "transport"))
+        out.append((f"x@sub.{_mixed_case(domain, rng)}", "transport"))
+        out.append((f"x@a.b.{domain}", "transport"))
     return out

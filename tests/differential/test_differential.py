@@ -50,7 +50,7 @@ def test_maplookup_and_hash_tables_from_export_agree(seed_result: SeedResult) ->
     bad = [d for d in seed_result.disagreements if d.a_vs_b]
     if bad:
         result = SeedResult(**{**seed_result.__dict__, "disagreements": bad, "refused": [],
-                               "round_trip": []})  # fmt: skip
+                               "round_trip": [], "routing": []})  # fmt: skip
         _fail(
             seed_result,
             f"{len(bad)} of {seed_result.recipients} recipients differ between Postfix with "
@@ -64,12 +64,25 @@ def test_trace_predicts_what_postfix_does(seed_result: SeedResult) -> None:
     bad = [d for d in seed_result.disagreements if d.trace_vs_a]
     if bad:
         result = SeedResult(**{**seed_result.__dict__, "disagreements": bad, "refused": [],
-                               "round_trip": []})  # fmt: skip
+                               "round_trip": [], "routing": []})  # fmt: skip
         _fail(
             seed_result,
             f"{len(bad)} of {seed_result.recipients} recipients: `maplookup trace` predicts "
             "otherwise than Postfix with maplookup (A) does",
             format_table([result]),
+        )
+
+
+@pytest.mark.parametrize("seed_result", SEEDS, indirect=True, ids=lambda s: f"seed{s}")
+def test_routing_maps_answer_like_hash_tables_from_export(seed_result: SeedResult) -> None:
+    """sender_login, relay_domains, relay_recipients, transport: each key, asked in the order
+    the Postfix daemon using the map asks (tests/differential/routing.py)."""
+    if seed_result.routing:
+        _fail(
+            seed_result,
+            f"{len(seed_result.routing)} keys of the maps of issue 14 answer otherwise with "
+            "maplookup than with hash: tables from `maplookup export`",
+            "\n".join(str(d) for d in seed_result.routing),
         )
 
 

@@ -95,7 +95,8 @@ async def _reset_data(conn: asyncpg.Connection) -> None:
     keys = CACHED + [k for phase in PHASES for k in EXISTING[phase]] + PROBES + [CHANGE_KEY]
     async with conn.transaction():
         await conn.execute(
-            "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients, maplookup.domains"
+            "TRUNCATE maplookup.aliases, maplookup.mailboxes, maplookup.relay_recipients,"
+            " maplookup.domains"
         )
         await conn.execute(
             "INSERT INTO maplookup.domains (name, kind) VALUES ('example.com', 'mailbox')"
@@ -114,7 +115,7 @@ async def _reset_data(conn: asyncpg.Connection) -> None:
 async def _terminate_backends(conn: asyncpg.Connection) -> int:
     count: int = await conn.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE application_name IN ('maplookup', 'maplookup-listen')"
+        " WHERE application_name IN ('maplookup', 'maplookup-feed')"
     )
     return count
 
@@ -122,7 +123,7 @@ async def _terminate_backends(conn: asyncpg.Connection) -> int:
 async def _terminate_listen_backend(conn: asyncpg.Connection) -> int:
     count: int = await conn.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE application_name = 'maplookup-listen'"
+        " WHERE application_name = 'maplookup-feed'"
     )
     return count
 
@@ -271,7 +272,7 @@ async def _client(port: int, number: int, traffic: Traffic) -> None:
         await client.aclose()
 
 
-def _settings(dsn: str, listen_keepalive_s: float = 0.5) -> Settings:
+def _settings(dsn: str, change_feed_poll_interval_s: float = 0.2) -> Settings:
     return load_settings(
         overrides={
             "listen": {"socketmap": ["127.0.0.1:0"]},
@@ -281,7 +282,7 @@ def _settings(dsn: str, listen_keepalive_s: float = 0.5) -> Settings:
                 "query_timeout_s": QUERY_TIMEOUT_S,
                 "pool_max_connections": 4,
             },
-            "cache": {"listen_keepalive_s": listen_keepalive_s},
+            "cache": {"change_feed_poll_interval_s": change_feed_poll_interval_s},
         },
         environ={},
     )
@@ -395,17 +396,17 @@ async def test_killed_backends(cluster: EmbeddedPostgres) -> None:
 async def test_killing_the_listen_connection_never_stops_the_service(
     cluster: EmbeddedPostgres,
 ) -> None:
-    """The LISTEN connection killed 60 times while its keepalive query runs every 5 ms.
+    """The change feed's connection killed 60 times while it reads the log every 5 ms.
 
-    Fails while maplookup/changes.py catches only OSError, PostgresError, InterfaceError and
-    TimeoutError around the keepalive ``SELECT 1``: on a connection whose backend was just
-    terminated asyncpg can raise InternalClientError ("cannot switch to state 12; another
-    operation (2) is in progress"), which escapes ``_listen_forever``, ends
-    ``ChangeListener.run`` and with it the whole service nursery: ``maplookup serve`` exits.
-    The default keepalive (5 s) makes the race rarer, not impossible.
+    Failed while maplookup/db/changes.py caught only OSError, PostgresError, InterfaceError and
+    TimeoutError around its keepalive query (now: its read of the change log): on a connection
+    whose backend was just terminated asyncpg can raise InternalClientError ("cannot switch to
+    state 12; another operation (2) is in progress"), which escaped the reconnect loop, ended
+    ``run`` and with it the whole service nursery: ``maplookup serve`` exited.  The default
+    poll interval (0.2 s) makes the race rarer, not impossible.
     """
     await admin_sql(cluster, _reset_data)
-    settings = _settings(cluster.tcp_dsn, listen_keepalive_s=0.005)
+    settings = _settings(cluster.tcp_dsn, change_feed_poll_interval_s=0.005)
     kills = 60
     done = 0
     stopped = trio.Event()

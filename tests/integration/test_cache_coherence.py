@@ -15,7 +15,7 @@ import trio.testing
 
 from maplookup.config import Settings
 from maplookup.config_load import load_settings
-from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.changes import APPLICATION_NAME, ChangeFeed, FeedSettings
 from maplookup.db.database import PoolSettings, open_database
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.lookup.answer import DatabaseSource
@@ -41,7 +41,7 @@ def settings_for(dsn: str, **cache: float) -> Settings:
         overrides={
             "listen": {"socketmap": ["127.0.0.1:0"]},
             "database": {"dsn": dsn, "connect_timeout_s": 1.0, "query_timeout_s": 2.0},
-            "cache": {"listen_keepalive_s": 0.5, **cache},
+            "cache": {"change_feed_poll_interval_s": 0.2, **cache},
         },
         environ={},
     )
@@ -185,13 +185,13 @@ async def test_truncate_flushes_everything(dsn: str) -> None:
 
 
 async def test_lost_listen_connection_flushes_and_never_serves_stale(dsn: str) -> None:
-    """pg_terminate_backend the LISTEN connection, change a row while it is down."""
+    """pg_terminate_backend the change feed's connection, change a row while it is down."""
     async with open_database(PoolSettings(dsn=dsn)) as database:
         cache = AnswerCache(CacheSettings())
         source = CachingSource(DatabaseSource(database, LookupSettings()), cache)
         # Reconnect after a full second, so that the change below lands while nobody listens.
-        listener = ChangeListener(
-            ListenerSettings(dsn=dsn, keepalive_s=0.5, reconnect_min_s=1.0),
+        listener = ChangeFeed(
+            FeedSettings(dsn=dsn, reconnect_min_s=1.0),
             invalidate=cache.invalidate_domains,
             flush=cache.flush,
             set_live=cache.set_live,
@@ -208,10 +208,10 @@ async def test_lost_listen_connection_flushes_and_never_serves_stale(dsn: str) -
             run_sql(
                 dsn,
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'maplookup-listen'",
+                f" WHERE application_name = '{APPLICATION_NAME}'",
             )
             await wait_until(lambda: listener.counters.connection_losses == 1 and not cache.live)
-            # The trigger's NOTIFY goes nowhere now: nobody listens.
+            # Nobody follows the log now: the reconnected feed flushes and starts at the head.
             run_sql(
                 dsn,
                 "UPDATE maplookup.mailboxes SET path = 'example.com/moved/'"

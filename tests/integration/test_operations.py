@@ -45,7 +45,7 @@ async def test_metrics_move_with_lookups_and_healthz_follows_the_database(
         overrides={
             "listen": {"socketmap": ["127.0.0.1:0"]},
             "database": {"dsn": dsn, "connect_timeout_s": 1.0, "query_timeout_s": 2.0},
-            "cache": {"listen_keepalive_s": 0.5},
+            "cache": {"change_feed_poll_interval_s": 0.2},
             "metrics": {"listen": f"127.0.0.1:{port}"},
         },
         environ={},

@@ -74,7 +74,9 @@ def test_version_1_is_upgraded_in_place_keeping_data(empty_dsn: str) -> None:
     )
     assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 1
     assert _init(empty_dsn) == (1, schema.SCHEMA_VERSION)
-    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == 4
+    assert _fetch(empty_dsn, "SELECT version FROM maplookup.schema_version") == (
+        schema.SCHEMA_VERSION
+    )
     assert _fetch(empty_dsn, "SELECT maplookup.vmailbox('User+x@example.com')") == (
         "example.com/user/"
     )
@@ -90,6 +92,12 @@ def test_version_1_is_upgraded_in_place_keeping_data(empty_dsn: str) -> None:
         )
         == 1
     )
+    # Version 4's change log starts empty and records the next change.
+    assert _fetch(empty_dsn, "SELECT maplookup.change_log_head()") == 0
+    run_sql(empty_dsn, "UPDATE maplookup.mailboxes SET path = 'example.com/u2/'")
+    assert _fetch(empty_dsn, "SELECT domains FROM maplookup.changes_after(0, 10)") == [
+        "example.com"
+    ]
 
 
 def test_newer_schema_is_refused_by_db_init(empty_dsn: str) -> None:

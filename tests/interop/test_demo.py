@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from maplookup.db import schema
 from maplookup.embedded import read_running_dsn
 from maplookup.testing import RunningServer, free_port, stop_server, wait_for_port
 from tests.interop.test_postmap import postmap
@@ -92,7 +93,7 @@ def test_serve_demo_on_embedded_postgres(postfix_dir: Path, tmp_path: Path) -> N
         checked = maplookup_cli("check-config", env=env)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert f"database: the embedded cluster in {state_dir}" in checked.stdout
-        assert "schema: version 3 (current)" in checked.stdout
+        assert f"schema: version {schema.SCHEMA_VERSION} (current)" in checked.stdout
         assert "default uid none" in checked.stdout  # no config file: the demo's are its own
 
         # A second demo on the same state directory refuses to start, and leaves the first

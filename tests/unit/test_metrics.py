@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from maplookup.db.changes import ChangeListener, ListenerSettings
+from maplookup.db.changes import ChangeFeed, FeedSettings
 from maplookup.db.database import DatabaseError, DatabaseTimeout
 from maplookup.lookup.cache import AnswerCache, CacheSettings
 from maplookup.maps import LookupSettings, MapName
@@ -235,7 +235,7 @@ class Parts:
     database: DatabaseStats
     server: ServerCounters
     cache: AnswerCache
-    listener: ChangeListener
+    listener: ChangeFeed
     pool: list[tuple[int, int, int] | Exception]
 
     def pool_state(self) -> tuple[int, int, int]:
@@ -247,8 +247,8 @@ class Parts:
 
 def make_parts() -> Parts:
     cache = AnswerCache(CacheSettings(max_entries=500))
-    listener = ChangeListener(
-        ListenerSettings(dsn="postgresql://unused"),
+    listener = ChangeFeed(
+        FeedSettings(dsn="postgresql://unused"),
         invalidate=cache.invalidate_domains,
         flush=cache.flush,
         set_live=cache.set_live,
@@ -302,6 +302,8 @@ def test_exposition_starts_at_zero_with_documented_families() -> None:
         "maplookup_cache_max_entries": "gauge",
         "maplookup_cache_live": "gauge",
         "maplookup_listen_connected": "gauge",
+        "maplookup_change_feed_listening": "gauge",
+        "maplookup_change_feed_changes": "counter",
         "maplookup_notifications": "counter",
         "maplookup_listen_reconnects": "counter",
         "maplookup_listen_connection_losses": "counter",
@@ -355,6 +357,9 @@ def test_exposition_follows_the_counters() -> None:
     parts.listener.counters.notifications = 12
     parts.listener.counters.connects = 3
     parts.listener.counters.connection_losses = 2
+    parts.listener.counters.changes = 7
+    parts.listener.position = 42
+    parts.listener.listening = True
     parts.pool[0] = (5, 0, 10)
 
     samples, _ = parse(render(registry))
@@ -394,6 +399,9 @@ def test_exposition_follows_the_counters() -> None:
     assert value(samples, "maplookup_cache_live") == 1
     assert value(samples, "maplookup_listen_connected") == 1
     assert value(samples, "maplookup_notifications_total") == 12
+    assert value(samples, "maplookup_change_feed_position") == 42
+    assert value(samples, "maplookup_change_feed_listening") == 1
+    assert value(samples, "maplookup_change_feed_changes_total") == 7
     assert value(samples, "maplookup_listen_reconnects_total") == 2
     assert value(samples, "maplookup_listen_connection_losses_total") == 2
     assert value(samples, "maplookup_db_pool_connections", state="idle") == 0
@@ -439,7 +447,7 @@ class FakeServer:
 class FakeRunning:
     server: FakeServer
     cache: AnswerCache | None
-    listener: ChangeListener | None
+    listener: ChangeFeed | None
 
 
 def test_from_running_without_cache_or_listener() -> None:
