@@ -224,7 +224,9 @@ class CacheConfig(_Model):
     # checks the connection.
     change_feed_poll_interval_s: PositiveFloat = 0.2
     # Unused since the change feed (schema version 5): its reads check the connection every
-    # change_feed_poll_interval_s.  Still accepted, so that existing config files load.
+    # change_feed_poll_interval_s.  Still accepted, so that a config file written for an
+    # older version loads after an upgrade (refusing it would stop the server, and mail);
+    # `check-config` says to remove it.
     listen_keepalive_s: PositiveFloat = 5.0
 
 

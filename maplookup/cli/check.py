@@ -180,6 +180,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"config: {args.config or '(no file: defaults and environment)'}: valid")
     for line in _describe(settings):
         print(line)
+    if "listen_keepalive_s" in settings.cache.model_fields_set:
+        print(
+            "warning: cache.listen_keepalive_s is no longer used (the change feed checks its "
+            "connection every cache.change_feed_poll_interval_s): remove it"
+        )
     ok = bool(
         settings.listen.socketmap or settings.listen.socketmap_unix or settings.listen.tcp_table
     )
