@@ -201,13 +201,13 @@ async def connect_listed(
         try:
             conn = await connect_to(dsn, address, timeout_s=timeout_s, **kwargs)
         except Exception as exc:  # any failure: the next host
-            reasons.append(f"{address}: {_why(exc, timeout_s)}")
+            reasons.append(f"{address}: {_why(exc, address, timeout_s)}")
             continue
         try:
             reached = await role_of(conn, address, index, timeout_s)
         except Exception as exc:
             conn.terminate()
-            reasons.append(f"{address}: {_why(exc, timeout_s)}")
+            reasons.append(f"{address}: {_why(exc, address, timeout_s)}")
             continue
         if _accepts(target, reached):
             if fallback is not None:
@@ -227,10 +227,10 @@ def _wanted(target: str) -> str:
     return "usable" if target in ("any", "prefer-standby") else target
 
 
-def _why(exc: BaseException, timeout_s: float) -> str:
+def _why(exc: BaseException, address: ServerAddress, timeout_s: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout_s} s"
-    return describe(exc)
+    return describe(exc).removesuffix(f" ({address})")  # the address is said already
 
 
 def describe_list(addresses: Sequence[ServerAddress]) -> str:
