@@ -28,8 +28,9 @@ respected, each host its own connect timeout), and before the cache goes live it
 lookup pool to the very server it reached (``ServerPin``), so that the lookups and the feed
 read one server and move together: when that server fails, the feed loses its connection, the
 cache stops serving as fresh, and the reader walks the list again.  While it reads a server
-later in the list than the first, it tries the earlier ones every ``prefer_recheck_s`` and moves
-back to one that suits again (a local standby back from a restart): one more flush.
+later in the list than the first (or, with ``prefer-standby``, a server that is not a
+standby), it tries the better ones every ``prefer_recheck_s`` and moves back to one that suits
+again (a local standby back from a restart): one more flush.
 
 Every ``status_interval_s`` it also reads its server's status (primary or standby, replay lag:
 ``status.py``), and it notes when it last read the log successfully: ``/healthz`` calls the
@@ -61,7 +62,7 @@ from maplookup.db.feed import (
     changes_after,
     head_position,
 )
-from maplookup.db.servers import Reached, ServerPin, connect_listed, host_list
+from maplookup.db.servers import Reached, ServerPin, connect_listed, host_list, target_of
 from maplookup.db.status import ServerStatus, read_status
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,61 @@ class _Lost(Exception):
 
 class _Reselect(Exception):
     """An earlier server of the host list suits again: walk the list afresh."""
+
+
+class _BetterServers:
+    """Is a server the host list prefers to the one read back?  Probed every
+    ``prefer_recheck_s`` in a task of its own, so that a dead host (its connect timeout)
+    never delays the feed's reads.
+
+    Better: a server listed earlier that suits the DSN's target; with ``prefer-standby``, a
+    standby listed earlier, or any standby when the feed reads a non-standby (the fallback).
+    """
+
+    def __init__(self, settings: FeedSettings, reached: Reached, now: float) -> None:
+        self._settings = settings
+        self._next = now + settings.prefer_recheck_s
+        self._task: asyncio.Task[bool] | None = None
+        self._target = target_of(settings.dsn)
+        count = len(host_list(settings.dsn))
+        self._only: list[int] = list(range(reached.index))
+        if self._target == "prefer-standby":
+            self._target = "standby"
+            if not reached.in_recovery:
+                self._only = [i for i in range(count) if i != reached.index]
+
+    def better_suits(self, now: float) -> bool:
+        """True once a probe found a better server; starts probes when due."""
+        if not self._only:
+            return False
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            if not task.cancelled() and task.exception() is None and task.result():
+                return True
+        if self._task is None and now >= self._next:
+            self._task = asyncio.get_running_loop().create_task(self._probe())
+            self._next = now + self._settings.prefer_recheck_s
+        return False
+
+    async def _probe(self) -> bool:
+        settings = self._settings
+        try:
+            probe, _better = await connect_listed(
+                settings.dsn,
+                target=self._target,
+                timeout_s=settings.connect_timeout_s,
+                only=self._only,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+        except Exception:
+            return False  # none of them: stay
+        probe.terminate()
+        return True
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class ChangeFeed:
@@ -197,7 +253,7 @@ class ChangeFeed:
             try:
                 await self._follow(conn, reached)
             except _Reselect:
-                log.info("an earlier server of the host list suits again: moving back to it")
+                log.info("a server the host list prefers is back: moving to it")
             except Exception as exc:
                 # asyncpg can raise more than its documented errors on a connection the
                 # server just killed (InternalClientError "cannot switch to state"): a lost
@@ -232,8 +288,6 @@ class ChangeFeed:
         loop = asyncio.get_running_loop()
         self.server = reached
         self.status = await read_status(conn, settings.query_timeout_s)
-        next_status = loop.time() + settings.status_interval_s
-        next_recheck = loop.time() + settings.prefer_recheck_s
         wake = self._wake = asyncio.Event()
         lost = asyncio.Event()
 
@@ -244,7 +298,6 @@ class ChangeFeed:
         conn.add_termination_listener(on_termination)
         # LISTEN before the head is read: a change committed in between wakes the first poll.
         self.listening = await self._try_listen(conn)
-        next_listen_try = loop.time() + settings.listen_retry_s
         async with asyncio.timeout(settings.query_timeout_s):
             cursor = FeedCursor(await head_position(conn))
         if self._pin is not None:
@@ -255,6 +308,25 @@ class ChangeFeed:
         self.counters.connects += 1
         # Changes before the head may have been missed: flush, then follow from the head.
         self._post_live(True, cursor.position)
+        recheck = _BetterServers(settings, reached, loop.time())
+        try:
+            await self._poll(conn, cursor, wake, lost, recheck)
+        finally:
+            recheck.cancel()
+
+    async def _poll(
+        self,
+        conn: asyncpg.Connection,
+        cursor: FeedCursor,
+        wake: asyncio.Event,
+        lost: asyncio.Event,
+        recheck: _BetterServers,
+    ) -> None:
+        """Read the log at every wake-up or poll interval, until the connection fails."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        next_listen_try = loop.time() + settings.listen_retry_s
+        next_status = loop.time() + settings.status_interval_s
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.poll_interval_s):
@@ -278,9 +350,8 @@ class ChangeFeed:
             if loop.time() >= next_status:
                 self.status = await read_status(conn, settings.query_timeout_s)
                 next_status = loop.time() + settings.status_interval_s
-            if reached.index > 0 and loop.time() >= next_recheck:
-                await self._recheck_earlier(reached)
-                next_recheck = loop.time() + settings.prefer_recheck_s
+            if recheck.better_suits(loop.time()):
+                raise _Reselect("a server the host list prefers is back")
 
     def _note_server(self, reached: Reached) -> None:
         """Say which server the feed (and the lookups) read, when that is news."""
@@ -296,22 +367,6 @@ class ChangeFeed:
                 reached.index + 1,
             )
         self._last_address = reached.address
-
-    async def _recheck_earlier(self, reached: Reached) -> None:
-        """Raise _Reselect if a server listed before ``reached`` suits the DSN again."""
-        settings = self._settings
-        try:
-            probe, earlier = await connect_listed(
-                settings.dsn,
-                timeout_s=settings.connect_timeout_s,
-                before=reached.index,
-                server_settings={"application_name": APPLICATION_NAME},
-            )
-        except Exception:
-            return  # none of them: stay
-        probe.terminate()
-        if earlier.index < reached.index:
-            raise _Reselect(str(earlier.address))
 
     async def _try_listen(self, conn: asyncpg.Connection) -> bool:
         """LISTEN on ``conn`` where the database allows it; False (said once per change of

@@ -181,7 +181,7 @@ async def connect_listed(
     *,
     target: str | None = None,
     timeout_s: float,
-    before: int | None = None,
+    only: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> tuple[asyncpg.Connection, Reached]:
     """Walk ``dsn``'s host list in order; the first server that suits ``target`` (default: the
@@ -189,15 +189,17 @@ async def connect_listed(
 
     Each host gets ``timeout_s`` of its own, and any failure moves on to the next.
     ``prefer-standby`` takes the first standby, else the first server that answered (libpq's
-    second pass, without connecting twice).  ``before``: walk only the hosts listed before
-    that index (is an earlier server back?).  Raises :class:`NoServer` naming every host and
+    second pass, without connecting twice).  ``only``: walk only the hosts at these places
+    of the list (is a better server back?).  Raises :class:`NoServer` naming every host and
     why it was passed over.
     """
     target = target or target_of(dsn)
-    addresses = host_list(dsn)[:before]
+    addresses = host_list(dsn)
     fallback: tuple[asyncpg.Connection, Reached] | None = None
     reasons: list[str] = []
     for index, address in enumerate(addresses):
+        if only is not None and index not in only:
+            continue
         try:
             conn = await connect_to(dsn, address, timeout_s=timeout_s, **kwargs)
         except Exception as exc:  # any failure: the next host

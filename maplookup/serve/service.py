@@ -27,6 +27,7 @@ from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import schema
 from maplookup.db.changes import ChangeFeed, FeedSettings
 from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
+from maplookup.db.servers import NoServer, target_of
 from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
 from maplookup.lookup.cache import AnswerCache, CachingSource
 from maplookup.metrics import (
@@ -162,6 +163,10 @@ class Service:
         task_status: trio.TaskStatus[Running],
     ) -> None:
         settings = self.settings
+        try:
+            target_of(self._dsn)
+        except NoServer as exc:
+            raise StartupError(f"[database] dsn: {exc}") from exc
         pool_settings = PoolSettings(
             dsn=self._dsn,
             pool_max_connections=settings.database.pool_max_connections,
@@ -298,10 +303,15 @@ class Service:
             reason = f"unreachable: {exc or 'timeout'}"
             details["database"] = reason
             problems.append(f"database {reason}")
-        details["lookups_server"] = server_details(self._database.pin.lookup_server)
+        lookups = self._database.pin.lookup_server
         running = self._running
-        if running is not None and running.listener is not None:
-            feed = running.listener
+        feed = running.listener if running is not None else None
+        # The feed reads its server's role every second; the pool's is from when it connected.
+        status = None
+        if feed is not None and feed.server is not None and lookups is not None:
+            status = feed.status if feed.server.address == lookups.address else None
+        details["lookups_server"] = server_details(lookups, status)
+        if feed is not None:
             details["notifications"] = "live" if feed.live else "down"
             report = feed_health(feed, self.settings.cache.change_feed_stuck_after_s)
             details["change_feed"] = report.details
