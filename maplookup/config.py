@@ -230,8 +230,12 @@ class CacheConfig(_Model):
     # connect_timeout_s for each dead host before the one that answers).
     change_feed_stuck_after_s: PositiveFloat = 30.0
     # Unused since the change feed (schema version 5): its reads check the connection every
-    # change_feed_poll_interval_s.  Still accepted, so that existing config files load.
-    listen_keepalive_s: PositiveFloat = 5.0
+    # change_feed_poll_interval_s.  Still accepted, so that a config file written for an
+    # older version loads after an upgrade (refusing it would stop the server, and mail);
+    # `check-config` says to remove it.
+    listen_keepalive_s: Annotated[
+        PositiveFloat, Field(deprecated="unused since the change feed: remove it")
+    ] = 5.0
 
 
 class EmbeddedSettings(_Model):

@@ -63,17 +63,18 @@ MAP_TYPE_PACKAGES = {"pgsql": "postfix-pgsql", "lmdb": "postfix-lmdb", "cdb": "p
 
 
 @functools.cache
-def _postfix_map_types() -> frozenset[str]:
-    """The map types this Postfix supports (``postconf -m``), read once per run."""
+def _postconf(option: str) -> frozenset[str]:
+    """What ``postconf -m`` (map types) or ``postconf -a`` (SASL server types) lists, read
+    once per run."""
     postconf = shutil.which("postconf") or "/usr/sbin/postconf"
     with tempfile.TemporaryDirectory(prefix="maplookup-postconf-") as directory:
         # postconf, like every Postfix program, refuses to run without a main.cf.
         (Path(directory) / "main.cf").write_text("compatibility_level = 3.6\n")
         result = subprocess.run(
-            [postconf, "-c", directory, "-m"], capture_output=True, text=True, check=False
+            [postconf, "-c", directory, option], capture_output=True, text=True, check=False
         )
     if result.returncode != 0:
-        raise RuntimeError(f"postconf -m failed: {result.stderr.strip()}")
+        raise RuntimeError(f"postconf {option} failed: {result.stderr.strip()}")
     return frozenset(result.stdout.split())
 
 
@@ -86,12 +87,61 @@ def require_postfix(*map_types: str) -> None:
     """
     if not postfix_available():
         _missing("Postfix is not installed (apt-get install postfix postfix-pgsql postfix-lmdb)")
-    missing = [t for t in map_types if t not in _postfix_map_types()]
+    missing = [t for t in map_types if t not in _postconf("-m")]
     if missing:
         packages = " ".join(MAP_TYPE_PACKAGES.get(t, f"postfix-{t}") for t in missing)
         _missing(
             f"Postfix map type {', '.join(missing)} is not installed (apt-get install {packages})"
         )
+
+
+# Cyrus SASL's mechanism plugins, by the Debian package that ships each, and the packages
+# every SMTP AUTH test needs besides (saslpasswd2 and saslpluginviewer; the sasldb plugin).
+SASL_PLUGIN_PACKAGES = {"PLAIN": "libsasl2-modules", "LOGIN": "libsasl2-modules"}
+SASL_PACKAGES = ("sasl2-bin", "libsasl2-modules-db")
+
+
+def _sasl_plugins(option: str) -> frozenset[str]:
+    """What ``saslpluginviewer -s`` (server mechanisms) or ``-a`` (auxprop plugins) lists as
+    installed and properly configured: the first lines after its heading, up to the next."""
+    viewer = require_tool("saslpluginviewer", "sasl2-bin")
+    result = subprocess.run([viewer, option], capture_output=True, text=True, check=False)
+    lines = result.stdout.splitlines()
+    names: set[str] = set()
+    for index, line in enumerate(lines):
+        if line.startswith("Installed and properly configured"):
+            for following in lines[index + 1 :]:
+                if following.endswith(":") or following.startswith("List of"):
+                    break
+                names.update(following.split())
+            break
+    return frozenset(names)
+
+
+def require_cyrus_sasl(*mechanisms: str) -> str:
+    """Skip (or, under CI, fail) unless smtpd can authenticate with Cyrus SASL against a
+    sasldb with each of ``mechanisms``; returns the path of saslpasswd2.
+
+    Checks what the tests use: Postfix built with Cyrus SASL (``postconf -a``), saslpasswd2
+    (sasl2-bin), the sasldb auxprop plugin (libsasl2-modules-db) and each mechanism's plugin
+    (libsasl2-modules), as Cyrus SASL itself lists them (``saslpluginviewer``).
+    """
+    require_postfix()
+    if "cyrus" not in _postconf("-a"):
+        _missing("this Postfix is built without Cyrus SASL (postconf -a does not list cyrus)")
+    saslpasswd2 = require_tool("saslpasswd2", "sasl2-bin")
+    if "sasldb" not in _sasl_plugins("-a"):
+        _missing(
+            "Cyrus SASL's sasldb plugin is not installed (apt-get install libsasl2-modules-db)"
+        )
+    missing = [m for m in mechanisms if m not in _sasl_plugins("-s")]
+    if missing:
+        packages = " ".join(
+            sorted({SASL_PLUGIN_PACKAGES.get(m, "libsasl2-modules") for m in missing})
+        )
+        names = ", ".join(missing)
+        _missing(f"Cyrus SASL mechanism {names} is not installed (apt-get install {packages})")
+    return saslpasswd2
 
 
 def run_async(action: Callable[[asyncpg.Connection], Awaitable[object]], dsn: str) -> None:

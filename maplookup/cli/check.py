@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -13,6 +14,8 @@ from maplookup.cli.common import EXIT_ERROR, EXIT_OK
 from maplookup.config import ConfigError, Settings, redact_dsn
 from maplookup.config_load import load_settings
 from maplookup.db import schema
+from maplookup.db.errors import describe
+from maplookup.db.server_role import ServerRole, probe, single_hosts, with_session_attrs
 from maplookup.embedded import default_state_dir, read_running_dsn
 
 
@@ -23,7 +26,10 @@ def add_commands(commands: Any) -> None:
         description=(
             "Validate the configuration (file, MAPLOOKUP_* environment): unknown keys and "
             "wrong types are reported with the file's line.  Then connect to the database "
-            "and check the schema version.  Exit 0 when everything is usable, 1 otherwise."
+            "and check the schema version, and say what the connections reach: primary or "
+            "hot standby (with its replay lag), whether LISTEN works there, which server the "
+            "admin commands write to, each host of a host list, and a connection pooler in "
+            "between.  Exit 0 when everything is usable, 1 otherwise."
         ),
     )
     parser.add_argument("--config", type=Path, metavar="FILE", help="the file `serve` will read")
@@ -62,11 +68,56 @@ def _describe(settings: Settings) -> list[str]:
     ]
 
 
-async def _check_database(dsn: str, timeout_s: float) -> list[tuple[bool, str]]:
+_CONNECT_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # no host of the list is, e.g., read-write
+    TimeoutError,
+)
+
+
+def _role_text(role: ServerRole, poll_interval_s: float) -> str:
+    """``10.0.0.2:5432, a hot standby (...); LISTEN refused: ...``"""
+    if not role.standby:
+        text = f"{role.address}, a primary"
+    else:
+        replay = []
+        if role.wal_receiver is not None:
+            replay.append(role.wal_receiver)
+        else:
+            replay.append("NOT receiving WAL (no wal receiver: replication is down)")
+        if role.replay_backlog_bytes is not None:
+            replay.append(f"{role.replay_backlog_bytes} bytes received but not replayed")
+        if role.replay_lag_s is not None:
+            replay.append(f"last replayed commit {role.replay_lag_s:.1f} s ago")
+        text = f"{role.address}, a hot standby ({'; '.join(replay)})"
+    if role.listen_works:
+        return text + "; LISTEN works: changes are seen within milliseconds"
+    return (
+        text + f"; LISTEN refused: the change feed polls every {poll_interval_s} s "
+        "(cache.change_feed_poll_interval_s)"
+    )
+
+
+async def _probe(dsn: str, timeout_s: float) -> ServerRole | str:
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout_s)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        return [(False, f"connection: FAILED: {exc}")]
+    except _CONNECT_ERRORS as exc:
+        return describe(exc)
+    try:
+        return await probe(conn)
+    finally:
+        await conn.close()
+
+
+async def _check_database(
+    dsn: str, timeout_s: float, poll_interval_s: float = 0.2
+) -> list[tuple[bool, str]]:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    except _CONNECT_ERRORS as exc:
+        return [(False, f"connection: FAILED: {describe(exc)}")]
     try:
         server_version = await conn.fetchval("SHOW server_version")
         results = [(True, f"connection: OK (PostgreSQL {server_version})")]
@@ -77,9 +128,45 @@ async def _check_database(dsn: str, timeout_s: float) -> list[tuple[bool, str]]:
             results.append((False, f"schema: {exc}"))
         else:
             results.append((True, f"schema: version {version} (current)"))
-        return results
+        role = await probe(conn)
     finally:
         await conn.close()
+    results.append((True, "lookups reach: " + _role_text(role, poll_interval_s)))
+    if role.feed_position is not None:
+        results.append((True, f"change feed: at position {role.feed_position}"))
+    if role.pooler_suspected:
+        # A warning, not a failure: session pooling works; transaction pooling does not.
+        results.append(
+            (
+                True,
+                "WARNING: a connection pooler (pgbouncer?) answers instead of PostgreSQL: in "
+                "transaction mode LISTEN and asyncpg's prepared statements break; connect "
+                "maplookup to PostgreSQL directly (or use session pooling)",
+            )
+        )
+    writer = await _probe(with_session_attrs(dsn, "read-write"), timeout_s)
+    if isinstance(writer, str):
+        results.append(
+            (
+                False,
+                f"admin writes: FAILED: no read-write server reachable ({writer}): the admin "
+                "commands need the primary",
+            )
+        )
+    else:
+        results.append((True, f"admin writes reach: {writer.address}, the primary"))
+    hosts = single_hosts(dsn)
+    if len(hosts) > 1:
+        for host_dsn in hosts:
+            each = await _probe(host_dsn, timeout_s)
+            host = urlsplit(host_dsn).netloc.rpartition("@")[2]
+            text = (
+                f"UNREACHABLE ({each})"
+                if isinstance(each, str)
+                else ("standby" if each.standby else "primary")
+            )
+            results.append((True, f"host {host}: {text}"))
+    return results
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -93,6 +180,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"config: {args.config or '(no file: defaults and environment)'}: valid")
     for line in _describe(settings):
         print(line)
+    if "listen_keepalive_s" in settings.cache.model_fields_set:
+        print(
+            "warning: cache.listen_keepalive_s is no longer used (the change feed checks its "
+            "connection every cache.change_feed_poll_interval_s): remove it"
+        )
     ok = bool(
         settings.listen.socketmap or settings.listen.socketmap_unix or settings.listen.tcp_table
     )
@@ -111,7 +203,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         dsn = settings.database.dsn.get_secret_value()
         print(f"database: {redact_dsn(dsn)}")
-    for good, line in asyncio.run(_check_database(dsn, settings.database.connect_timeout_s)):
+    checks = _check_database(
+        dsn, settings.database.connect_timeout_s, settings.cache.change_feed_poll_interval_s
+    )
+    for good, line in asyncio.run(checks):
         print(f"  {line}")
         ok = ok and good
     return EXIT_OK if ok else EXIT_ERROR

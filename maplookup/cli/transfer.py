@@ -98,9 +98,10 @@ derives (a mailbox's login, an alias's recipients, mirrors, the addresses a host
 accepts, which a backup MX accepts too) are written out between `# maplookup-note: derived`
 notes, which import skips.
 A mirror domain is `mirror alias-of=target` in alias_domains, and its addresses are written
-out in virtual (`@mirror @target` only when the target has a catch-all); disabled records are written as `# disabled: ...` comments, which Postfix
-ignores and `maplookup import` restores.  uids/gids hold only explicit values.  Files are
-written to temporary files and renamed; existing files are kept unless --force."""
+out in virtual (`@mirror @target` only when the target has a catch-all); disabled records
+are written as `# disabled: ...` comments, which Postfix ignores and `maplookup import`
+restores.  Files are written to temporary files and renamed; existing files are kept unless
+--force."""
 
 
 def add_commands(commands: Any) -> None:

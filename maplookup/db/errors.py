@@ -51,6 +51,8 @@ def describe(exc: BaseException) -> str:
     """
     if isinstance(exc, NoServer):
         return str(exc)
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return "no server of the host list matches its target_session_attrs"
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
         return "the connection to PostgreSQL was lost"
     if isinstance(exc, asyncpg.PostgresError):

@@ -477,3 +477,17 @@ def test_routing_commands(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         "",
     )
     assert fetch(dsn, "SELECT targets FROM maplookup.aliases") == [(["bob@example.com"],)]
+
+
+def test_check_config_says_to_remove_a_setting_that_is_no_longer_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgraded host's config file still loads (refusing it would stop the server and
+    queue mail), and check-config says what to remove."""
+    config = tmp_path / "maplookup.toml"
+    config.write_text("[cache]\nlisten_keepalive_s = 3.0\n")
+    code, out, _ = run_cli(capsys, "check-config", "--config", str(config))
+    assert code == 0
+    assert "warning: cache.listen_keepalive_s is no longer used" in out
+    config.write_text("[cache]\nchange_feed_poll_interval_s = 0.1\n")
+    assert "no longer used" not in run_cli(capsys, "check-config", "--config", str(config))[1]

@@ -1,4 +1,4 @@
-"""`.ci/run` installs every Postfix map type a test asks for.
+"""`.ci/run` installs every Postfix map type, and every Cyrus SASL package, a test asks for.
 
 Under CI a test that finds a map type missing fails (tests/helpers.py), so a new
 ``require_postfix("cdb")`` without its package in `.ci/run` would turn CI red on a machine that
@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.helpers import MAP_TYPE_PACKAGES
+from tests.e2e.sasl import MECHANISMS
+from tests.helpers import MAP_TYPE_PACKAGES, SASL_PACKAGES, SASL_PLUGIN_PACKAGES
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +35,10 @@ def test_ci_script_installs_every_map_type_the_tests_need() -> None:
     for map_type in sorted(required_map_types()):
         package = MAP_TYPE_PACKAGES[map_type]
         assert f"has_map_type {map_type} || need+=({package})" in script, map_type
+
+
+def test_ci_script_installs_every_cyrus_sasl_package_the_tests_need() -> None:
+    script = (PROJECT / ".ci" / "run").read_text(encoding="utf-8")
+    packages = set(SASL_PACKAGES) | {SASL_PLUGIN_PACKAGES[m] for m in MECHANISMS}
+    for package in sorted(packages):
+        assert f"|| need+=({package})" in script, package
