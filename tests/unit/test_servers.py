@@ -121,3 +121,25 @@ def test_a_feed_that_has_not_read_beyond_the_bound_is_stuck() -> None:
     assert report.problem is not None
     assert "since start-up" in report.problem
     assert report.details["server"] == "not connected"
+
+
+@pytest.mark.parametrize(
+    ("query", "reached", "target", "only"),
+    [
+        ("", STANDBY, "any", [0]),  # an earlier server of any kind
+        ("", PRIMARY, "any", []),  # the first: nothing better
+        ("?target_session_attrs=prefer-standby", STANDBY, "standby", [0]),  # earlier standbys
+        # Read as the fallback (no standby was up): any standby of the list is better.
+        ("?target_session_attrs=prefer-standby", PRIMARY, "standby", [1, 2]),
+        ("?target_session_attrs=read-write", READ_ONLY_PRIMARY, "read-write", [0, 1]),
+    ],
+)
+def test_which_servers_the_feed_probes_as_better(
+    query: str, reached: Reached, target: str, only: list[int]
+) -> None:
+    from maplookup.db.changes import FeedSettings, _BetterServers
+
+    settings = FeedSettings(dsn=f"postgresql://u@p:1,s:2,r:3/mail{query}")
+    better = _BetterServers(settings, reached, now=0.0)
+    assert (better._target, better._only) == (target, only)
+    assert better.better_suits(0.0) is False  # not due yet
