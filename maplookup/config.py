@@ -223,6 +223,12 @@ class CacheConfig(_Model):
     # this plus the replay lag; on a primary NOTIFY makes it milliseconds.  Each read also
     # checks the connection.
     change_feed_poll_interval_s: PositiveFloat = 0.2
+    # /healthz turns unhealthy (503, and says why) when the change feed has not read the log
+    # successfully for this long: the cache then no longer follows changes (every lookup
+    # queries the database meanwhile, but a host in that state needs an admin).  Well above
+    # what a failover through a host list takes (reconnect back-off up to 2 s, plus
+    # connect_timeout_s for each dead host before the one that answers).
+    change_feed_stuck_after_s: PositiveFloat = 30.0
     # Unused since the change feed (schema version 5): its reads check the connection every
     # change_feed_poll_interval_s.  Still accepted, so that a config file written for an
     # older version loads after an upgrade (refusing it would stop the server, and mail);

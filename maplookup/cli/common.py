@@ -19,6 +19,7 @@ import asyncpg
 from maplookup.config import ConfigError, Settings
 from maplookup.config_load import load_settings
 from maplookup.db.admin_input import AdminError
+from maplookup.db.servers import NoServer, connect_listed
 
 EXIT_OK = 0
 EXIT_NOTFOUND = 1
@@ -129,15 +130,33 @@ def load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> S
         fail(str(exc), EXIT_USAGE)
 
 
+# Per server of a host list: a dead one costs this much before the next is tried.
+ADMIN_CONNECT_TIMEOUT_S = 10.0
+
+
 def with_connection(
-    args: argparse.Namespace, action: Callable[[asyncpg.Connection], Awaitable[None]]
+    args: argparse.Namespace,
+    action: Callable[[asyncpg.Connection], Awaitable[None]],
+    *,
+    writes: bool,
 ) -> int:
+    """Run ``action`` on a connection to the configured database; one error line on failure.
+
+    ``writes``: the command changes the maps, so it must reach the primary whatever the DSN
+    prefers: ``target_session_attrs=read-write`` is forced, and a host list that names a
+    standby first (an MX host's own DSN) still writes to the primary, after a failover to
+    the promoted one.  Read-only commands use the DSN's own preference (a local standby).
+    """
     dsn = resolve_dsn(args)
 
     async def run() -> None:
         try:
-            conn = await asyncpg.connect(dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            conn, _reached = await connect_listed(
+                dsn,
+                target="read-write" if writes else None,
+                timeout_s=ADMIN_CONNECT_TIMEOUT_S,
+            )
+        except NoServer as exc:
             raise AdminError(f"cannot connect to the database: {exc}") from exc
         try:
             await action(conn)

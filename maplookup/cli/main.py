@@ -72,7 +72,7 @@ def cmd_db_init(args: argparse.Namespace) -> int:
             loaded = await load_demo_data(conn)
             print("demo data loaded" if loaded else "database not empty: demo data not loaded")
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=True)
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -123,7 +123,7 @@ def cmd_domain(args: argparse.Namespace) -> int:
             rows = await admin.domain_list(conn)
             print_table(rows, ["name", "kind", "alias_of", "default_uid", "default_gid", "enabled"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 def cmd_mailbox(args: argparse.Namespace) -> int:
@@ -167,7 +167,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
             rows = await admin.mailbox_list(conn, args.domain)
             print_table(rows, ["address", "path", "uid", "gid", "login", "enabled"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
@@ -188,7 +188,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
             rows = await admin.alias_list(conn, args.domain)
             print_table(rows, ["address", "targets", "enabled"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 # -- parser ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
             rows = await admin_routing.sender_list(conn, args.domain)
             print_table(rows, ["address", "login"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 def cmd_relay_recipient(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def cmd_relay_recipient(args: argparse.Namespace) -> int:
             rows = await admin_routing.relay_recipient_list(conn, args.domain)
             print_table(rows, ["address"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 def cmd_transport(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def cmd_transport(args: argparse.Namespace) -> int:
         else:
             print_table(await admin_routing.transport_list(conn), ["key", "transport"])
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=args.action != "list")
 
 
 def _group(commands: Any, name: str, help_text: str, description: str) -> Any:

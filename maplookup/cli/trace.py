@@ -147,7 +147,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         results.append(await trace_address(conn, address, lookup, postfix))
 
-    with_connection(args, action)
+    with_connection(args, action, writes=False)
     result = results[0]
     if args.json:
         print(json.dumps(render_json(result), indent=2, ensure_ascii=False))

@@ -197,7 +197,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print("\n".join(transfer.summary_lines(plan, options, committed)))
         outcome.append(EXIT_OK)
 
-    with_connection(args, action)
+    with_connection(args, action, writes=True)
     return outcome[0] if outcome else EXIT_ERROR
 
 
@@ -221,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"maplookup: warning: {warning}", file=sys.stderr)
         print("\n".join(transfer.export_summary(result)))
 
-    return with_connection(args, action)
+    return with_connection(args, action, writes=False)
 
 
 def _recipient_delimiter(args: argparse.Namespace) -> str:

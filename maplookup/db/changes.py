@@ -23,6 +23,19 @@ connection.  Reconnection backs off from ``reconnect_min_s`` to ``reconnect_max_
 log was pruned past the reader's position (it lagged more than the retention), the log says
 ``*`` and the cache is flushed.
 
+Host lists (``servers.py``): the reader walks the DSN's list (target_session_attrs
+respected, each host its own connect timeout), and before the cache goes live it pins the
+lookup pool to the very server it reached (``ServerPin``), so that the lookups and the feed
+read one server and move together: when that server fails, the feed loses its connection, the
+cache stops serving as fresh, and the reader walks the list again.  While it reads a server
+later in the list than the first (or, with ``prefer-standby``, a server that is not a
+standby), it tries the better ones every ``prefer_recheck_s`` and moves back to one that suits
+again (a local standby back from a restart): one more flush.
+
+Every ``status_interval_s`` it also reads its server's status (primary or standby, replay lag:
+``status.py``), and it notes when it last read the log successfully: ``/healthz`` calls the
+feed stuck when that is longer ago than ``[cache] change_feed_stuck_after_s``.
+
 Runs in the asyncio thread that owns asyncpg and hands what it read to the cache in the trio
 thread through the trio token, coalesced: a burst of changes costs the trio side one call.
 """
@@ -33,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +54,7 @@ import asyncpg
 import trio
 
 from maplookup.db.database import AsyncioThread
+from maplookup.db.errors import describe
 from maplookup.db.feed import (
     MAX_CHANGES_PER_READ,
     FeedCursor,
@@ -47,6 +62,8 @@ from maplookup.db.feed import (
     changes_after,
     head_position,
 )
+from maplookup.db.servers import Reached, ServerPin, connect_listed, host_list, target_of
+from maplookup.db.status import ServerStatus, read_status
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +76,12 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
 # Where LISTEN was refused, it is tried again this often (a standby may have been promoted).
 LISTEN_RETRY_S = 30.0
+# The server's role and replay lag are read this often (one trivial statement), for /metrics
+# and /healthz; a promotion is seen within this.
+STATUS_INTERVAL_S = 1.0
+# While the feed reads a server later in its host list than the first, the earlier ones are
+# tried this often; moving back costs a cache flush, so not much more often than this.
+PREFER_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +95,8 @@ class FeedSettings:
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
     listen_retry_s: float = LISTEN_RETRY_S
+    status_interval_s: float = STATUS_INTERVAL_S
+    prefer_recheck_s: float = PREFER_RECHECK_S
 
 
 @dataclass(slots=True)
@@ -82,10 +107,70 @@ class FeedCounters:
     reads: int = 0  # reads of the log
     changes: int = 0  # change-log rows applied
     listen_refusals: int = 0  # times LISTEN was not possible (a standby, or refused)
+    server_changes: int = 0  # times the feed went live on another server than before
 
 
 class _Lost(Exception):
     """The feed connection is gone (its termination listener fired)."""
+
+
+class _Reselect(Exception):
+    """An earlier server of the host list suits again: walk the list afresh."""
+
+
+class _BetterServers:
+    """Is a server the host list prefers to the one read back?  Probed every
+    ``prefer_recheck_s`` in a task of its own, so that a dead host (its connect timeout)
+    never delays the feed's reads.
+
+    Better: a server listed earlier that suits the DSN's target; with ``prefer-standby``, a
+    standby listed earlier, or any standby when the feed reads a non-standby (the fallback).
+    """
+
+    def __init__(self, settings: FeedSettings, reached: Reached, now: float) -> None:
+        self._settings = settings
+        self._next = now + settings.prefer_recheck_s
+        self._task: asyncio.Task[bool] | None = None
+        self._target = target_of(settings.dsn)
+        count = len(host_list(settings.dsn))
+        self._only: list[int] = list(range(reached.index))
+        if self._target == "prefer-standby":
+            self._target = "standby"
+            if not reached.in_recovery:
+                self._only = [i for i in range(count) if i != reached.index]
+
+    def better_suits(self, now: float) -> bool:
+        """True once a probe found a better server; starts probes when due."""
+        if not self._only:
+            return False
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            if not task.cancelled() and task.exception() is None and task.result():
+                return True
+        if self._task is None and now >= self._next:
+            self._task = asyncio.get_running_loop().create_task(self._probe())
+            self._next = now + self._settings.prefer_recheck_s
+        return False
+
+    async def _probe(self) -> bool:
+        settings = self._settings
+        try:
+            probe, _better = await connect_listed(
+                settings.dsn,
+                target=self._target,
+                timeout_s=settings.connect_timeout_s,
+                only=self._only,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+        except Exception:
+            return False  # none of them: stay
+        probe.terminate()
+        return True
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class ChangeFeed:
@@ -94,7 +179,9 @@ class ChangeFeed:
     ``live``: the cache may serve as fresh; ``position``: the change-log position whose
     invalidations the cache has been given (trio thread); ``listening``: LISTEN is in place on
     the current connection (else the reader only polls); ``in_recovery``: that database is a
-    hot standby.
+    hot standby; ``server``: the server it reads (None while disconnected), ``status``: that
+    server's last status reading; ``last_read_at``: ``time.monotonic()`` of the last
+    successful read of the log (None before the first).
     """
 
     def __init__(
@@ -103,8 +190,11 @@ class ChangeFeed:
         invalidate: Callable[[set[str]], None],
         flush: Callable[[], None],
         set_live: Callable[[bool], None],
+        pin: ServerPin | None = None,
     ) -> None:
         self._settings = settings
+        self._pin = pin
+        self._several = len(host_list(settings.dsn)) > 1
         self._invalidate = invalidate
         self._flush = flush
         self._set_live = set_live
@@ -121,6 +211,11 @@ class ChangeFeed:
         self.listening = False
         self.in_recovery: bool | None = None  # the database is a hot standby (None: unknown)
         self.position: int | None = None
+        self.server: Reached | None = None
+        self.status: ServerStatus | None = None
+        self.last_read_at: float | None = None
+        self.started_at = time.monotonic()  # "stuck since start-up" counts from here
+        self._last_address: object = None
 
     async def run(
         self,
@@ -143,20 +238,22 @@ class ChangeFeed:
         while True:
             connects = self.counters.connects
             try:
-                conn = await asyncpg.connect(
+                conn, reached = await connect_listed(
                     settings.dsn,
-                    timeout=settings.connect_timeout_s,
+                    timeout_s=settings.connect_timeout_s,
                     server_settings={"application_name": APPLICATION_NAME},
                 )
             except Exception as exc:  # any failure to connect: retry, never stop the server
                 failures += 1
                 if failures == 1:
-                    log.warning("cannot read the change feed: %s; retrying", exc)
+                    log.warning("cannot read the change feed: %s; retrying", describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, settings.reconnect_max_s)
                 continue
             try:
-                await self._follow(conn)
+                await self._follow(conn, reached)
+            except _Reselect:
+                log.info("a server the host list prefers is back: moving to it")
             except Exception as exc:
                 # asyncpg can raise more than its documented errors on a connection the
                 # server just killed (InternalClientError "cannot switch to state"): a lost
@@ -173,7 +270,10 @@ class ChangeFeed:
                         log.warning("cannot read the change feed: %r; retrying", exc)
             finally:
                 self._post_live(False)
+                if self._pin is not None:
+                    self._pin.release()
                 self.listening = False
+                self.server = None
                 self._wake = None
                 conn.terminate()
             if self.counters.connects > connects:
@@ -183,9 +283,11 @@ class ChangeFeed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.reconnect_max_s)
 
-    async def _follow(self, conn: asyncpg.Connection) -> None:
+    async def _follow(self, conn: asyncpg.Connection, reached: Reached) -> None:
         settings = self._settings
         loop = asyncio.get_running_loop()
+        self.server = reached
+        self.status = await read_status(conn, settings.query_timeout_s)
         wake = self._wake = asyncio.Event()
         lost = asyncio.Event()
 
@@ -196,12 +298,35 @@ class ChangeFeed:
         conn.add_termination_listener(on_termination)
         # LISTEN before the head is read: a change committed in between wakes the first poll.
         self.listening = await self._try_listen(conn)
-        next_listen_try = loop.time() + settings.listen_retry_s
         async with asyncio.timeout(settings.query_timeout_s):
             cursor = FeedCursor(await head_position(conn))
+        if self._pin is not None:
+            # Before going live: from now on the lookups read this server too.
+            await self._pin.pin(reached)
+        self._note_server(reached)
+        self.last_read_at = time.monotonic()
         self.counters.connects += 1
         # Changes before the head may have been missed: flush, then follow from the head.
         self._post_live(True, cursor.position)
+        recheck = _BetterServers(settings, reached, loop.time())
+        try:
+            await self._poll(conn, cursor, wake, lost, recheck)
+        finally:
+            recheck.cancel()
+
+    async def _poll(
+        self,
+        conn: asyncpg.Connection,
+        cursor: FeedCursor,
+        wake: asyncio.Event,
+        lost: asyncio.Event,
+        recheck: _BetterServers,
+    ) -> None:
+        """Read the log at every wake-up or poll interval, until the connection fails."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        next_listen_try = loop.time() + settings.listen_retry_s
+        next_status = loop.time() + settings.status_interval_s
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.poll_interval_s):
@@ -215,12 +340,33 @@ class ChangeFeed:
             async with asyncio.timeout(settings.query_timeout_s):
                 batch = await changes_after(conn, cursor.position, MAX_CHANGES_PER_READ)
             self.counters.reads += 1
+            self.last_read_at = time.monotonic()
             step = cursor.advance(batch)
             if step.changes:
                 self.counters.changes += step.changes
                 self._post_step(step)
             if len(batch) >= MAX_CHANGES_PER_READ:
                 wake.set()  # more to read: no waiting
+            if loop.time() >= next_status:
+                self.status = await read_status(conn, settings.query_timeout_s)
+                next_status = loop.time() + settings.status_interval_s
+            if recheck.better_suits(loop.time()):
+                raise _Reselect("a server the host list prefers is back")
+
+    def _note_server(self, reached: Reached) -> None:
+        """Say which server the feed (and the lookups) read, when that is news."""
+        if reached.address == self._last_address:
+            return
+        if self._last_address is not None:
+            self.counters.server_changes += 1
+        if self._several or self._last_address is not None:
+            log.info(
+                "reading %s (%s, host %d of the list): the change feed and the lookups",
+                reached.address,
+                reached.role,
+                reached.index + 1,
+            )
+        self._last_address = reached.address
 
     async def _try_listen(self, conn: asyncpg.Connection) -> bool:
         """LISTEN on ``conn`` where the database allows it; False (said once per change of

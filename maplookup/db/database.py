@@ -40,6 +40,7 @@ import trio
 
 from maplookup.db.batching import BatchSettings, LookupBatcher, LookupJob
 from maplookup.db.errors import CLIENT_ERRORS, DatabaseError, DatabaseTimeout, as_database_error
+from maplookup.db.servers import ServerPin
 from maplookup.maps import LookupSettings, MapName
 
 __all__ = [
@@ -256,8 +257,10 @@ class Database:
         pool: asyncpg.Pool,
         batcher: LookupBatcher,
         settings: PoolSettings,
+        pin: ServerPin,
     ) -> None:
         self._bridge = bridge
+        self.pin = pin  # which server the pool's connections reach (servers.py)
         self._pool = pool
         self._batcher = batcher
         self._settings = settings
@@ -318,9 +321,10 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
     return None
 
 
-async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
+async def _create_pool(settings: PoolSettings, pin: ServerPin) -> asyncpg.Pool:
     # min_size=0: the server starts (and answers TEMP) even while PostgreSQL is down, and
-    # connects on first use; nothing is opened that is not needed.
+    # connects on first use; nothing is opened that is not needed.  Connections are made by
+    # the pin: to the change feed's server, else through the DSN's host list (servers.py).
     pool: asyncpg.Pool = await asyncpg.create_pool(
         settings.dsn,
         min_size=0,
@@ -332,7 +336,9 @@ async def _create_pool(settings: PoolSettings) -> asyncpg.Pool:
         # Lookups only call STABLE functions and change no session state, so the reset
         # query asyncpg runs on every release (a full round trip) has nothing to undo.
         reset=_no_reset,
+        connect=pin.connect,
     )
+    pin.follow(pool.expire_connections)
     return pool
 
 
@@ -342,7 +348,8 @@ async def start_database(bridge: AsyncioThread, settings: PoolSettings) -> Datab
     ``open_database`` is the way in from trio; this is for callers outside trio (tests
     that keep one database for a whole module), with ``bridge.submit``.
     """
-    pool = await _create_pool(settings)
+    pin = ServerPin(settings.connect_timeout_s)
+    pool = await _create_pool(settings, pin)
     batcher = LookupBatcher(
         pool,
         BatchSettings(
@@ -353,7 +360,7 @@ async def start_database(bridge: AsyncioThread, settings: PoolSettings) -> Datab
         bridge.finish,
     )
     batcher.start()
-    return Database(bridge, pool, batcher, settings)
+    return Database(bridge, pool, batcher, settings, pin)
 
 
 async def close_database(database: Database) -> None:

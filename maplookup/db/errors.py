@@ -16,7 +16,14 @@ from maplookup.errors import DatabaseError, DatabaseTimeout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIENT_ERRORS", "DatabaseError", "DatabaseTimeout", "as_database_error"]
+__all__ = ["CLIENT_ERRORS", "DatabaseError", "DatabaseTimeout", "NoServer", "as_database_error"]
+
+
+class NoServer(ConnectionError):
+    """No server of a host list suits (``servers.connect_listed``); the message names each
+    one and why it was passed over, on one line.  An OSError: "cannot connect", like a
+    refused connection, wherever that is handled."""
+
 
 # What asyncpg raises when the database cannot answer (anything else is logged as unexpected).
 CLIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
@@ -42,6 +49,8 @@ def describe(exc: BaseException) -> str:
     ``connection refused (127.0.0.1:5432)`` rather than ``ConnectionRefusedError: [Errno 111]
     Connect call failed ('127.0.0.1', 5432)``; PostgreSQL's own message with its SQLSTATE.
     """
+    if isinstance(exc, NoServer):
+        return str(exc)
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
         return "no server of the host list matches its target_session_attrs"
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):

@@ -22,6 +22,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .servers import feed_delay_metrics, server_metrics
 from .stats import DatabaseStats, LookupStats
 from .views import (
     CacheView,
@@ -29,6 +30,7 @@ from .views import (
     PoolState,
     RunningView,
     ServerCountersView,
+    ServersView,
     StatementCounts,
 )
 
@@ -62,6 +64,7 @@ class MaplookupCollector(Collector):
         listener: ListenerView | None = None,
         pool_state: PoolState | None = None,
         statement_counts: StatementCounts | None = None,
+        servers: ServersView | None = None,
         info: Mapping[str, str] | None = None,
     ) -> None:
         self.lookups = lookups
@@ -71,6 +74,7 @@ class MaplookupCollector(Collector):
         self.listener = listener
         self.pool_state = pool_state
         self.statement_counts = statement_counts
+        self.servers = servers
         self.info = dict(info or {})
 
     @classmethod
@@ -105,6 +109,9 @@ class MaplookupCollector(Collector):
             yield from self._cache_metrics(self.cache)
         if self.listener is not None:
             yield from self._listener_metrics(self.listener)
+            yield from feed_delay_metrics(self.listener)
+        if self.listener is not None or self.servers is not None:
+            yield from server_metrics(self.listener, self.servers)
         if self.database is not None:
             yield from self._database_metrics(self.database)
         if self.pool_state is not None:

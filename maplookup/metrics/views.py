@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from maplookup.db.servers import Reached
+from maplookup.db.status import ServerStatus
+
 
 class ServerCountersView(Protocol):
     """``maplookup.server.ServerCounters``."""
@@ -90,6 +93,8 @@ class ListenerCountersView(Protocol):
     def connection_losses(self) -> int: ...
     @property
     def changes(self) -> int: ...
+    @property
+    def server_changes(self) -> int: ...
 
 
 class ListenerView(Protocol):
@@ -103,6 +108,21 @@ class ListenerView(Protocol):
     def listening(self) -> bool: ...
     @property
     def position(self) -> int | None: ...
+    @property
+    def server(self) -> Reached | None: ...
+    @property
+    def status(self) -> ServerStatus | None: ...
+    @property
+    def last_read_at(self) -> float | None: ...
+    @property
+    def started_at(self) -> float: ...
+
+
+class ServersView(Protocol):
+    """``maplookup.db.servers.ServerPin``: the server new lookup connections reach."""
+
+    @property
+    def lookup_server(self) -> Reached | None: ...
 
 
 class RunningView(Protocol):

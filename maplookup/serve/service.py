@@ -27,6 +27,7 @@ from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import schema
 from maplookup.db.changes import ChangeFeed, FeedSettings
 from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
+from maplookup.db.servers import NoServer, target_of
 from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
 from maplookup.lookup.cache import AnswerCache, CachingSource
 from maplookup.metrics import (
@@ -39,6 +40,7 @@ from maplookup.metrics import (
     render,
 )
 from maplookup.metrics.peers import WorkerPeers, gather, serve_own_metrics
+from maplookup.serve.feed_health import feed_health, server_details
 from maplookup.serve.http_admin import open_admin_listeners, serve_admin_http
 from maplookup.serve.listeners import (
     BoundListener,
@@ -161,6 +163,10 @@ class Service:
         task_status: trio.TaskStatus[Running],
     ) -> None:
         settings = self.settings
+        try:
+            target_of(self._dsn)
+        except NoServer as exc:
+            raise StartupError(f"[database] dsn: {exc}") from exc
         pool_settings = PoolSettings(
             dsn=self._dsn,
             pool_max_connections=settings.database.pool_max_connections,
@@ -181,7 +187,8 @@ class Service:
                 cache = AnswerCache(cache_settings(settings))
                 source = CachingSource(source, cache)
                 # The feed reads the database the lookups read (a standby included): its
-                # invalidations can never overtake that database's replay.
+                # invalidations can never overtake that database's replay.  With a host list
+                # it chooses the server and pins the lookup pool to it (db/servers.py).
                 listener = ChangeFeed(
                     FeedSettings(
                         dsn=self._dsn,
@@ -192,6 +199,7 @@ class Service:
                     invalidate=cache.invalidate_domains,
                     flush=cache.flush,
                     set_live=cache.set_live,
+                    pin=database.pin,
                 )
             else:
                 log.info("cache off: every lookup queries PostgreSQL")
@@ -218,6 +226,7 @@ class Service:
                 cache=cache,
                 listener=listener,
                 pool_state=database.pool_state,
+                servers=database.pin,
                 statement_counts=database.batch_counts,
                 info={"version": __version__},
             )
@@ -276,30 +285,43 @@ class Service:
         log.info("metrics and health on http://%s/metrics and /healthz", endpoint)
 
     async def health(self) -> tuple[bool, dict[str, object]]:
-        """Healthy: PostgreSQL answers, and (with the cache on) the change feed is live."""
+        """Healthy: PostgreSQL answers, and (with the cache on) the change feed has read the
+        log within ``[cache] change_feed_stuck_after_s``; the details say which server each
+        connection is on, the feed's position and delay, and a standby's replay lag.
+
+        A feed that is down for less than the bound (a reconnect, a failover through the host
+        list) is reported but not unhealthy: lookups are answered from the database
+        meanwhile, and a monitor should not page for a two-second reselection.
+        """
         details: dict[str, object] = {}
-        healthy = True
+        problems: list[str] = []
         try:
             with trio.fail_after(HEALTH_DATABASE_TIMEOUT_S):
                 await self._database.ping()
             details["database"] = "ok"
         except (DatabaseError, trio.TooSlowError) as exc:
-            healthy = False
-            details["database"] = f"unreachable: {exc or 'timeout'}"
+            reason = f"unreachable: {exc or 'timeout'}"
+            details["database"] = reason
+            problems.append(f"database {reason}")
+        lookups = self._database.pin.lookup_server
         running = self._running
-        if running is not None and running.listener is not None:
-            feed = running.listener
-            live = feed.live
-            details["notifications"] = "live" if live else "down"
-            details["change_feed"] = {
-                "live": live,
-                "position": feed.position,
-                "listening": feed.listening,
-            }
-            healthy = healthy and live
+        feed = running.listener if running is not None else None
+        # The feed reads its server's role every second; the pool's is from when it connected.
+        status = None
+        if feed is not None and feed.server is not None and lookups is not None:
+            status = feed.status if feed.server.address == lookups.address else None
+        details["lookups_server"] = server_details(lookups, status)
+        if feed is not None:
+            details["notifications"] = "live" if feed.live else "down"
+            report = feed_health(feed, self.settings.cache.change_feed_stuck_after_s)
+            details["change_feed"] = report.details
+            if report.problem is not None:
+                problems.append(report.problem)
         else:
             details["notifications"] = "off (no cache)"
-        return healthy, details
+        if problems:
+            details["problems"] = problems
+        return not problems, details
 
     def _status_line(self) -> str:
         assert self._running is not None

@@ -52,6 +52,14 @@ class FakeConnection:
         assert "change_log_head" in query
         return max((c.position for c in self.log), default=0)
 
+    async def fetchrow(self, query: str, *args: object) -> tuple[object, ...]:
+        """The server's role (servers.role_of) or its status (status.read_status)."""
+        standby = self.standby and not self.refuse_only
+        if "pg_stat_wal_receiver" in query:
+            return (standby, 0.0, 0, 1.0, True) if standby else (False, None, None, None, None)
+        assert "default_transaction_read_only" in query
+        return (standby, standby)
+
     async def fetch(self, query: str, *args: Any) -> list[tuple[int, list[str]]]:
         assert "changes_after" in query
         self.reads += 1

@@ -1,0 +1,77 @@
+"""The change feed's part of ``/healthz``: where it reads, how far behind, and whether stuck.
+
+A feed is *stuck* when it has not read the change log successfully for longer than
+``[cache] change_feed_stuck_after_s`` (counted from start-up before its first read): the cache
+then no longer hears of changes.  Lookups are still answered (from the database, the cache
+not trusted meanwhile), so a short reconnection or a failover through the host list is
+reported but does not make the host unhealthy; a feed that cannot read for longer does, and
+the reason names the bound and what the feed last saw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from maplookup.db.servers import Reached
+from maplookup.db.status import ServerStatus
+
+
+class FeedView(Protocol):
+    """``maplookup.db.changes.ChangeFeed``, as far as health reads it."""
+
+    @property
+    def live(self) -> bool: ...
+    @property
+    def listening(self) -> bool: ...
+    @property
+    def position(self) -> int | None: ...
+    @property
+    def server(self) -> Reached | None: ...
+    @property
+    def status(self) -> ServerStatus | None: ...
+    @property
+    def last_read_at(self) -> float | None: ...
+    @property
+    def started_at(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FeedReport:
+    details: dict[str, object]
+    problem: str | None  # why the host is unhealthy because of its feed, or None
+
+
+def server_details(reached: Reached | None, status: ServerStatus | None = None) -> object:
+    """``{"server": "host:port", "role": ..., lag ...}`` for a connection; a word if none."""
+    if reached is None:
+        return "not connected"
+    details: dict[str, object] = {"server": str(reached.address), "role": reached.role}
+    if status is not None:
+        details.update(status.as_dict())
+    return details
+
+
+def feed_health(feed: FeedView, stuck_after_s: float, now: float | None = None) -> FeedReport:
+    """The feed's health details and, if it is stuck, why (``now``: ``time.monotonic()``)."""
+    now = time.monotonic() if now is None else now
+    last = feed.last_read_at
+    age = now - (feed.started_at if last is None else last)
+    details: dict[str, object] = {
+        "live": feed.live,
+        "position": feed.position,
+        "listening": feed.listening,
+        "last_read_age_s": round(age, 3),
+        "stuck_after_s": stuck_after_s,
+        "server": server_details(feed.server, feed.status if feed.server else None),
+    }
+    problem = None
+    if age > stuck_after_s:
+        since = "since start-up" if last is None else f"for {age:.1f} s"
+        problem = (
+            f"change feed stuck: no successful read of the change log {since} "
+            f"(change_feed_stuck_after_s = {stuck_after_s} s); the cache does not follow "
+            "changes"
+        )
+    return FeedReport(details, problem)
