@@ -15,7 +15,8 @@ from maplookup.config import ConfigError, Settings, redact_dsn
 from maplookup.config_load import load_settings
 from maplookup.db import schema
 from maplookup.db.errors import describe
-from maplookup.db.server_role import ServerRole, probe, single_hosts, with_session_attrs
+from maplookup.db.server_role import ServerRole, probe, single_hosts
+from maplookup.db.servers import with_target
 from maplookup.embedded import default_state_dir, read_running_dsn
 
 
@@ -144,7 +145,7 @@ async def _check_database(
                 "maplookup to PostgreSQL directly (or use session pooling)",
             )
         )
-    writer = await _probe(with_session_attrs(dsn, "read-write"), timeout_s)
+    writer = await _probe(with_target(dsn, "read-write"), timeout_s)
     if isinstance(writer, str):
         results.append(
             (

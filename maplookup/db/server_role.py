@@ -11,11 +11,12 @@ are read-only and reusable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from maplookup.db import feed
+from maplookup.db.servers import host_list
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +77,16 @@ async def probe(conn: asyncpg.Connection) -> ServerRole:
     )
 
 
-def with_session_attrs(dsn: str, attrs: str) -> str:
-    """``dsn`` with ``target_session_attrs`` set to ``attrs`` (replacing any given)."""
-    parts = urlsplit(dsn)
-    query = [p for p in parts.query.split("&") if p and not p.startswith("target_session_attrs=")]
-    query.append(f"target_session_attrs={attrs}")
-    return urlunsplit(parts._replace(query="&".join(query)))
-
-
 def single_hosts(dsn: str) -> list[str]:
-    """One DSN per host of a multi-host DSN (``postgresql://u@h1:5432,h2:5433/db``), in order;
-    ``[dsn]`` when it names one host (or only a unix socket through ``?host=``)."""
-    parts = urlsplit(dsn)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if "," not in hosts:
+    """One DSN per server of a host list (``postgresql://u@h1:5432,h2:5433/db``, or the
+    ``?host=h1,h2&port=...`` form), in order; ``[dsn]`` when it names one server or none."""
+    addresses = host_list(dsn)
+    if len(addresses) < 2:
         return [dsn]
-    prefix = userinfo + at
-    return [urlunsplit(parts._replace(netloc=prefix + host)) for host in hosts.split(",") if host]
+    parts = urlsplit(dsn)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")]
+    return [
+        urlunsplit(parts._replace(netloc=f"{userinfo}{at}{a}", query=urlencode(query, safe=",/:")))
+        for a in addresses
+    ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from maplookup.config import HostPort
+from maplookup.db.servers import host_list
 from maplookup.maps import MapName
 
 # The maps virtual(8) reads and therefore needs as pgsql: tables.
@@ -134,18 +135,14 @@ def pgsql_hosts_uri(dsn: str) -> str:
     reads it as ``?host=h1%2Ch2&port=5432%2C5432`` (it decodes URI parameters before
     splitting the lists), which has no comma.  A single-host DSN is returned unchanged.
     """
-    parts = urlsplit(dsn)
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    if "," not in hostlist:
+    addresses = host_list(dsn)
+    if len(addresses) < 2:
         return dsn
-    hosts, ports = [], []
-    for entry in hostlist.split(","):
-        host, colon, port = entry.rpartition(":") if not entry.endswith("]") else (entry, "", "")
-        if not colon:
-            host, port = entry, "5432"
-        hosts.append(host.strip("[]"))
-        ports.append(port or "5432")
-    query = [p for p in parts.query.split("&") if p]
+    parts = urlsplit(dsn)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    hosts = [a.host or "" for a in addresses]
+    ports = [str(a.port or 5432) for a in addresses]
+    query = [p for p in parts.query.split("&") if p and p.split("=")[0] not in ("host", "port")]
     query = [f"host={'%2C'.join(hosts)}", f"port={'%2C'.join(ports)}", *query]
     return urlunsplit(parts._replace(netloc=userinfo + at, query="&".join(query)))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maplookup.db.server_role import single_hosts, with_session_attrs
+from maplookup.db.server_role import single_hosts
 
 
 def test_a_host_list_splits_into_one_dsn_per_host_in_order() -> None:
@@ -13,19 +13,6 @@ def test_a_host_list_splits_into_one_dsn_per_host_in_order() -> None:
     ]
     one = "postgresql://reader@/maplookup?host=/run/postgresql"
     assert single_hosts(one) == [one]
-
-
-def test_session_attrs_are_set_or_replaced() -> None:
-    assert with_session_attrs("postgresql://u@h/db", "read-write") == (
-        "postgresql://u@h/db?target_session_attrs=read-write"
-    )
-    assert (
-        with_session_attrs(
-            "postgresql://u@h1,h2/db?sslmode=disable&target_session_attrs=prefer-standby",
-            "read-write",
-        )
-        == "postgresql://u@h1,h2/db?sslmode=disable&target_session_attrs=read-write"
-    )
 
 
 def test_a_host_list_becomes_one_pgsql_hosts_entry_without_commas() -> None:
