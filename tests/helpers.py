@@ -38,6 +38,22 @@ def run_sql(dsn: str, *statements: str) -> None:
     asyncio.run(run())
 
 
+def run_with_connection(
+    dsn: str, action: Callable[[asyncpg.Connection], Awaitable[object]]
+) -> object:
+    """Run ``action(conn)`` on a fresh connection synchronously (test set-up, e.g. a module's
+    dataset written with the admin functions); returns what it returns."""
+
+    async def run() -> object:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await action(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def postfix_available() -> bool:
     return shutil.which("postmap") is not None or Path("/usr/sbin/postmap").exists()
 

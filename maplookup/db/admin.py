@@ -20,6 +20,7 @@ from maplookup.db.admin_input import (
     Address,
     AdminError,
     check_id,
+    check_path,
     parse_address,
     parse_domain,
     parse_login,
@@ -210,8 +211,7 @@ async def mailbox_add(
         if address.is_catchall:
             raise AdminError("a catch-all mailbox needs --path")
         path = f"{address.domain}/{address.local_part}/"
-    if not path or path.startswith("/") or ".." in path.split("/"):
-        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    check_path(path)
     domain = await conn.fetchrow(
         "SELECT kind, default_uid, default_gid FROM maplookup.domains WHERE name = $1",
         address.domain,
@@ -258,8 +258,8 @@ async def mailbox_set(
         raise AdminError("give --path, --uid, --gid or --login")
     check_id("--uid", uid)
     check_id("--gid", gid)
-    if path is not None and (not path or path.startswith("/") or ".." in path.split("/")):
-        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+    if path is not None:
+        check_path(path)
     if login is not None:
         login = parse_login(login)
         if address.is_catchall:

@@ -129,6 +129,12 @@ MAX_ID = 2**31 - 1
 POSTFIX_VIRTUAL_MINIMUM_UID = 100
 
 
+def check_path(path: str) -> None:
+    """A mailbox path stays below virtual_mailbox_base (the schema checks it again)."""
+    if not path or path.startswith("/") or ".." in path.split("/"):
+        raise AdminError(f"--path must be relative to virtual_mailbox_base, got {path!r}")
+
+
 def check_id(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise AdminError(f"{name} must be a positive number (0 is root), got {value}")

@@ -12,29 +12,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 from maplookup.db.servers import Reached
 from maplookup.db.status import ServerStatus
-
-
-class FeedView(Protocol):
-    """``maplookup.db.changes.ChangeFeed``, as far as health reads it."""
-
-    @property
-    def live(self) -> bool: ...
-    @property
-    def listening(self) -> bool: ...
-    @property
-    def position(self) -> int | None: ...
-    @property
-    def server(self) -> Reached | None: ...
-    @property
-    def status(self) -> ServerStatus | None: ...
-    @property
-    def last_read_at(self) -> float | None: ...
-    @property
-    def started_at(self) -> float: ...
+from maplookup.metrics.views import ListenerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +34,7 @@ def server_details(reached: Reached | None, status: ServerStatus | None = None) 
     return details
 
 
-def feed_health(feed: FeedView, stuck_after_s: float, now: float | None = None) -> FeedReport:
+def feed_health(feed: ListenerView, stuck_after_s: float, now: float | None = None) -> FeedReport:
     """The feed's health details and, if it is stuck, why (``now``: ``time.monotonic()``)."""
     now = time.monotonic() if now is None else now
     last = feed.last_read_at

@@ -20,7 +20,7 @@ from maplookup.db.database import PoolSettings, open_database
 from maplookup.lookup.answer import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
-from tests.helpers import require_tool
+from tests.helpers import require_tool, run_with_connection
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -71,15 +71,7 @@ async def _load(conn: asyncpg.Connection) -> None:
 @pytest.fixture(scope="module")
 def dataset_dsn(make_database: Callable[[], str]) -> str:
     dsn = make_database()
-
-    async def load() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await _load(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(load())
+    run_with_connection(dsn, _load)
     return dsn
 
 

@@ -8,7 +8,6 @@ differential test checks that against a real Postfix); the comments give the rul
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import asyncpg
@@ -20,6 +19,7 @@ from maplookup.db.database import PoolSettings, open_database
 from maplookup.lookup.answer import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.protocol import Reply, Request
+from tests.helpers import run_with_connection
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -64,15 +64,7 @@ async def _load(conn: asyncpg.Connection) -> None:
 @pytest.fixture(scope="module")
 def dataset_dsn(make_database: Callable[[], str]) -> str:
     dsn = make_database()
-
-    async def load() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await _load(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(load())
+    run_with_connection(dsn, _load)
     return dsn
 
 
@@ -163,17 +155,6 @@ async def test_routing_map_contract(
     assert reply == (Reply.notfound() if expected is None else Reply.ok(expected))
 
 
-def _admin(dsn: str, action: Callable[[asyncpg.Connection], object]) -> object:
-    async def run() -> object:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await action(conn)  # type: ignore[misc]
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
 @pytest.mark.parametrize(
     ("action", "message"),
     [
@@ -196,11 +177,11 @@ def _admin(dsn: str, action: Callable[[asyncpg.Connection], object]) -> object:
 def test_bad_input_is_one_clear_line_and_changes_nothing(
     dataset_dsn: str, action: Callable[[asyncpg.Connection], object], message: str
 ) -> None:
-    before = _admin(dataset_dsn, _snapshot)
+    before = run_with_connection(dataset_dsn, _snapshot)
     with pytest.raises(AdminError, match=message) as raised:
-        _admin(dataset_dsn, action)
+        run_with_connection(dataset_dsn, action)
     assert "\n" not in str(raised.value)
-    assert _admin(dataset_dsn, _snapshot) == before
+    assert run_with_connection(dataset_dsn, _snapshot) == before
 
 
 async def _snapshot(conn: asyncpg.Connection) -> object:

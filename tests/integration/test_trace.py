@@ -28,6 +28,7 @@ from maplookup.postfix.trace_result import (
     TraceResult,
     Verdict,
 )
+from tests.helpers import run_with_connection
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -86,15 +87,7 @@ async def _load(conn: asyncpg.Connection) -> None:
 @pytest.fixture(scope="module")
 def dsn(make_database: Callable[[], str]) -> str:
     dsn = make_database()
-
-    async def load() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await _load(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(load())
+    run_with_connection(dsn, _load)
     return dsn
 
 
