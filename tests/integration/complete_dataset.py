@@ -172,7 +172,10 @@ def datasets(draw: st.DrawFn) -> Dataset:
             )
     aliases = []
     for domain in hosted:
-        for local in draw(st.sets(local_parts, max_size=4)):
+        chosen = draw(st.sets(local_parts, max_size=4))
+        if draw(st.booleans()):
+            chosen.add("")  # catch-alls often: they meet mailboxes and mirrors
+        for local in chosen:
             targets = draw(
                 st.one_of(
                     st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3, unique=True),
@@ -225,12 +228,16 @@ def keys(draw: st.DrawFn, data: Dataset, delimiter: str) -> bytes:
     if kind == 1:
         names = (*DOMAIN_NAMES, *UNHOSTED, "unknown.test")
         return case(draw(st.sampled_from(names))).encode()
-    stored = [(row[1], row[0]) for row in (*data.mailboxes, *data.aliases, *data.grants)]
-    stored += [(t.partition("@")[0], t.partition("@")[2]) for t in TARGETS if "@" in t]
-    if kind <= 6 and stored:
-        local, domain = draw(st.sampled_from(stored))
-        if draw(st.integers(0, 3)) == 0:  # the same local part elsewhere: mirrors, catch-alls
-            domain = draw(st.sampled_from((*DOMAIN_NAMES, *UNHOSTED)))
+    rows = [(row[1], row[0]) for row in (*data.mailboxes, *data.aliases)]
+    others = [(row[1], row[0]) for row in (*data.grants, *data.relay_recipients)]
+    others += [(t.partition("@")[0], t.partition("@")[2]) for t in TARGETS if "@" in t]
+    if kind <= 6 and rows:  # a stored address, as it is
+        local, domain = draw(st.sampled_from(rows))
+    elif kind == 7:  # an address named elsewhere (grants, targets, relay recipients)
+        local, domain = draw(st.sampled_from(others))
+    elif kind == 8 and rows:  # a stored local part in another domain: mirrors, catch-alls
+        local = draw(st.sampled_from(rows))[0]
+        domain = draw(st.sampled_from((*DOMAIN_NAMES, *UNHOSTED)))
     else:
         local = draw(st.one_of(st.sampled_from(("", *LOCAL_PARTS)), st.text("abc+-.", max_size=4)))
         domain = draw(st.sampled_from((*DOMAIN_NAMES, *UNHOSTED, "unknown.test")))
