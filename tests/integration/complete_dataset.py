@@ -150,7 +150,7 @@ class Dataset:
 
 @st.composite
 def datasets(draw: st.DrawFn) -> Dataset:
-    domains = []
+    domains: list[tuple[Any, ...]] = []
     mailbox_domains = [d for d in MAILBOX_DOMAINS if draw(st.integers(0, 5))]
     for name in mailbox_domains:
         domains.append((name, "mailbox", None, draw(IDS), draw(IDS), draw(ENABLED)))
