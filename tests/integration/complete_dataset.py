@@ -21,6 +21,9 @@ MAILBOX_DOMAINS = ("a.test", "b.test", "ü.test")
 OTHER_DOMAINS = ("m.test", "n.test", "r.test", "sub.r.test", "x.sub.r.test")
 DOMAIN_NAMES = MAILBOX_DOMAINS + OTHER_DOMAINS
 UNHOSTED = ("outside.test", "deep.x.sub.r.test", "zz.r.test")
+TRANSPORT_ONLY = (".r.test", ".sub.r.test", ".test", "*")
+#: Every name a row's domain column can hold here (the partitions of a copy).
+NAMES = (*DOMAIN_NAMES, *UNHOSTED, *TRANSPORT_ONLY)
 # Families of local parts: a base and its extended forms under the delimiters tried, so that
 # exact-before-base orders are exercised.  Each example draws a few families, so that its rows
 # meet (a mailbox and an alias of one name, a base and its extension, a login and a grant).
@@ -211,7 +214,7 @@ def datasets(draw: st.DrawFn) -> Dataset:
     )
     transport_keys = st.one_of(
         st.tuples(st.sampled_from((*DOMAIN_NAMES, *UNHOSTED)), local_parts),
-        st.tuples(st.sampled_from((".r.test", ".sub.r.test", ".test", "*")), st.just("")),
+        st.tuples(st.sampled_from(TRANSPORT_ONLY), st.just("")),
     )
     transports = draw(
         st.lists(

@@ -7,9 +7,9 @@ relay recipients, transports) and random keys, each example:
 1. loads the dataset into a real PostgreSQL (the constraints check the rows);
 2. reads it back with the snapshot statements (``rows.SNAPSHOT_QUERIES``) in one REPEATABLE
    READ transaction, as the server's loader will, and builds a :class:`MapsCopy`;
-3. builds a second copy from another random dataset, then replaces every partition of both
-   datasets' names from ``rows.PARTITION_QUERIES`` (the change-feed path): it must hold
-   exactly what the first holds;
+3. builds a second copy in which a random set of partitions (domain names) holds another
+   random dataset's rows, then replaces those from ``rows.PARTITION_QUERIES`` (the
+   change-feed path): it must hold exactly what the first holds;
 4. asks every map, for every key, the SQL function (``maps.batch_query_for``, the server's
    statement) and the copy, and compares: once with the key as the server binds it
    (``maps.fold_key``), once with the text as received (what a pgsql: table may be asked).
@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from maplookup.lookup.complete import MapsCopy, lookup
 from maplookup.lookup.complete.rows import PARTITION_QUERIES, SNAPSHOT_QUERIES, SnapshotRows
 from maplookup.lookup.complete.semantics import split_address
+from maplookup.lookup.complete.store import FIELD, ITEM, TABLES
 from maplookup.maps import LookupSettings, MapName, batch_query_for, fold_key
-from tests.integration.complete_dataset import DELIMITERS, Dataset, datasets, keys
+from tests.integration.complete_dataset import DELIMITERS, NAMES, Dataset, datasets, keys
 
 EXAMPLES = 200
 # Shrinking a failure costs thousands of database round trips (minutes, past the test's
@@ -54,7 +55,8 @@ TALLY = Tally()
 @dataclass(frozen=True)
 class Case:
     data: Dataset
-    before: Dataset  # what the updated copy held before its partitions were replaced
+    before: Dataset  # what the stale partitions of the updated copy held
+    stale: frozenset[str]  # the partitions replaced in the updated copy
     settings: LookupSettings
     keys: tuple[bytes, ...]
 
@@ -72,6 +74,7 @@ def cases(draw: st.DrawFn) -> Case:
     return Case(
         data=data,
         before=draw(datasets()),
+        stale=frozenset(draw(st.sets(st.sampled_from(NAMES)))),
         settings=lookup_settings,
         keys=tuple(draw(st.lists(keys(data, delimiter), min_size=5, max_size=20))),
     )
@@ -93,6 +96,15 @@ def _python_rows(data: Dataset) -> SnapshotRows:
     )
 
 
+def _state(copy: MapsCopy) -> tuple[object, ...]:
+    """Everything a copy holds (the index's local parts as sets: their order is free)."""
+    index = {
+        name: tuple(frozenset(locals_.split(ITEM)) for locals_ in entry.split(FIELD))
+        for name, entry in copy.index.items()
+    }
+    return (copy.domains, index, *(getattr(copy, table) for table in TABLES))
+
+
 async def _read(conn: Any, queries: dict[str, str], *args: object) -> SnapshotRows:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         tables = {table: await conn.fetch(query, *args) for table, query in queries.items()}
@@ -106,7 +118,8 @@ def _count(copy: MapsCopy, map_name: MapName, key: str, answer: str, delimiter: 
     if map_name is MapName.VIRTUAL and split is not None:
         kind, _, targets = answer.partition("\n")
         found.append(f"virtual {kind}")
-        mirrored = copy.partition(split.domain).alias_of
+        row = copy.domain(split.domain)
+        mirrored = None if row is None else row.alias_of
         own = (split.local_part, split.base_part)
         if targets in (f"{local}@{split.domain}" for local in own):
             found.append("virtual: a mailbox answers for itself")
@@ -120,12 +133,23 @@ def _count(copy: MapsCopy, map_name: MapName, key: str, answer: str, delimiter: 
 
 async def _check(conn: Any, case: Case) -> None:
     await case.data.load(conn)
-    full = MapsCopy.build(await _read(conn, SNAPSHOT_QUERIES))
+    snapshot = await _read(conn, SNAPSHOT_QUERIES)
+    full = MapsCopy.build(snapshot)
 
-    updated = MapsCopy.build(_python_rows(case.before))
-    names = sorted(case.data.names() | case.before.names() | {"unknown.test"})
-    updated.replace(names, await _read(conn, PARTITION_QUERIES, names))
-    assert updated._partitions == full._partitions
+    # A copy whose stale partitions hold another dataset's rows, the others the current ones;
+    # replacing the stale ones from the partition statements must give the full copy.
+    stale = sorted(case.stale)
+    before = _python_rows(case.before)
+    mixed = SnapshotRows(
+        **{
+            table: [row for row in getattr(before, table) if row[0] in case.stale]
+            + [row for row in getattr(snapshot, table) if row[0] not in case.stale]
+            for table in SNAPSHOT_QUERIES
+        }
+    )
+    updated = MapsCopy.build(mixed)
+    updated.replace(stale, await _read(conn, PARTITION_QUERIES, stale))
+    assert _state(updated) == _state(full)
 
     for map_name in MapName:
         texts = []
@@ -185,7 +209,7 @@ def _example(keys: tuple[bytes, ...], **rows: tuple[Any, ...]) -> Case:
             )
         }
     )
-    return Case(data, empty, LookupSettings("+", None, None), keys)
+    return Case(data, empty, frozenset(), LookupSettings("+", None, None), keys)
 
 
 _A = ("a.test", "mailbox", None, None, None, True)

@@ -7,10 +7,11 @@ copy holding *every* row answers present and absent keys alike without the datab
 Two parts, both pure (no I/O, no asyncpg; this package never imports ``maplookup.db``):
 
 * :mod:`.store` — the data: every row of domains, mailboxes, aliases, sender_grants,
-  relay_recipients and transports, partitioned by their ``domain`` column and packed into
-  plain strings inside plain dicts (no per-row objects: invisible to the garbage collector).
-  Built from the rows the snapshot queries of :mod:`.rows` return, and updated one partition
-  at a time from fresh rows (how the change feed's "domains D changed" is applied).
+  relay_recipients and transports that a lookup can see, packed into strings in flat dicts
+  keyed by address (no per-row or per-domain objects: invisible to the garbage collector).
+  Built from the rows the snapshot statements of :mod:`.rows` return, and updated one
+  partition (everything whose ``domain`` column is one name) at a time from fresh rows: how
+  the change feed's "domains D changed" is applied.
 * :mod:`.semantics` (delivery maps), :mod:`.routing` (relay and transport maps),
   :mod:`.senders` (sender_login) — Python twins of the SQL lookup functions of
   ``maplookup/db/schema.sql``, one function per SQL function, answering exactly what it
@@ -22,6 +23,6 @@ a real PostgreSQL.
 """
 
 from maplookup.lookup.complete.answer import lookup
-from maplookup.lookup.complete.store import MapsCopy, Partition
+from maplookup.lookup.complete.store import MapsCopy
 
-__all__ = ["MapsCopy", "Partition", "lookup"]
+__all__ = ["MapsCopy", "lookup"]

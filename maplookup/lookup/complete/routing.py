@@ -34,7 +34,7 @@ def relay_domains(copy: MapsCopy, key: str) -> str | None:
     """``maplookup.relay_domains``: the enabled relay domain that is the key or its nearest
     parent."""
     for name in parent_domains(ascii_lower(key), dotted=False):
-        if copy.partition(name).kind == "relay":
+        if copy.kind(name) == "relay":
             return name
     return None
 
@@ -46,13 +46,14 @@ def relay_recipients(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     a = split_address(key, delimiter)
     if a is None:
         return None
-    part = copy.partition(a.domain)
-    if not part.kind:
+    kind = copy.kind(a.domain)
+    if not kind:
         return None
-    records = part.relay_recipients
-    if a.local_part in records or "" in records or (a.base_part or a.local_part) in records:
+    records = copy.relay_recipients
+    base = a.base_address()
+    if a.address in records or f"@{a.domain}" in records or (base is not None and base in records):
         return "OK"
-    if part.kind != "relay" and (
+    if kind != "relay" and (
         virtual_match(copy, key, delimiter) is not None
         or find_mailbox(copy, key, delimiter) is not None
     ):
@@ -64,8 +65,9 @@ def transport(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     """``maplookup.transport``: the address, the address without its extension, the domain,
     then ``.parent`` entries; the key ``*`` answers the wildcard entry, which an address
     never falls back to.  A key without ``@`` is a domain."""
+    entries = copy.transports
     if key == "*":
-        return copy.partition("*").transports.get("")
+        return entries.get("@*")
     if "@" not in key:
         domain = ascii_lower(key)
     else:
@@ -74,12 +76,11 @@ def transport(copy: MapsCopy, key: str, delimiter: str) -> str | None:
             return None
         domain = a.domain
         if a.local_part:
-            entries = copy.partition(domain).transports
-            for local in (a.local_part, a.base_part):
-                if local is not None and local in entries:
-                    return entries[local]
+            for address in (a.address, a.base_address()):
+                if address is not None and address in entries:
+                    return entries[address]
     for name in parent_domains(domain, dotted=True):
-        found = copy.partition(name).transports.get("")
+        found = entries.get(f"@{name}")
         if found is not None:
             return found
     return None

@@ -10,7 +10,10 @@ means nothing to Postfix, which splits the list and compares each login).
 from __future__ import annotations
 
 from maplookup.lookup.complete.semantics import ascii_lower, split_address, virtual_match
-from maplookup.lookup.complete.store import ITEM, MapsCopy
+from maplookup.lookup.complete.store import (
+    ITEM,
+    MapsCopy,
+)
 from maplookup.lookup.complete.store import mailbox_login as packed_login
 
 #: ``delivered_logins``' max_depth default: how many alias levels an owner list follows.
@@ -21,14 +24,11 @@ def mailbox_login(copy: MapsCopy, address: str, delimiter: str) -> str | None:
     """``maplookup.mailbox_login``: the login of the enabled mailbox the address is (exact,
     then without its extension, skipping a mailbox without login; never the catch-all)."""
     a = split_address(address, delimiter)
-    if a is None or not a.local_part:
+    if a is None or not a.local_part or copy.kind(a.domain) != "mailbox":
         return None
-    part = copy.partition(a.domain)
-    if part.kind != "mailbox":
-        return None
-    for local in (a.local_part, a.base_part):
-        if local is not None and local in part.mailboxes:
-            login = packed_login(part.mailboxes[local], a.domain, local)
+    for box in (a.address, a.base_address()):
+        if box is not None and box in copy.mailboxes:
+            login = packed_login(copy.mailboxes[box], box)
             if login is not None:
                 return login
     return None
@@ -72,23 +72,24 @@ def sender_owners(copy: MapsCopy, local: str, domain: str, delimiter: str) -> li
     """``maplookup.sender_owners``: the owners of exactly ``local@domain``: its grants, the
     mailbox's login, the logins its alias delivers to, and in a mirror domain the owners of
     the same address in the mirrored domain."""
-    part = copy.partition(domain)
-    granted = part.grants.get(local)
+    address = f"{local}@{domain}"
+    granted = copy.grants.get(address)
     owners = [] if granted is None else granted.split(ITEM)
-    if part.kind not in ("mailbox", "alias"):
+    row = copy.domain(domain)
+    if row is None or row.kind == "relay":
         return owners
-    if part.kind == "mailbox" and local in part.mailboxes:
-        login = packed_login(part.mailboxes[local], domain, local)
+    if row.kind == "mailbox" and address in copy.mailboxes:
+        login = packed_login(copy.mailboxes[address], address)
         if login is not None:
             owners.append(login)
-    joined = part.aliases.get(local)
+    joined = copy.aliases.get(address)
     if joined is not None:
         targets = joined.split(ITEM)
         if targets[0].startswith("@"):
             targets = [local + targets[0]]
-        owners += delivered_logins(copy, f"{local}@{domain}", targets, delimiter)
-    if part.alias_of is not None:
-        owners += sender_owners(copy, local, part.alias_of, delimiter)
+        owners += delivered_logins(copy, address, targets, delimiter)
+    if row.alias_of is not None:
+        owners += sender_owners(copy, local, row.alias_of, delimiter)
     return owners
 
 
@@ -104,10 +105,10 @@ def sender_login(copy: MapsCopy, key: str, delimiter: str) -> str | None:
         owners = sender_owners(copy, a.local_part, a.domain, delimiter)
         if not owners and a.base_part is not None:
             owners = sender_owners(copy, a.base_part, a.domain, delimiter)
-    part = copy.partition(a.domain)
-    for name in (a.domain, part.alias_of):
+    row = copy.domain(a.domain)
+    for name in (a.domain, None if row is None else row.alias_of):
         if name is not None:
-            granted = copy.partition(name).grants.get("")
+            granted = copy.grants.get(f"@{name}")
             if granted is not None:
                 owners += granted.split(ITEM)
     return ",".join(sorted(set(owners))) or None
