@@ -24,12 +24,18 @@ def ascii_lower(text: str) -> str:
 
 
 class Split(NamedTuple):
-    """A row of ``maplookup.split_address``."""
+    """A row of ``maplookup.split_address``, and the address it was split from (the key of
+    the exact try in the copy's dicts)."""
 
     local_part: str
     domain: str
     base_part: str | None
     extension: str | None
+    address: str  # local_part@domain
+
+    def base_address(self) -> str | None:
+        """``base_part@domain``, the key of the try without the extension."""
+        return None if self.base_part is None else f"{self.base_part}@{self.domain}"
 
 
 def split_address(key: str, delimiter: str) -> Split | None:
@@ -46,19 +52,34 @@ def split_address(key: str, delimiter: str) -> Split | None:
         return None
     local = folded[:at]
     base, extension = split_extension(local, delimiter)
-    return Split(local, folded[at + 1 :], base if extension is not None else None, extension)
+    if extension is None:
+        return Split(local, folded[at + 1 :], None, None, folded)
+    return Split(local, folded[at + 1 :], base, extension, folded)
 
 
 def domains(copy: MapsCopy, key: str) -> str | None:
     """``maplookup.domains``: an enabled mailbox domain answers its name."""
     name = ascii_lower(key)
-    return name if copy.partition(name).kind == "mailbox" else None
+    return name if copy.kind(name) == "mailbox" else None
 
 
 def alias_domains(copy: MapsCopy, key: str) -> str | None:
     """``maplookup.alias_domains``: an enabled alias domain (forwarding-only or mirror)."""
     name = ascii_lower(key)
-    return name if copy.partition(name).kind == "alias" else None
+    return name if copy.kind(name) == "alias" else None
+
+
+def _mailbox_address(copy: MapsCopy, a: Split) -> str | None:
+    """The address of the mailbox ``find_mailbox`` finds: exact, then without extension, then
+    the catch-all (the order of src/global/mail_addr_find.c); the domain is checked first."""
+    boxes = copy.mailboxes
+    if a.address in boxes:
+        return a.address
+    base = a.base_address()
+    if base is not None and base in boxes:
+        return base
+    catchall = f"@{a.domain}"
+    return catchall if catchall in boxes else None
 
 
 class Mailbox(NamedTuple):
@@ -72,41 +93,33 @@ class Mailbox(NamedTuple):
 
 def find_mailbox(copy: MapsCopy, key: str, delimiter: str) -> Mailbox | None:
     """``maplookup.find_mailbox`` (include_catchall = true, the only way it is called): the
-    enabled mailbox an address delivers to: exact, then without extension, then the catch-all
-    (the order of src/global/mail_addr_find.c)."""
+    enabled mailbox of an enabled mailbox domain the address delivers to."""
     a = split_address(key, delimiter)
     if a is None:
         return None
-    part = copy.partition(a.domain)
-    if part.kind != "mailbox":
+    domain = copy.domain(a.domain)
+    if domain is None or domain.kind != "mailbox":
         return None
-    boxes = part.mailboxes
-    for local in (a.local_part, a.base_part, ""):
-        if local is not None and local in boxes:
-            packed = boxes[local]
-            uid, gid = mailbox_ids(packed)
-            return Mailbox(
-                mailbox_path(packed, a.domain, local),
-                uid or part.default_uid,
-                gid or part.default_gid,
-                local == "",
-            )
-    return None
+    address = _mailbox_address(copy, a)
+    if address is None:
+        return None
+    packed = copy.mailboxes[address]
+    uid, gid = mailbox_ids(packed)
+    return Mailbox(
+        mailbox_path(packed, address),
+        uid or domain.default_uid,
+        gid or domain.default_gid,
+        address.startswith("@"),
+    )
 
 
 def vmailbox(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     """``maplookup.vmailbox``: the path of the mailbox :func:`find_mailbox` finds."""
     a = split_address(key, delimiter)
-    if a is None:
+    if a is None or copy.kind(a.domain) != "mailbox":
         return None
-    part = copy.partition(a.domain)
-    if part.kind != "mailbox":
-        return None
-    boxes = part.mailboxes
-    for local in (a.local_part, a.base_part, ""):
-        if local is not None and local in boxes:
-            return mailbox_path(boxes[local], a.domain, local)
-    return None
+    address = _mailbox_address(copy, a)
+    return None if address is None else mailbox_path(copy.mailboxes[address], address)
 
 
 def mailbox_id(
@@ -122,27 +135,27 @@ def mailbox_id(
     a = split_address(key, delimiter)
     if a is None:
         return None
-    part = copy.partition(a.domain)
-    if part.kind != "mailbox":
+    domain = copy.domain(a.domain)
+    if domain is None or domain.kind != "mailbox":
         return None
     which = 0 if want_uid else 1
-    domain_default = part.default_uid if want_uid else part.default_gid
+    domain_default = domain.default_uid if want_uid else domain.default_gid
     configured = None if default_id is None else str(default_id)
-    boxes = part.mailboxes
-    catchall_box = boxes.get("")
+    boxes = copy.mailboxes
+    catchall_box = boxes.get(f"@{a.domain}")
     catchall = None if catchall_box is None else mailbox_ids(catchall_box)[which]
     if a.local_part:
-        for local in (a.local_part, a.base_part):
-            if local is not None and local in boxes:
-                own = mailbox_ids(boxes[local])[which]
+        for address in (a.address, a.base_address()):
+            if address is not None and address in boxes:
+                own = mailbox_ids(boxes[address])[which]
                 return own or domain_default or configured or catchall
     return catchall or domain_default or configured
 
 
 def local_part_exists(copy: MapsCopy, domain: str, local: str) -> bool:
     """``maplookup.local_part_exists``: an enabled mailbox or alias of an enabled domain."""
-    part = copy.partition(domain)
-    return local in part.mailboxes or local in part.aliases
+    address = f"{local}@{domain}"
+    return address in copy.mailboxes or address in copy.aliases
 
 
 def virtual_match(copy: MapsCopy, key: str, delimiter: str) -> str | None:
@@ -153,16 +166,17 @@ def virtual_match(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     a = split_address(key, delimiter)
     if a is None:
         return None
-    part = copy.partition(a.domain)
-    if part.kind not in ("mailbox", "alias"):
+    domain = copy.domain(a.domain)
+    if domain is None or domain.kind == "relay":
         return None
-    local, base, aliases = a.local_part, a.base_part, part.aliases
+    local, base, aliases = a.local_part, a.base_part, copy.aliases
+    base_address = a.base_address()
     if local:
-        if local in aliases:
-            return f"E{ITEM}{aliases[local]}"
-        if base is not None and base in aliases:
-            return f"B{ITEM}{aliases[base]}"
-    target = part.alias_of
+        if a.address in aliases:
+            return f"E{ITEM}{aliases[a.address]}"
+        if base_address is not None and base_address in aliases:
+            return f"B{ITEM}{aliases[base_address]}"
+    target = domain.alias_of
     if target is not None:
         # Only addresses that exist in the mirrored domain: unknown users are refused at RCPT.
         if local and local_part_exists(copy, target, local):
@@ -172,13 +186,12 @@ def virtual_match(copy: MapsCopy, key: str, delimiter: str) -> str | None:
         if local_part_exists(copy, target, ""):
             return f"C{ITEM}@{target}"
         return None
-    catchall = aliases.get("")
+    catchall = aliases.get(f"@{a.domain}")
     if catchall is None:
         return None
     if local:
-        boxes = part.mailboxes
-        if local in boxes:
-            return f"E{ITEM}{local}@{a.domain}"
-        if base is not None and base in boxes:
-            return f"B{ITEM}{base}@{a.domain}"
+        if a.address in copy.mailboxes:
+            return f"E{ITEM}{a.address}"
+        if base_address is not None and base_address in copy.mailboxes:
+            return f"B{ITEM}{base_address}"
     return f"C{ITEM}{catchall}"

@@ -1,82 +1,70 @@
-"""The complete copy's data: every row the maps read, packed, partitioned by domain.
+"""The complete copy's data: every row the maps read, packed into flat dicts of strings.
 
 Layout, and why:
 
-* **Partitioned by the ``domain`` column** (``name`` for domains): one :class:`Partition` per
-  name holds the domain row and every mailbox, alias, sender grant, relay recipient and
-  transport whose ``domain`` is that name (for transports also ``.parent`` and ``*``, for
-  grants domains not hosted here).  The change log names exactly these values
-  (schema.sql, ``notify_domains``: the rows' ``domain`` column, plus mirrors of a changed
-  domain, which cost a needless rebuild at worst), so applying a change is: read the named
-  partitions with ``rows.PARTITION_QUERIES`` in one snapshot, :meth:`MapsCopy.replace` them.
-  ``*`` (TRUNCATE, a pruned log) means a fresh snapshot and :meth:`MapsCopy.build`.  Answers
-  that cross domains (mirrors, alias chains of sender_login, parent domains of transport) are
-  computed at lookup time from the current partitions, so no derived data can go stale.
-* **Plain dicts of plain strings, no per-row objects.**  A mailbox is one ``str`` value under
-  its local part: ``path NUL uid NUL gid NUL login`` (``""`` for NULL, and ``\\x01`` for the
-  values the tools write by default: path ``domain/local/`` and login ``local@domain``, so
-  the usual mailbox's value is one shared string).  An alias is its targets joined by ``\\n``
-  (what ``virtual_match`` returns after its kind line); grants are logins joined by ``\\n``.
-  Control characters cannot occur in any of these columns (schema.sql's CHECK constraints),
-  so the separators are unambiguous.  A dict whose keys and values are all strings is never
-  tracked by the garbage collector, and a Partition (a tuple of such dicts, strings and
-  None) stops being tracked once it survives a collection, so a million mailboxes add nothing
-  to a full collection's walk (DESIGN.md §5; bench/README.md, "Garbage collection").
-* **Only what lookups can see.**  Disabled rows do not exist for any lookup function, and
-  nothing reads the mailboxes, aliases or relay recipients of a domain whose row is disabled
-  or missing: they are dropped at build time.  Grants and transports never look at the
-  domains table (``sender_login``, ``transport``), so they are kept whatever the domain row.
-* **Immutable partitions**, replaced whole: a lookup holding a partition sees one consistent
-  state of its domain; in the trio thread, :meth:`MapsCopy.replace` runs without awaiting, so
-  a change touching several domains becomes visible at once.
+* **One dict per table, keyed by the address** ``local@domain`` (``@domain`` for the empty
+  local part: catch-alls, ``@domain`` grants, domain transports, ``@*`` for the wildcard
+  transport), and the domains by name.  The folded key a lookup gets *is* that address once
+  split (``user@d``), so the exact try costs one dict probe and no new string; the fallbacks
+  build ``base@d`` and ``@d``.  A domain holds no ``@`` (schema.sql), so splitting at the last
+  ``@`` is unambiguous even for local parts that hold one.
+* **Only strings, no per-row or per-domain objects.**  A dict whose keys and values are all
+  strings is never tracked by the garbage collector, so a million mailboxes in a million
+  domains add nothing to any collection's walk (DESIGN.md §5; bench/README.md, "Garbage
+  collection").  (A tuple or dict holding a dict is tracked whatever it holds: one
+  Partition tuple per domain was, hence the flat layout.)  Rows are packed into one string
+  each: a mailbox is ``path NUL uid NUL gid NUL login`` (``""`` for NULL, ``\\x01`` for the
+  values the tools write by default, path ``domain/local/`` and login ``local@domain``, so the
+  usual mailbox's value is one shared string); a domain ``kind NUL alias_of NUL default_uid
+  NUL default_gid``; an alias its targets joined by ``\\n`` (what ``virtual_match`` returns
+  after its kind line); grants their logins joined by ``\\n``.  No column can hold a control
+  character (schema.sql's CHECK constraints), so the separators are unambiguous.
+* **Partitioned by the ``domain`` column for updates.**  ``index`` maps each name (the
+  ``domain`` column of any table, ``name`` for domains) to the local parts it holds in each
+  table, so :meth:`MapsCopy.replace` removes exactly one partition's keys and inserts its fresh
+  rows.  The change log names exactly these values (schema.sql, ``notify_domains``: the rows'
+  ``domain`` column, plus the mirrors of a changed domain, which only cost a needless rebuild),
+  so applying a change is: read the named partitions with ``rows.PARTITION_QUERIES`` in one
+  snapshot, ``replace`` them.  ``*`` in the log (TRUNCATE, a log pruned past the reader) means
+  a fresh snapshot and :meth:`MapsCopy.build`.  Answers that cross domains (mirrors, the alias
+  chains of sender_login, the parent domains of transport) are computed at lookup time, so no
+  derived data can go stale.
+* **Only what lookups can see.**  Disabled rows do not exist for any lookup function, and none
+  reads the mailboxes, aliases or relay recipients of a domain whose row is disabled or
+  missing: they are left out.  Grants and transports never look at the domains table
+  (``sender_login``, ``transport``), so they are kept whatever the domain row.
+* ``replace`` runs without yielding: in the trio thread, a change that touches several domains
+  becomes visible to lookups at once.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 from maplookup.lookup.complete.rows import SnapshotRows
 
-#: Separates the fields of a packed mailbox (no column can hold a control character).
+#: Separates the fields of a packed row (no column can hold a control character).
 FIELD: Final = "\x00"
 #: Stands for the value the tools write by default (path ``domain/local/``, login
 #: ``local@domain``).
 DEFAULT: Final = "\x01"
-#: Separates alias targets and grant logins.
+#: Separates alias targets, grant logins, and the local parts of an index entry.
 ITEM: Final = "\n"
 
 _ALL_DEFAULT: Final = f"{DEFAULT}{FIELD}{FIELD}{FIELD}{DEFAULT}"
+#: The tables keyed by address, in the order of an index entry's fields.
+TABLES: Final = ("mailboxes", "aliases", "grants", "relay_recipients", "transports")
 
 
-class Partition(NamedTuple):
-    """Everything of one domain name that a lookup can see.
+class Domain(NamedTuple):
+    """An enabled domain row, unpacked (ids as text, as the uid/gid maps answer them)."""
 
-    ``kind`` is ``mailbox``, ``alias`` or ``relay`` for an enabled domain row, ``""`` when the
-    row is missing or disabled (then ``mailboxes``, ``aliases`` and ``relay_recipients`` are
-    empty).  Ids are kept as text, as the uid/gid maps answer them.
-    """
-
-    kind: str
+    kind: str  # mailbox, alias or relay
     alias_of: str | None
     default_uid: str | None
     default_gid: str | None
-    mailboxes: Mapping[str, str]  # local part ('' = catch-all) -> packed mailbox
-    aliases: Mapping[str, str]  # local part ('' = catch-all) -> targets joined by ITEM
-    grants: Mapping[str, str]  # local part ('' = every address) -> logins joined by ITEM
-    relay_recipients: Mapping[str, str]  # local part ('' = every address) -> ''
-    transports: Mapping[str, str]  # local part ('' = the domain entry) -> transport
-
-
-_NOTHING: Mapping[str, str] = {}  # shared by every partition that has none; never mutated
-
-#: The partition of a name that has no rows at all.
-EMPTY: Final = Partition("", None, None, None, _NOTHING, _NOTHING, _NOTHING, _NOTHING, _NOTHING)
-
-
-def _text(value: int | None) -> str | None:
-    return None if value is None else str(value)
 
 
 def pack_mailbox(
@@ -91,10 +79,13 @@ def pack_mailbox(
     return _ALL_DEFAULT if packed == _ALL_DEFAULT else packed
 
 
-def mailbox_path(packed: str, domain: str, local: str) -> str:
-    """The path of a packed mailbox."""
+def mailbox_path(packed: str, address: str) -> str:
+    """The path of a packed mailbox stored under ``address``."""
     path = packed[: packed.index(FIELD)]
-    return f"{domain}/{local}/" if path == DEFAULT else path
+    if path != DEFAULT:
+        return path
+    at = address.rfind("@")
+    return f"{address[at + 1 :]}/{address[:at]}/"
 
 
 def mailbox_ids(packed: str) -> tuple[str | None, str | None]:
@@ -103,139 +94,135 @@ def mailbox_ids(packed: str) -> tuple[str | None, str | None]:
     return uid or None, gid or None
 
 
-def mailbox_login(packed: str, domain: str, local: str) -> str | None:
-    """The mailbox's login, None for NULL."""
+def mailbox_login(packed: str, address: str) -> str | None:
+    """The login of a packed mailbox stored under ``address``, None for NULL."""
     login = packed[packed.rindex(FIELD) + 1 :]
     if login == DEFAULT:
-        return f"{local}@{domain}"
+        return address
     return login or None
 
 
-class _Builder:
-    """Collects the rows of many partitions in one pass, then makes the Partitions."""
-
-    def __init__(self) -> None:
-        self.domains: dict[str, tuple[str, str | None, str | None, str | None]] = {}
-        self.mailboxes: dict[str, dict[str, str]] = {}
-        self.aliases: dict[str, dict[str, str]] = {}
-        self.grants: dict[str, dict[str, str]] = {}
-        self.relay_recipients: dict[str, dict[str, str]] = {}
-        self.transports: dict[str, dict[str, str]] = {}
-
-    def add(self, rows: SnapshotRows) -> None:
-        intern = sys.intern
-        for name, kind, alias_of, uid, gid, enabled in rows.domains:
-            if enabled:
-                mirrored = None if alias_of is None else intern(alias_of)
-                self.domains[intern(name)] = (kind, mirrored, _text(uid), _text(gid))
-        mailboxes = self.mailboxes
-        for domain, local, path, m_uid, m_gid, login, m_enabled in rows.mailboxes:
-            if m_enabled:
-                boxes = mailboxes.get(domain)
-                if boxes is None:
-                    boxes = mailboxes[intern(domain)] = {}
-                boxes[local] = pack_mailbox(domain, local, path, m_uid, m_gid, login)
-        for domain, local, targets, a_enabled in rows.aliases:
-            if a_enabled:
-                self.aliases.setdefault(intern(domain), {})[local] = ITEM.join(targets)
-        for domain, local, grant_login in rows.sender_grants:
-            logins = self.grants.setdefault(intern(domain), {})
-            held = logins.get(local)
-            logins[local] = grant_login if held is None else f"{held}{ITEM}{grant_login}"
-        for domain, local in rows.relay_recipients:
-            self.relay_recipients.setdefault(intern(domain), {})[local] = ""
-        for domain, local, transport in rows.transports:
-            self.transports.setdefault(intern(domain), {})[local] = transport
-
-    def names(self) -> set[str]:
-        return (
-            self.domains.keys()
-            | self.mailboxes.keys()
-            | self.aliases.keys()
-            | self.grants.keys()
-            | self.relay_recipients.keys()
-            | self.transports.keys()
-        )
-
-    def partition(self, name: str) -> Partition | None:
-        """The partition of ``name``, or None if nothing of it can ever answer."""
-        grants = self.grants.get(name) or _NOTHING
-        transports = self.transports.get(name) or _NOTHING
-        domain = self.domains.get(name)
-        if domain is None:
-            if grants is _NOTHING and transports is _NOTHING:
-                return None
-            return EMPTY._replace(grants=grants, transports=transports)
-        kind, alias_of, default_uid, default_gid = domain
-        return Partition(
-            kind,
-            alias_of,
-            default_uid,
-            default_gid,
-            self.mailboxes.get(name) or _NOTHING,
-            self.aliases.get(name) or _NOTHING,
-            grants,
-            self.relay_recipients.get(name) or _NOTHING,
-            transports,
-        )
+def _pack_domain(kind: str, alias_of: str | None, uid: int | None, gid: int | None) -> str:
+    ids = ("" if uid is None else str(uid), "" if gid is None else str(gid))
+    return FIELD.join((kind, alias_of or "", *ids))
 
 
 class MapsCopy:
-    """The complete copy: a dict from domain name to its :class:`Partition`.
+    """The complete copy: flat dicts of strings, see the module docstring.
 
-    Built from a snapshot (:meth:`build`), kept current one change at a time
-    (:meth:`replace`).  The lookup functions only read :meth:`partition`.
+    Built from a snapshot (:meth:`build`), kept current one partition at a time
+    (:meth:`replace`).  The lookup functions read the dicts and :meth:`domain`/:meth:`kind`.
     """
 
-    __slots__ = ("_partitions",)
+    __slots__ = (
+        "aliases",
+        "domains",
+        "grants",
+        "index",
+        "mailboxes",
+        "relay_recipients",
+        "transports",
+    )
 
-    def __init__(self, partitions: dict[str, Partition] | None = None) -> None:
-        self._partitions: dict[str, Partition] = {} if partitions is None else partitions
+    def __init__(self) -> None:
+        self.domains: dict[str, str] = {}  # name -> packed enabled domain row
+        self.mailboxes: dict[str, str] = {}  # address -> packed mailbox
+        self.aliases: dict[str, str] = {}  # address -> targets joined by ITEM
+        self.grants: dict[str, str] = {}  # address -> logins joined by ITEM
+        self.relay_recipients: dict[str, str] = {}  # address -> ''
+        self.transports: dict[str, str] = {}  # address -> transport
+        # name -> the local parts it holds in each of TABLES: ITEM-joined, FIELD-separated.
+        self.index: dict[str, str] = {}
 
     @classmethod
     def build(cls, rows: SnapshotRows) -> MapsCopy:
         """A copy of everything in ``rows`` (the six tables read whole, rows.SNAPSHOT_QUERIES)."""
-        builder = _Builder()
-        builder.add(rows)
-        partitions = {}
-        for name in builder.names():
-            partition = builder.partition(name)
-            if partition is not None:
-                partitions[name] = partition
-        return cls(partitions)
+        copy = cls()
+        copy._add(rows, None)
+        return copy
 
     def replace(self, names: Iterable[str], rows: SnapshotRows) -> None:
         """Replace the partitions of ``names`` by what ``rows`` holds for them.
 
         ``rows`` must be every row of those partitions (rows.PARTITION_QUERIES with ``names``,
-        read in one snapshot); a name without rows is removed.  Rows of other names are
-        ignored.  Runs without yielding: every partition changes at once for the lookups.
+        read in one snapshot); rows of other names are ignored.  Runs without yielding.
         """
-        builder = _Builder()
-        builder.add(rows)
-        for name in set(names):
-            partition = builder.partition(name)
-            if partition is None:
-                self._partitions.pop(name, None)
-            else:
-                self._partitions[sys.intern(name)] = partition
+        wanted = set(names)
+        for name in wanted:
+            self._remove(name)
+        self._add(rows, wanted)
 
-    def partition(self, name: str) -> Partition:
-        """The partition of ``name`` (:data:`EMPTY` when there is none)."""
-        return self._partitions.get(name, EMPTY)
+    def kind(self, name: str) -> str:
+        """``mailbox``, ``alias`` or ``relay`` for an enabled domain, else ``""``."""
+        packed = self.domains.get(name)
+        return "" if packed is None else packed[: packed.index(FIELD)]
 
-    def __len__(self) -> int:
-        return len(self._partitions)
+    def domain(self, name: str) -> Domain | None:
+        """The enabled domain row of ``name``, unpacked."""
+        packed = self.domains.get(name)
+        if packed is None:
+            return None
+        kind, alias_of, uid, gid = packed.split(FIELD)
+        return Domain(kind, alias_of or None, uid or None, gid or None)
 
     def counts(self) -> dict[str, int]:
-        """How many partitions, enabled domains and visible rows of each kind it holds."""
-        parts = self._partitions.values()
-        return {
-            "partitions": len(self._partitions),
-            "domains": sum(1 for p in parts if p.kind),
-            "mailboxes": sum(len(p.mailboxes) for p in parts),
-            "aliases": sum(len(p.aliases) for p in parts),
-            "sender_grants": sum(len(p.grants) for p in parts),
-            "relay_recipients": sum(len(p.relay_recipients) for p in parts),
-            "transports": sum(len(p.transports) for p in parts),
+        """How many names, enabled domains and visible rows of each table it holds."""
+        return {"names": len(self.index), "domains": len(self.domains)} | {
+            table: len(getattr(self, table)) for table in TABLES
         }
+
+    def _remove(self, name: str) -> None:
+        entry = self.index.pop(name, None)
+        self.domains.pop(name, None)
+        if entry is None:
+            return
+        for table, locals_ in zip(TABLES, entry.split(FIELD), strict=True):
+            # "" is both "none" and "only the catch-all": popping '@name' is right either way.
+            held = getattr(self, table)
+            for local in locals_.split(ITEM):
+                held.pop(f"{local}@{name}", None)
+
+    def _add(self, rows: SnapshotRows, wanted: set[str] | None) -> None:
+        """Add the rows of the names in ``wanted`` (of every name when None), which hold
+        nothing yet."""
+        intern = sys.intern
+        enabled_domains: set[str] = set()
+        for name, kind, alias_of, uid, gid, enabled in rows.domains:
+            if enabled and (wanted is None or name in wanted):
+                self.domains[intern(name)] = _pack_domain(kind, alias_of, uid, gid)
+                enabled_domains.add(name)
+        locals_by_name: dict[str, tuple[list[str], ...]] = {}
+
+        def note(table: int, domain: str, local: str) -> None:
+            entry = locals_by_name.get(domain)
+            if entry is None:
+                entry = locals_by_name[domain] = ([], [], [], [], [])
+            entry[table].append(local)
+
+        boxes = self.mailboxes
+        for domain, local, path, uid, gid, login, enabled in rows.mailboxes:
+            if enabled and domain in enabled_domains:
+                boxes[f"{local}@{domain}"] = pack_mailbox(domain, local, path, uid, gid, login)
+                note(0, domain, local)
+        for domain, local, targets, enabled in rows.aliases:
+            if enabled and domain in enabled_domains:
+                self.aliases[f"{local}@{domain}"] = ITEM.join(targets)
+                note(1, domain, local)
+        for domain, local, login in rows.sender_grants:
+            if wanted is None or domain in wanted:
+                address = f"{local}@{domain}"
+                held = self.grants.get(address)
+                self.grants[address] = login if held is None else f"{held}{ITEM}{login}"
+                if held is None:
+                    note(2, domain, local)
+        for domain, local in rows.relay_recipients:
+            if domain in enabled_domains:
+                self.relay_recipients[f"{local}@{domain}"] = ""
+                note(3, domain, local)
+        for domain, local, transport in rows.transports:
+            if wanted is None or domain in wanted:
+                self.transports[f"{local}@{domain}"] = transport
+                note(4, domain, local)
+        for name in enabled_domains | locals_by_name.keys():
+            entry = locals_by_name.get(name, ([], [], [], [], []))
+            self.index[intern(name)] = FIELD.join(ITEM.join(locals_) for locals_ in entry)
