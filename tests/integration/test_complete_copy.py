@@ -35,7 +35,8 @@ from maplookup.lookup.complete.store import FIELD, ITEM, TABLES
 from maplookup.maps import LookupSettings, MapName, batch_query_for, fold_key
 from tests.integration.complete_dataset import DELIMITERS, NAMES, Dataset, datasets, keys
 
-EXAMPLES = 200
+# MAPLOOKUP_TEST_EXAMPLES=2000 (with pytest --timeout 900) for a deeper run.
+EXAMPLES = int(os.environ.get("MAPLOOKUP_TEST_EXAMPLES", "200"))
 # Shrinking a failure costs thousands of database round trips (minutes, past the test's
 # timeout): off unless asked for.  The failure message names the map, the key, both answers
 # and the settings, and hypothesis prints the whole example.
