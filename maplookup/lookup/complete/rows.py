@@ -1,0 +1,66 @@
+"""The rows a complete copy is built from, and the statements that read them.
+
+The copy is built from exactly what these statements return, column for column, so that the
+loader (later, in ``maplookup.db``: inside ``feed.snapshot(conn)``, one REPEATABLE READ
+transaction whose head position the copy then follows with ``changes_after``) only runs them
+and hands the records over: asyncpg's Records index like the tuples named here.
+
+Every table is read whole, disabled rows included: the copy drops what no lookup can see
+(:mod:`.store`), so the rule "disabled rows do not exist" lives in one place, next to the
+semantics.  ``targets`` (text[]) arrives as a list.
+
+``PARTITION_QUERIES`` read the same columns for some partitions only (``$1``: a text[] of
+names, as a change-log row lists them): every row whose ``domain`` column (``name`` for
+domains) is one of them.  That is what :meth:`.store.MapsCopy.replace` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# (name, kind, alias_of, default_uid, default_gid, enabled)
+DomainRow = tuple[str, str, str | None, int | None, int | None, bool]
+# (domain, local_part, path, uid, gid, login, enabled)
+MailboxRow = tuple[str, str, str, int | None, int | None, str | None, bool]
+# (domain, local_part, targets, enabled)
+AliasRow = tuple[str, str, Sequence[str], bool]
+# (domain, local_part, login)
+GrantRow = tuple[str, str, str]
+# (domain, local_part)
+RelayRecipientRow = tuple[str, str]
+# (domain, local_part, transport)
+TransportRow = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRows:
+    """The rows of the six tables (any iterables: consumed once, never kept)."""
+
+    domains: Iterable[DomainRow] = ()
+    mailboxes: Iterable[MailboxRow] = ()
+    aliases: Iterable[AliasRow] = ()
+    sender_grants: Iterable[GrantRow] = ()
+    relay_recipients: Iterable[RelayRecipientRow] = ()
+    transports: Iterable[TransportRow] = ()
+
+
+_COLUMNS = {
+    "domains": ("name", "name, kind, alias_of, default_uid, default_gid, enabled"),
+    "mailboxes": ("domain", "domain, local_part, path, uid, gid, login, enabled"),
+    "aliases": ("domain", "domain, local_part, targets, enabled"),
+    "sender_grants": ("domain", "domain, local_part, login"),
+    "relay_recipients": ("domain", "domain, local_part"),
+    "transports": ("domain", "domain, local_part, transport"),
+}
+
+#: One statement per table (the field names of :class:`SnapshotRows`), reading it whole.
+SNAPSHOT_QUERIES: dict[str, str] = {
+    table: f"SELECT {columns} FROM maplookup.{table}" for table, (_, columns) in _COLUMNS.items()
+}
+
+#: The same, for the partitions named in ``$1`` (text[]) only.
+PARTITION_QUERIES: dict[str, str] = {
+    table: f"SELECT {columns} FROM maplookup.{table} WHERE {key} = ANY($1::text[])"
+    for table, (key, columns) in _COLUMNS.items()
+}

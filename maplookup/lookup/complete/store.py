@@ -1,0 +1,236 @@
+"""The complete copy's data: every row the maps read, packed into flat dicts of strings.
+
+Layout, and why:
+
+* **One dict per table, keyed by the address** ``local@domain`` (``@domain`` for the empty
+  local part: catch-alls, ``@domain`` grants, domain transports, ``@*`` for the wildcard
+  transport), and the domains by name.  The folded key a lookup gets *is* that address once
+  split (``user@d``), so the exact try costs one dict probe and no new string; the fallbacks
+  build ``base@d`` and ``@d``.  A domain holds no ``@`` (schema.sql), so splitting at the last
+  ``@`` is unambiguous even for local parts that hold one.
+* **Only strings, no per-row or per-domain objects.**  A dict whose keys and values are all
+  strings is never tracked by the garbage collector, so a million mailboxes in a million
+  domains add nothing to any collection's walk (DESIGN.md §5; bench/README.md, "Garbage
+  collection").  (A tuple or dict holding a dict is tracked whatever it holds: one
+  Partition tuple per domain was, hence the flat layout.)  Rows are packed into one string
+  each: a mailbox is ``path NUL uid NUL gid NUL login`` (``""`` for NULL, ``\\x01`` for the
+  values the tools write by default, path ``domain/local/`` and login ``local@domain``, so the
+  usual mailbox's value is one shared string); a domain ``kind NUL alias_of NUL default_uid
+  NUL default_gid``; an alias its targets joined by ``\\n`` (what ``virtual_match`` returns
+  after its kind line); grants their logins joined by ``\\n``.  No column can hold a control
+  character (schema.sql's CHECK constraints), so the separators are unambiguous.
+* **Partitioned by the ``domain`` column for updates.**  ``index`` maps each name (the
+  ``domain`` column of any table, ``name`` for domains) to the keys it holds in each table,
+  so :meth:`MapsCopy.replace` removes exactly one partition's keys and inserts its fresh rows.
+  The change log names exactly these values (schema.sql, ``notify_domains``: the rows'
+  ``domain`` column, plus the mirrors of a changed domain, which only cost a needless
+  rebuild), so applying a change is: read the named partitions with
+  ``rows.PARTITION_QUERIES`` in one snapshot, ``replace`` them.  ``*`` in the log (TRUNCATE,
+  a log pruned past the reader) means a fresh snapshot and :meth:`MapsCopy.build`.  Answers
+  that cross domains (mirrors, the alias chains of sender_login, the parent domains of
+  transport) are computed at lookup time, so no derived data can go stale.
+* **Only what lookups can see.**  Disabled rows do not exist for any lookup function, and none
+  reads the mailboxes, aliases or relay recipients of a domain whose row is disabled or
+  missing: they are left out.  Grants and transports never look at the domains table
+  (``sender_login``, ``transport``), so they are kept whatever the domain row.
+* ``replace`` runs without yielding: in the trio thread, a change that touches several domains
+  becomes visible to lookups at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Final, NamedTuple
+
+from maplookup.lookup.complete.rows import SnapshotRows
+
+#: Separates the fields of a packed row (no column can hold a control character).
+FIELD: Final = "\x00"
+#: Stands for the value the tools write by default (path ``domain/local/``, login
+#: ``local@domain``).
+DEFAULT: Final = "\x01"
+#: Separates alias targets, grant logins, and the local parts of an index entry.
+ITEM: Final = "\n"
+
+_ALL_DEFAULT: Final = f"{DEFAULT}{FIELD}{FIELD}{FIELD}{DEFAULT}"
+#: The tables keyed by address, in the order of an index entry's fields.
+TABLES: Final = ("mailboxes", "aliases", "grants", "relay_recipients", "transports")
+
+
+class Domain(NamedTuple):
+    """An enabled domain row, unpacked (ids as text, as the uid/gid maps answer them)."""
+
+    kind: str  # mailbox, alias or relay
+    alias_of: str | None
+    default_uid: str | None
+    default_gid: str | None
+
+
+def pack_mailbox(
+    domain: str, local: str, path: str, uid: int | None, gid: int | None, login: str | None
+) -> str:
+    """The packed value of an enabled mailbox (see the module docstring)."""
+    packed = (
+        f"{DEFAULT if path == f'{domain}/{local}/' else path}{FIELD}"
+        f"{'' if uid is None else uid}{FIELD}{'' if gid is None else gid}{FIELD}"
+        f"{'' if login is None else DEFAULT if login == f'{local}@{domain}' else login}"
+    )
+    return _ALL_DEFAULT if packed == _ALL_DEFAULT else packed
+
+
+def mailbox_path(packed: str, address: str) -> str:
+    """The path of a packed mailbox stored under ``address``."""
+    path = packed[: packed.index(FIELD)]
+    if path != DEFAULT:
+        return path
+    at = address.rfind("@")
+    return f"{address[at + 1 :]}/{address[:at]}/"
+
+
+def mailbox_ids(packed: str) -> tuple[str | None, str | None]:
+    """The mailbox's own (uid, gid) as text, None for NULL."""
+    _, uid, gid, _ = packed.split(FIELD)
+    return uid or None, gid or None
+
+
+def mailbox_login(packed: str, address: str) -> str | None:
+    """The login of a packed mailbox stored under ``address``, None for NULL."""
+    login = packed[packed.rindex(FIELD) + 1 :]
+    if login == DEFAULT:
+        return address
+    return login or None
+
+
+def _pack_domain(kind: str, alias_of: str | None, uid: int | None, gid: int | None) -> str:
+    ids = ("" if uid is None else str(uid), "" if gid is None else str(gid))
+    return FIELD.join((kind, alias_of or "", *ids))
+
+
+class MapsCopy:
+    """The complete copy: flat dicts of strings, see the module docstring.
+
+    Built from a snapshot (:meth:`build`), kept current one partition at a time
+    (:meth:`replace`).  The lookup functions read the dicts and :meth:`domain`/:meth:`kind`.
+    """
+
+    __slots__ = (
+        "aliases",
+        "domains",
+        "grants",
+        "index",
+        "mailboxes",
+        "relay_recipients",
+        "transports",
+    )
+
+    def __init__(self) -> None:
+        self.domains: dict[str, str] = {}  # name -> packed enabled domain row
+        self.mailboxes: dict[str, str] = {}  # address -> packed mailbox
+        self.aliases: dict[str, str] = {}  # address -> targets joined by ITEM
+        self.grants: dict[str, str] = {}  # address -> logins joined by ITEM
+        self.relay_recipients: dict[str, str] = {}  # address -> ''
+        self.transports: dict[str, str] = {}  # address -> transport
+        # name -> the keys it holds in each of TABLES: ITEM-joined, FIELD-separated.
+        self.index: dict[str, str] = {}
+
+    @classmethod
+    def build(cls, rows: SnapshotRows) -> MapsCopy:
+        """A copy of everything in ``rows`` (the six tables read whole, rows.SNAPSHOT_QUERIES)."""
+        copy = cls()
+        copy._add(rows, None)
+        return copy
+
+    def replace(self, names: Iterable[str], rows: SnapshotRows) -> None:
+        """Replace the partitions of ``names`` by what ``rows`` holds for them.
+
+        ``rows`` must be every row of those partitions (rows.PARTITION_QUERIES with ``names``,
+        read in one snapshot); rows of other names are ignored.  Runs without yielding.
+        """
+        wanted = set(names)
+        for name in wanted:
+            self._remove(name)
+        self._add(rows, wanted)
+
+    def kind(self, name: str) -> str:
+        """``mailbox``, ``alias`` or ``relay`` for an enabled domain, else ``""``."""
+        packed = self.domains.get(name)
+        return "" if packed is None else packed[: packed.index(FIELD)]
+
+    def domain(self, name: str) -> Domain | None:
+        """The enabled domain row of ``name``, unpacked."""
+        packed = self.domains.get(name)
+        if packed is None:
+            return None
+        kind, alias_of, uid, gid = packed.split(FIELD)
+        return Domain(kind, alias_of or None, uid or None, gid or None)
+
+    def counts(self) -> dict[str, int]:
+        """How many names, enabled domains and visible rows of each table it holds."""
+        return {"names": len(self.index), "domains": len(self.domains)} | {
+            table: len(getattr(self, table)) for table in TABLES
+        }
+
+    def _remove(self, name: str) -> None:
+        entry = self.index.pop(name, None)
+        self.domains.pop(name, None)
+        if entry is None:
+            return
+        for table, keys in zip(TABLES, entry.split(FIELD), strict=True):
+            if keys:
+                held = getattr(self, table)
+                for key in keys.split(ITEM):
+                    held.pop(key, None)
+
+    def _add(self, rows: SnapshotRows, wanted: set[str] | None) -> None:
+        """Add the rows of the names in ``wanted`` (of every name when None), which hold
+        nothing yet."""
+        intern = sys.intern
+        enabled_domains: set[str] = set()
+        for name, kind, alias_of, uid, gid, enabled in rows.domains:
+            if enabled and (wanted is None or name in wanted):
+                self.domains[intern(name)] = _pack_domain(kind, alias_of, uid, gid)
+                enabled_domains.add(name)
+        # The keys themselves (the dicts keep them anyway), not the rows' local parts: those
+        # would stay alive until the end of the build among the kept strings, and the memory
+        # they leave behind stays in the process (pymalloc frees an arena only when it is
+        # empty): about 80 bytes per address in RSS at 1M mailboxes (bench/memory_copy.py).
+        keys_by_name: dict[str, tuple[list[str], ...]] = {}
+
+        def note(table: int, domain: str, key: str) -> None:
+            entry = keys_by_name.get(domain)
+            if entry is None:
+                entry = keys_by_name[domain] = ([], [], [], [], [])
+            entry[table].append(key)
+
+        boxes = self.mailboxes
+        for domain, local, path, uid, gid, login, enabled in rows.mailboxes:
+            if enabled and domain in enabled_domains:
+                key = f"{local}@{domain}"
+                boxes[key] = pack_mailbox(domain, local, path, uid, gid, login)
+                note(0, domain, key)
+        for domain, local, targets, enabled in rows.aliases:
+            if enabled and domain in enabled_domains:
+                key = f"{local}@{domain}"
+                self.aliases[key] = ITEM.join(targets)
+                note(1, domain, key)
+        for domain, local, login in rows.sender_grants:
+            if wanted is None or domain in wanted:
+                address = f"{local}@{domain}"
+                held = self.grants.get(address)
+                self.grants[address] = login if held is None else f"{held}{ITEM}{login}"
+                if held is None:
+                    note(2, domain, address)
+        for domain, local in rows.relay_recipients:
+            if domain in enabled_domains:
+                key = f"{local}@{domain}"
+                self.relay_recipients[key] = ""
+                note(3, domain, key)
+        for domain, local, transport in rows.transports:
+            if wanted is None or domain in wanted:
+                key = f"{local}@{domain}"
+                self.transports[key] = transport
+                note(4, domain, key)
+        for name in enabled_domains | keys_by_name.keys():
+            entry = keys_by_name.get(name, ([], [], [], [], []))
+            self.index[intern(name)] = FIELD.join(ITEM.join(keys) for keys in entry)

@@ -1,0 +1,80 @@
+"""The complete copy's data layout (maplookup/lookup/complete/store.py), without a database.
+
+What the property test (tests/integration/test_complete_copy.py) cannot see: that the copy
+stays out of the garbage collector's walk, that the usual mailbox costs one shared value, and
+that the index lets a partition go without touching the others.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from maplookup.lookup.complete import MapsCopy
+from maplookup.lookup.complete.rows import SnapshotRows
+from maplookup.lookup.complete.store import TABLES, mailbox_login, mailbox_path
+
+ROWS = SnapshotRows(
+    domains=[
+        ("a.test", "mailbox", None, 5000, None, True),
+        ("m.test", "alias", "a.test", None, None, True),
+        ("off.test", "mailbox", None, None, None, False),
+    ],
+    mailboxes=[
+        ("a.test", "user", "a.test/user/", None, None, "user@a.test", True),
+        ("a.test", "bob", "a.test/bob/", None, None, "bob@a.test", True),
+        ("a.test", "", "catch/", 7000, None, None, True),
+        ("a.test", "dis", "a.test/dis/", None, None, None, False),
+        ("off.test", "x", "off.test/x/", None, None, None, True),
+    ],
+    aliases=[("a.test", "info", ["user@a.test", "Bob@a.test"], True)],
+    sender_grants=[("a.test", "", "boss"), ("a.test", "", "chief"), ("gmail.test", "me", "bob")],
+    relay_recipients=[("a.test", "x")],
+    transports=[("*", "", "smtp:[h]"), (".a.test", "", "lmtp:x")],
+)
+
+
+def test_the_copy_holds_nothing_the_garbage_collector_walks() -> None:
+    copy = MapsCopy.build(ROWS)
+    gc.collect()
+    held = [copy.domains, copy.index, *(getattr(copy, table) for table in TABLES)]
+    assert not any(gc.is_tracked(d) for d in held)
+
+
+def test_default_paths_and_logins_pack_into_one_shared_value() -> None:
+    copy = MapsCopy.build(ROWS)
+    user, bob = copy.mailboxes["user@a.test"], copy.mailboxes["bob@a.test"]
+    assert user is bob
+    assert mailbox_path(user, "user@a.test") == "a.test/user/"
+    assert mailbox_login(bob, "bob@a.test") == "bob@a.test"
+    assert mailbox_login(copy.mailboxes["@a.test"], "@a.test") is None
+
+
+def test_what_no_lookup_can_see_is_left_out() -> None:
+    copy = MapsCopy.build(ROWS)
+    assert "dis@a.test" not in copy.mailboxes  # a disabled mailbox
+    assert "x@off.test" not in copy.mailboxes  # in a disabled domain
+    assert copy.kind("off.test") == ""
+    assert copy.grants["@a.test"].split("\n") == ["boss", "chief"]
+    assert copy.grants["me@gmail.test"] == "bob"  # grants need no hosted domain
+
+
+def test_replace_changes_one_partition_only() -> None:
+    copy = MapsCopy.build(ROWS)
+    fresh = SnapshotRows(
+        domains=[("a.test", "mailbox", None, None, None, True)],
+        mailboxes=[("a.test", "new", "a.test/new/", None, None, None, True)],
+        transports=[("*", "", "smtp:[other]")],  # not a named partition: ignored
+    )
+    copy.replace(["a.test", "gone.test"], fresh)
+    assert sorted(copy.mailboxes) == ["new@a.test"]
+    assert copy.aliases == {}
+    assert copy.relay_recipients == {}
+    assert "@a.test" not in copy.grants
+    assert copy.grants["me@gmail.test"] == "bob"
+    assert copy.transports["@*"] == "smtp:[h]"
+    assert copy.kind("m.test") == "alias"
+    assert copy.domain("a.test") is not None
+    copy.replace(["a.test"], SnapshotRows())
+    assert copy.domain("a.test") is None
+    assert copy.mailboxes == {}
+    assert "a.test" not in copy.index
