@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from maplookup.address import fold, unquote_local
+from maplookup.address import fold, quote_local, unquote_local
 
 
 class MapName(enum.StrEnum):
@@ -115,6 +115,20 @@ def _settings_args(map_name: MapName, settings: LookupSettings) -> tuple[object,
     return (settings.recipient_delimiter,)
 
 
+def sql_key(map_name: MapName, key: str) -> str:
+    """The form of a folded key the SQL functions take: the external (quoted) form.
+
+    The address functions read their key as Postfix sends it to a pgsql: table, quoted where
+    the local part is not a dot-atom (``maplookup.split_address`` unquotes it, as
+    src/global/mail_addr_find.c does).  The server holds the internal form, so a local part
+    with a quote or a backslash is quoted again before it is bound; without this it was
+    unquoted twice, and ``"a\\"b"@example.com`` answered for the mailbox ``ab@example.com``.
+    """
+    if ('"' in key or "\\" in key) and map_name.is_address_map and "@" in key:
+        return quote_local(key)
+    return key
+
+
 def query_for(map_name: MapName, key: str, settings: LookupSettings) -> Query:
     """The one statement that answers ``map_name`` for a folded key, with its bound arguments.
 
@@ -122,11 +136,12 @@ def query_for(map_name: MapName, key: str, settings: LookupSettings) -> Query:
     are constants, so asyncpg's per-connection statement cache prepares each once.
     """
     query = f"SELECT {_FUNCTIONS[map_name]}($1::text{_MORE_PARAMETERS[map_name]})"
-    return query, (key, *_settings_args(map_name, settings))
+    return query, (sql_key(map_name, key), *_settings_args(map_name, settings))
 
 
 def batch_query_for(map_name: MapName, settings: LookupSettings) -> Query:
-    """The statement that answers ``map_name`` for many folded keys at once (``$1``, text[]).
+    """The statement that answers ``map_name`` for many keys at once (``$1``, text[] of
+    :func:`sql_key` forms).
 
     One row per key, in the keys' order, each computed by the very function ``query_for``
     calls, so a key answers the same alone or in a batch.  One statement for a batch costs

@@ -36,7 +36,7 @@ import asyncpg
 import outcome
 
 from maplookup.db.errors import DatabaseError, DatabaseTimeout, as_database_error
-from maplookup.maps import LookupSettings, MapName, batch_query_for, query_for
+from maplookup.maps import LookupSettings, MapName, batch_query_for, query_for, sql_key
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class LookupBatcher:
             value = await conn.fetchval(query, *args)
             return {keys[0]: None if value is None else str(value)}
         query, args = batch_query_for(first.map_name, first.settings)
-        rows = await conn.fetch(query, keys, *args)
+        rows = await conn.fetch(query, [sql_key(first.map_name, k) for k in keys], *args)
         if len(rows) != len(keys):
             raise DatabaseError(f"{len(rows)} answers for {len(keys)} keys")
         return {

@@ -318,7 +318,8 @@ $$;
 
 -- The enabled mailbox an address delivers to: exact, then without extension, then the
 -- catch-all (the order of src/global/mail_addr_find.c), with uid/gid resolved against the
--- domain default.  exact_only leaves out the catch-all.
+-- domain default.  include_catchall = false leaves out the catch-all for any other address
+-- (the key '@domain' itself still names it).
 CREATE OR REPLACE FUNCTION maplookup.find_mailbox(
     key text, delimiter text, include_catchall boolean DEFAULT true,
     OUT path text, OUT uid integer, OUT gid integer, OUT is_catchall boolean)
@@ -662,8 +663,9 @@ BEGIN
 END
 $$;
 
--- The login of the enabled mailbox an address is delivered to (exact, then without its
--- extension; a catch-all mailbox has no login), or NULL.
+-- The login of the enabled mailbox an address is delivered to (exact, else without its
+-- extension; a catch-all mailbox has no login), or NULL, also when that mailbox has none:
+-- an alias to user+ext@d delivered to the mailbox user+ext never makes user an owner.
 CREATE OR REPLACE FUNCTION maplookup.mailbox_login(address text, delimiter text)
 RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT m.login
@@ -671,7 +673,7 @@ RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$
     JOIN maplookup.domains d ON d.name = a.domain AND d.kind = 'mailbox' AND d.enabled
     JOIN maplookup.mailboxes m ON m.domain = a.domain AND m.enabled
         AND m.local_part IN (a.local_part, coalesce(a.base_part, a.local_part))
-    WHERE a.local_part <> '' AND m.login IS NOT NULL
+    WHERE a.local_part <> ''
     ORDER BY m.local_part = a.local_part DESC
     LIMIT 1
 $$;
@@ -801,7 +803,10 @@ BEGIN
     owners := owners || ARRAY(
         SELECT g.login FROM maplookup.sender_grants g
         WHERE g.domain IN (a.domain, mirrored) AND g.local_part = '');
-    RETURN (SELECT string_agg(DISTINCT o, ',' ORDER BY o) FROM unnest(owners) AS o);
+    -- Sorted by code point (COLLATE "C"), not by the database's collation: the same data
+    -- gives the same answer on every server (Postfix does not care about the order).
+    RETURN (SELECT string_agg(DISTINCT o COLLATE "C", ',' ORDER BY o COLLATE "C")
+            FROM unnest(owners) AS o);
 END
 $$;
 

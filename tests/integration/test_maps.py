@@ -66,6 +66,11 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.alias_add(conn, "joe@forward.example", ["jsmith@example.net"])
     await admin.alias_add(conn, "acct@forward.example", ["postmaster"])
     await admin.alias_add(conn, "case@forward.example", ["Mail@Example.net"])
+    # A quote or a backslash in a local part (found by the complete copy's property test: the
+    # server unquoted such keys twice, once itself and once in the SQL functions).
+    await admin.mailbox_add(conn, '"a\\"b"@example.com')
+    await admin.mailbox_add(conn, "ab@example.com")
+    await admin.mailbox_add(conn, '"q\\\\x"@example.com')
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +178,10 @@ CASES: list[tuple[str, str, str | None]] = [
     ("virtual", "acct@forward.example", "postmaster"),
     # A target keeps the case it was written in: Postfix folds keys, never results.
     ("virtual", "CASE@forward.example", "Mail@Example.net"),
+    ("vmailbox", '"a\\"b"@example.com', 'example.com/a"b/'),
+    ("vmailbox", '"A\\"B+x"@example.com', 'example.com/a"b/'),
+    ("vmailbox", "ab@example.com", "example.com/ab/"),
+    ("vmailbox", '"q\\\\x"@example.com', "example.com/q\\x/"),
     # uid / gid: mailbox's own, else domain default, else configured default (none here)
     ("uid", "user@example.com", "1001"),
     ("gid", "user@example.com", "5001"),

@@ -37,6 +37,11 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.alias_add(conn, "loop@example.com", ["loop2@example.com"])
     await admin.alias_add(conn, "loop2@example.com", ["loop@example.com", "bob@example.com"])
     await admin.alias_add(conn, "@example.com", ["alice@example.com"])
+    # A mailbox without login (its login taken away): what is delivered to it owns nothing.
+    await admin.mailbox_add(conn, "eve@example.com")
+    await admin.mailbox_add(conn, "eve+list@example.com")
+    await conn.execute("UPDATE maplookup.mailboxes SET login = NULL WHERE local_part = 'eve+list'")
+    await admin.alias_add(conn, "evelist@example.com", ["eve+list@example.com"])
     await admin_routing.sender_allow(conn, "shared@example.com", "dave")
     await admin_routing.sender_allow(conn, "me@gmail.test", "alice@example.com")
     await admin.domain_add(conn, "shared.test", uid=5000, gid=5000)
@@ -84,6 +89,10 @@ CASES: list[tuple[str, str, str | None]] = [
     ("sender_login", "mirrored@example.com", "carol-sasl"),
     ("sender_login", "loop@example.com", "bob@example.com"),
     ("sender_login", "ext@example.com", None),
+    # Delivered to the mailbox eve+list, which has no login: not eve's (found by the complete
+    # copy's property test); the address itself falls back to eve@, as a hash: table does.
+    ("sender_login", "evelist@example.com", None),
+    ("sender_login", "eve+list@example.com", "eve@example.com"),
     # A catch-all alias gives its recipients no right to every address of the domain.
     ("sender_login", "unknown@example.com", None),
     # A mirror domain's address is owned like the mirrored one.

@@ -43,8 +43,8 @@ def split_address(key: str, delimiter: str) -> Split | None:
     the local part at its first delimiter (split_addr.c's rules, :func:`address.split_extension`);
     None for no row (no ``@``, or an empty domain).
 
-    The SQL unquotes the key even though the server passes the internal form already, so a
-    local part holding ``"`` or ``\\`` is unquoted twice on the socketmap path: mirrored here.
+    Like the SQL, this reads the key in external (quoted) form: a caller holding the
+    internal form passes :func:`maplookup.maps.sql_key` of it, as the server does for SQL.
     """
     folded = ascii_lower(unquote_local(key))
     at = folded.rfind("@")

@@ -21,16 +21,15 @@ MAX_DEPTH = 10
 
 
 def mailbox_login(copy: MapsCopy, address: str, delimiter: str) -> str | None:
-    """``maplookup.mailbox_login``: the login of the enabled mailbox the address is (exact,
-    then without its extension, skipping a mailbox without login; never the catch-all)."""
+    """``maplookup.mailbox_login``: the login of the enabled mailbox the address is delivered
+    to (exact, else without its extension; never the catch-all), None when that mailbox has
+    none."""
     a = split_address(address, delimiter)
     if a is None or not a.local_part or copy.kind(a.domain) != "mailbox":
         return None
     for box in (a.address, a.base_address()):
         if box is not None and box in copy.mailboxes:
-            login = packed_login(copy.mailboxes[box], box)
-            if login is not None:
-                return login
+            return packed_login(copy.mailboxes[box], box)
     return None
 
 
