@@ -8,10 +8,19 @@ that the index lets a partition go without touching the others.
 from __future__ import annotations
 
 import gc
+import tracemalloc
+
+import pytest
 
 from maplookup.lookup.complete import MapsCopy
 from maplookup.lookup.complete.rows import SnapshotRows
-from maplookup.lookup.complete.store import TABLES, mailbox_login, mailbox_path
+from maplookup.lookup.complete.store import (
+    SNAPSHOT_TABLES,
+    TABLES,
+    CopyBuilder,
+    mailbox_login,
+    mailbox_path,
+)
 
 ROWS = SnapshotRows(
     domains=[
@@ -78,3 +87,42 @@ def test_replace_changes_one_partition_only() -> None:
     assert copy.domain("a.test") is None
     assert copy.mailboxes == {}
     assert "a.test" not in copy.index
+
+
+def test_a_build_in_chunks_equals_one_build() -> None:
+    """The loader streams each table through a cursor, chunk by chunk (CopyBuilder)."""
+    whole = MapsCopy.build(ROWS)
+    builder = CopyBuilder(MapsCopy(), None)
+    for table in SNAPSHOT_TABLES:
+        rows = list(getattr(ROWS, table))
+        for start in range(0, len(rows), 2):
+            builder.add(table, rows[start : start + 2])
+    chunked = builder.finish()
+    assert builder.rows == sum(len(list(getattr(ROWS, t))) for t in SNAPSHOT_TABLES)
+    for table in ("domains", "index", *TABLES):
+        assert getattr(chunked, table) == getattr(whole, table), table
+    with pytest.raises(ValueError, match="out of order"):
+        builder.add("domains", [])
+
+
+@pytest.mark.parametrize("layout", ["default", "explicit"])
+def test_the_size_estimate_is_near_what_tracemalloc_measures(layout: str) -> None:
+    """cache.complete_max_bytes is checked against this estimate while a snapshot streams in:
+    it must not be far below the truth (a refused limit would let memory run past it)."""
+    from bench.memory_copy import make_rows
+
+    rows = make_rows(20_000, layout)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        builder = CopyBuilder(MapsCopy(), None)
+        for table in SNAPSHOT_TABLES:
+            builder.add(table, getattr(rows, table))
+        copy = builder.finish()
+        del rows
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert copy.counts()["mailboxes"] > 0
+    assert 0.9 <= builder.estimated_bytes() / traced <= 1.4

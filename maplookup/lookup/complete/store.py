@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import Final, NamedTuple
+from dataclasses import fields
+from typing import Any, Final, NamedTuple
 
 from maplookup.lookup.complete.rows import SnapshotRows
 
@@ -56,6 +57,19 @@ ITEM: Final = "\n"
 _ALL_DEFAULT: Final = f"{DEFAULT}{FIELD}{FIELD}{FIELD}{DEFAULT}"
 #: The tables keyed by address, in the order of an index entry's fields.
 TABLES: Final = ("mailboxes", "aliases", "grants", "relay_recipients", "transports")
+#: The snapshot's tables (SnapshotRows' fields), in the order a build must receive them:
+#: ``domains`` first (which mailboxes, aliases and relay recipients are visible depends on it).
+SNAPSHOT_TABLES: Final = tuple(f.name for f in fields(SnapshotRows))
+
+#: A str object's header (an ASCII str on 64-bit CPython), for the estimate below.
+STR_HEADER_BYTES: Final = 49
+#: What one stored entry costs beyond its characters, for :meth:`CopyBuilder.estimated_bytes`:
+#: its key's str header and a dict slot with its share of the hash index (about 45 bytes at
+#: the fill of a grown dict).  With the characters of the key (twice: the dict and the index)
+#: and of the value (plus a header when it is not the shared default), the estimate lands
+#: within about 20 % of tracemalloc's figure for bench/memory_copy.py's layouts;
+#: tests/unit/test_complete_store.py holds it there.
+ENTRY_OVERHEAD_BYTES: Final = STR_HEADER_BYTES + 45
 
 
 class Domain(NamedTuple):
@@ -137,9 +151,10 @@ class MapsCopy:
     @classmethod
     def build(cls, rows: SnapshotRows) -> MapsCopy:
         """A copy of everything in ``rows`` (the six tables read whole, rows.SNAPSHOT_QUERIES)."""
-        copy = cls()
-        copy._add(rows, None)
-        return copy
+        builder = CopyBuilder(cls(), None)
+        for table in SNAPSHOT_TABLES:
+            builder.add(table, getattr(rows, table))
+        return builder.finish()
 
     def replace(self, names: Iterable[str], rows: SnapshotRows) -> None:
         """Replace the partitions of ``names`` by what ``rows`` holds for them.
@@ -150,7 +165,10 @@ class MapsCopy:
         wanted = set(names)
         for name in wanted:
             self._remove(name)
-        self._add(rows, wanted)
+        builder = CopyBuilder(self, wanted)
+        for table in SNAPSHOT_TABLES:
+            builder.add(table, getattr(rows, table))
+        builder.finish()
 
     def kind(self, name: str) -> str:
         """``mailbox``, ``alias`` or ``relay`` for an enabled domain, else ``""``."""
@@ -182,55 +200,125 @@ class MapsCopy:
                 for key in keys.split(ITEM):
                     held.pop(key, None)
 
-    def _add(self, rows: SnapshotRows, wanted: set[str] | None) -> None:
-        """Add the rows of the names in ``wanted`` (of every name when None), which hold
-        nothing yet."""
-        intern = sys.intern
-        enabled_domains: set[str] = set()
-        for name, kind, alias_of, uid, gid, enabled in rows.domains:
-            if enabled and (wanted is None or name in wanted):
-                self.domains[intern(name)] = _pack_domain(kind, alias_of, uid, gid)
-                enabled_domains.add(name)
+
+def _no_keys() -> tuple[list[str], ...]:
+    return ([], [], [], [], [])
+
+
+class CopyBuilder:
+    """Adds rows to a copy table by table, in chunks: how a snapshot streamed through a
+    cursor is built without ever holding all its rows (bench/README.md, "Complete copy":
+    the rows in a list cost more than the copy itself).
+
+    ``add`` takes the tables in :data:`SNAPSHOT_TABLES` order (each in as many chunks as
+    wanted); ``finish`` writes the index and returns the copy.  With ``wanted``, only the rows
+    of those names are added (:meth:`MapsCopy.replace`; their partitions must be empty).
+    ``rows`` and :meth:`estimated_bytes` say how large the build has grown so far, so that a
+    loader can refuse a snapshot past a memory bound before it is all in memory.
+    """
+
+    __slots__ = ("_copy", "_enabled", "_keys_by_name", "_table", "_wanted", "chars", "rows")
+
+    def __init__(self, copy: MapsCopy, wanted: set[str] | None) -> None:
+        self._copy = copy
+        self._wanted = wanted
+        self._enabled: set[str] = set()  # the enabled domains among the names added
         # The keys themselves (the dicts keep them anyway), not the rows' local parts: those
         # would stay alive until the end of the build among the kept strings, and the memory
         # they leave behind stays in the process (pymalloc frees an arena only when it is
         # empty): about 80 bytes per address in RSS at 1M mailboxes (bench/memory_copy.py).
-        keys_by_name: dict[str, tuple[list[str], ...]] = {}
+        self._keys_by_name: dict[str, tuple[list[str], ...]] = {}
+        self._table = 0  # index in SNAPSHOT_TABLES of the table being added
+        self.rows = 0  # rows read, visible or not
+        self.chars = 0  # characters stored: the keys (twice, with the index) and the values
 
-        def note(table: int, domain: str, key: str) -> None:
-            entry = keys_by_name.get(domain)
-            if entry is None:
-                entry = keys_by_name[domain] = ([], [], [], [], [])
-            entry[table].append(key)
+    def estimated_bytes(self) -> int:
+        """The memory the entries stored so far take: their characters plus
+        :data:`ENTRY_OVERHEAD_BYTES` each."""
+        copy = self._copy
+        entries = len(copy.domains) + sum(len(getattr(copy, t)) for t in TABLES)
+        return self.chars + entries * ENTRY_OVERHEAD_BYTES
 
-        boxes = self.mailboxes
-        for domain, local, path, uid, gid, login, enabled in rows.mailboxes:
+    def add(self, table: str, rows: Iterable[Any]) -> None:
+        """Add a chunk of ``table``'s rows (a SnapshotRows field name)."""
+        position = SNAPSHOT_TABLES.index(table)
+        if position < self._table:
+            raise ValueError(f"{table} after {SNAPSHOT_TABLES[self._table]}: out of order")
+        self._table = position
+        getattr(self, f"_add_{table}")(rows)
+
+    def _note(self, table: int, domain: str, key: str, value: str) -> None:
+        entry = self._keys_by_name.get(domain)
+        if entry is None:
+            entry = self._keys_by_name[domain] = _no_keys()
+        entry[table].append(key)
+        own = STR_HEADER_BYTES if value and value is not _ALL_DEFAULT else 0
+        self.chars += 2 * len(key) + len(value) + own
+
+    def _add_domains(self, rows: Iterable[Any]) -> None:
+        intern, wanted, domains = sys.intern, self._wanted, self._copy.domains
+        for name, kind, alias_of, uid, gid, enabled in rows:
+            self.rows += 1
+            if enabled and (wanted is None or name in wanted):
+                packed = _pack_domain(kind, alias_of, uid, gid)
+                domains[intern(name)] = packed
+                self._enabled.add(name)
+                self.chars += 2 * len(name) + len(packed)
+
+    def _add_mailboxes(self, rows: Iterable[Any]) -> None:
+        boxes, enabled_domains = self._copy.mailboxes, self._enabled
+        for domain, local, path, uid, gid, login, enabled in rows:
+            self.rows += 1
             if enabled and domain in enabled_domains:
                 key = f"{local}@{domain}"
-                boxes[key] = pack_mailbox(domain, local, path, uid, gid, login)
-                note(0, domain, key)
-        for domain, local, targets, enabled in rows.aliases:
+                packed = boxes[key] = pack_mailbox(domain, local, path, uid, gid, login)
+                self._note(0, domain, key, packed)
+
+    def _add_aliases(self, rows: Iterable[Any]) -> None:
+        aliases, enabled_domains = self._copy.aliases, self._enabled
+        for domain, local, targets, enabled in rows:
+            self.rows += 1
             if enabled and domain in enabled_domains:
                 key = f"{local}@{domain}"
-                self.aliases[key] = ITEM.join(targets)
-                note(1, domain, key)
-        for domain, local, login in rows.sender_grants:
+                joined = aliases[key] = ITEM.join(targets)
+                self._note(1, domain, key, joined)
+
+    def _add_sender_grants(self, rows: Iterable[Any]) -> None:
+        grants, wanted = self._copy.grants, self._wanted
+        for domain, local, login in rows:
+            self.rows += 1
             if wanted is None or domain in wanted:
                 address = f"{local}@{domain}"
-                held = self.grants.get(address)
-                self.grants[address] = login if held is None else f"{held}{ITEM}{login}"
+                held = grants.get(address)
+                grants[address] = login if held is None else f"{held}{ITEM}{login}"
                 if held is None:
-                    note(2, domain, address)
-        for domain, local in rows.relay_recipients:
+                    self._note(2, domain, address, login)
+                else:
+                    self.chars += len(login) + 1
+
+    def _add_relay_recipients(self, rows: Iterable[Any]) -> None:
+        records, enabled_domains = self._copy.relay_recipients, self._enabled
+        for domain, local in rows:
+            self.rows += 1
             if domain in enabled_domains:
                 key = f"{local}@{domain}"
-                self.relay_recipients[key] = ""
-                note(3, domain, key)
-        for domain, local, transport in rows.transports:
+                records[key] = ""
+                self._note(3, domain, key, "")
+
+    def _add_transports(self, rows: Iterable[Any]) -> None:
+        entries, wanted = self._copy.transports, self._wanted
+        for domain, local, transport in rows:
+            self.rows += 1
             if wanted is None or domain in wanted:
                 key = f"{local}@{domain}"
-                self.transports[key] = transport
-                note(4, domain, key)
-        for name in enabled_domains | keys_by_name.keys():
-            entry = keys_by_name.get(name, ([], [], [], [], []))
-            self.index[intern(name)] = FIELD.join(ITEM.join(keys) for keys in entry)
+                entries[key] = transport
+                self._note(4, domain, key, transport)
+
+    def finish(self) -> MapsCopy:
+        """Write the index of every name added; the copy is then complete."""
+        intern, index, keys_by_name = sys.intern, self._copy.index, self._keys_by_name
+        for name in self._enabled | keys_by_name.keys():
+            entry = keys_by_name.get(name) or _no_keys()
+            index[intern(name)] = FIELD.join(ITEM.join(keys) for keys in entry)
+        self._keys_by_name = {}
+        return self._copy
