@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -207,8 +207,26 @@ class MetricsConfig(_Model):
         return _coerce_host_port(value)
 
 
+#: ``cache.complete_max_bytes``'s default: 1 GiB, about 3.5 to 6 million addresses at the
+#: 157-300 bytes each that bench/README.md ("Complete copy") measures; twice that while the
+#: copy is rebuilt (old and new side by side), per worker.
+COMPLETE_MAX_BYTES_DEFAULT = 2**30
+
+
 class CacheConfig(_Model):
-    """The answer cache (DESIGN.md section 5).  ``max_entries = 0`` turns it off."""
+    """The answer cache (DESIGN.md section 5).  ``max_entries = 0`` turns it off.
+
+    ``mode`` names what the server keeps in memory: ``"lru"``, the answers recently asked
+    (bounded by ``max_entries``, every miss asks PostgreSQL); ``"complete"``, every row the
+    maps read, so that every key (present or absent) is answered without PostgreSQL, during
+    its outages too (README, "The cache").  Named after the data held, not after speed: both
+    are kept coherent by the same change feed.
+    """
+
+    mode: Literal["lru", "complete"] = "lru"
+    # The complete copy's bound (its own size estimate, checked while the snapshot streams
+    # in): a larger copy is refused and the server answers in "lru" mode, saying so once.
+    complete_max_bytes: Annotated[int, Field(ge=0)] = COMPLETE_MAX_BYTES_DEFAULT
 
     # About 500 bytes an entry with its strings (bench/cache.py): 100,000 entries ~ 50 MB.
     max_entries: Annotated[int, Field(ge=0)] = 100_000

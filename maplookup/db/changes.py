@@ -36,6 +36,10 @@ Every ``status_interval_s`` it also reads its server's status (primary or standb
 ``status.py``), and it notes when it last read the log successfully: ``/healthz`` calls the
 feed stuck when that is longer ago than ``[cache] change_feed_stuck_after_s``.
 
+A follower (``FeedFollower``; the complete copy of ``cache.mode = "complete"``,
+db/copy_follow.py) can ride on the feed: called on the feed's connection when it connects and
+after every read, it sees every change in order, on the same server as the feed and the pool.
+
 Runs in the asyncio thread that owns asyncpg and hands what it read to the cache in the trio
 thread through the trio token, coalesced: a burst of changes costs the trio side one call.
 """
@@ -49,6 +53,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 import trio
@@ -108,6 +113,22 @@ class FeedCounters:
     changes: int = 0  # change-log rows applied
     listen_refusals: int = 0  # times LISTEN was not possible (a standby, or refused)
     server_changes: int = 0  # times the feed went live on another server than before
+
+
+class FeedFollower(Protocol):
+    """Something that follows the change log beside the cache, on the feed's own connection
+    (the complete copy: db/copy_follow.py), so that it reads the very server the feed reads
+    and sees every change in order.
+
+    ``start`` runs when the feed has connected and read the head, before it goes live: it
+    returns the position to follow from (the head, or its own position).  ``apply`` runs after
+    every read of the log (``step.changes`` may be 0) and returns the position to follow from
+    (the step's, or a later one when it loaded a fresh snapshot).  An exception from either is
+    a lost connection.
+    """
+
+    async def start(self, conn: asyncpg.Connection, reached: Reached, head: int) -> int: ...
+    async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int: ...
 
 
 class _Lost(Exception):
@@ -191,9 +212,11 @@ class ChangeFeed:
         flush: Callable[[], None],
         set_live: Callable[[bool], None],
         pin: ServerPin | None = None,
+        follower: FeedFollower | None = None,
     ) -> None:
         self._settings = settings
         self._pin = pin
+        self._follower = follower
         self._several = len(host_list(settings.dsn)) > 1
         self._invalidate = invalidate
         self._flush = flush
@@ -299,7 +322,12 @@ class ChangeFeed:
         # LISTEN before the head is read: a change committed in between wakes the first poll.
         self.listening = await self._try_listen(conn)
         async with asyncio.timeout(settings.query_timeout_s):
-            cursor = FeedCursor(await head_position(conn))
+            head = await head_position(conn)
+        if self._follower is not None:
+            # Not under the query timeout: a first snapshot can take seconds (its own reads
+            # are bounded one by one).
+            head = await self._follower.start(conn, reached, head)
+        cursor = FeedCursor(head)
         if self._pin is not None:
             # Before going live: from now on the lookups read this server too.
             await self._pin.pin(reached)
@@ -340,8 +368,10 @@ class ChangeFeed:
             async with asyncio.timeout(settings.query_timeout_s):
                 batch = await changes_after(conn, cursor.position, MAX_CHANGES_PER_READ)
             self.counters.reads += 1
-            self.last_read_at = time.monotonic()
+            read_at = self.last_read_at = time.monotonic()
             step = cursor.advance(batch)
+            if self._follower is not None:
+                cursor.position = await self._follower.apply(conn, step, read_at)
             if step.changes:
                 self.counters.changes += step.changes
                 self._post_step(step)

@@ -22,10 +22,12 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .copy import copy_metrics
 from .servers import feed_delay_metrics, server_metrics
 from .stats import DatabaseStats, LookupStats
 from .views import (
     CacheView,
+    CopyView,
     ListenerView,
     PoolState,
     RunningView,
@@ -65,6 +67,7 @@ class MaplookupCollector(Collector):
         pool_state: PoolState | None = None,
         statement_counts: StatementCounts | None = None,
         servers: ServersView | None = None,
+        copy: CopyView | None = None,
         info: Mapping[str, str] | None = None,
     ) -> None:
         self.lookups = lookups
@@ -75,6 +78,7 @@ class MaplookupCollector(Collector):
         self.pool_state = pool_state
         self.statement_counts = statement_counts
         self.servers = servers
+        self.copy = copy
         self.info = dict(info or {})
 
     @classmethod
@@ -107,6 +111,8 @@ class MaplookupCollector(Collector):
             yield from self._server_metrics(self.server)
         if self.cache is not None:
             yield from self._cache_metrics(self.cache)
+        if self.copy is not None:
+            yield from copy_metrics(self.copy)
         if self.listener is not None:
             yield from self._listener_metrics(self.listener)
             yield from feed_delay_metrics(self.listener)

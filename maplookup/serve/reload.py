@@ -15,6 +15,7 @@ from maplookup.config import Settings
 from maplookup.logsetup import QueryLog, configure_logging
 from maplookup.lookup.answer import DatabaseSource
 from maplookup.lookup.cache import AnswerCache, CacheSettings
+from maplookup.lookup.complete.source import CompleteSource
 from maplookup.maps import LookupSettings
 from maplookup.metrics import TimedAnswerer
 from maplookup.serve.listeners import (
@@ -60,6 +61,7 @@ class Applied:
     cache: AnswerCache | None
     source: DatabaseSource
     answerer: TimedAnswerer
+    copy: CompleteSource | None = None
 
 
 async def apply_settings(
@@ -103,7 +105,11 @@ async def apply_settings(
     if cache is not None and new.cache != old.cache and new.cache.max_entries > 0:
         cache.reconfigure(cache_settings(new))
         changes.append("cache settings")
+    if running.copy is not None and new.cache.max_stale_s != old.cache.max_stale_s:
+        running.copy.max_stale_s = new.cache.max_stale_s
+        changes.append("complete copy max_stale_s")
     if new.lookup != old.lookup:
+        # The complete copy applies the lookup settings at lookup time: nothing to reload.
         running.source.settings = lookup_settings(new)
         if cache is not None:
             cache.flush()
@@ -122,6 +128,8 @@ async def apply_settings(
             ("metrics", new.metrics != old.metrics),
             ("embedded", new.embedded != old.embedded),
             ("cache on/off", (new.cache.max_entries == 0) != (old.cache.max_entries == 0)),
+            ("cache.mode", new.cache.mode != old.cache.mode),
+            ("complete_max_bytes", new.cache.complete_max_bytes != old.cache.complete_max_bytes),
             (
                 "change_feed_poll_interval_s",
                 new.cache.change_feed_poll_interval_s != old.cache.change_feed_poll_interval_s,

@@ -26,10 +26,12 @@ from maplookup import __version__
 from maplookup.config import ConfigError, HostPort, Settings
 from maplookup.db import schema
 from maplookup.db.changes import ChangeFeed, FeedSettings
+from maplookup.db.copy_follow import CopyFollower, CopySettings
 from maplookup.db.database import Database, DatabaseError, PoolSettings, open_database
 from maplookup.db.servers import NoServer, target_of
 from maplookup.lookup.answer import AnswerSource, DatabaseSource, Lookup
 from maplookup.lookup.cache import AnswerCache, CachingSource
+from maplookup.lookup.complete.source import CompleteSource
 from maplookup.metrics import (
     DatabaseStats,
     LookupStats,
@@ -40,6 +42,7 @@ from maplookup.metrics import (
     render,
 )
 from maplookup.metrics.peers import WorkerPeers, gather, serve_own_metrics
+from maplookup.serve.copy_health import copy_health
 from maplookup.serve.feed_health import feed_health, server_details
 from maplookup.serve.http_admin import open_admin_listeners, serve_admin_http
 from maplookup.serve.listeners import (
@@ -79,6 +82,7 @@ class Running:
     lookup_stats: LookupStats
     database_stats: DatabaseStats
     collector: MaplookupCollector
+    copy: CompleteSource | None = None  # cache.mode = "complete"
 
     @property
     def listeners(self) -> list[BoundListener]:
@@ -182,13 +186,29 @@ class Service:
             )
             source: AnswerSource = self._source
             cache: AnswerCache | None = None
-            listener: ChangeFeed | None = None
+            copy: CompleteSource | None = None
+            follower: CopyFollower | None = None
             if settings.cache.max_entries > 0:
                 cache = AnswerCache(cache_settings(settings))
                 source = CachingSource(source, cache)
+            if settings.cache.mode == "complete":
+                # In front of the LRU path, which answers until the copy is loaded, when it
+                # is older than max_stale_s, and for good if it is refused for its size.
+                copy = CompleteSource(source, self._source, settings.cache.max_stale_s)
+                follower = CopyFollower(
+                    copy,
+                    CopySettings(
+                        max_bytes=settings.cache.complete_max_bytes,
+                        query_timeout_s=settings.database.query_timeout_s,
+                    ),
+                )
+                source = copy
+            listener: ChangeFeed | None = None
+            if cache is not None or copy is not None:
                 # The feed reads the database the lookups read (a standby included): its
                 # invalidations can never overtake that database's replay.  With a host list
-                # it chooses the server and pins the lookup pool to it (db/servers.py).
+                # it chooses the server and pins the lookup pool to it (db/servers.py).  The
+                # complete copy rides on it (db/copy_follow.py): same server, same order.
                 listener = ChangeFeed(
                     FeedSettings(
                         dsn=self._dsn,
@@ -196,10 +216,11 @@ class Service:
                         connect_timeout_s=settings.database.connect_timeout_s,
                         query_timeout_s=settings.database.query_timeout_s,
                     ),
-                    invalidate=cache.invalidate_domains,
-                    flush=cache.flush,
-                    set_live=cache.set_live,
+                    invalidate=cache.invalidate_domains if cache is not None else _ignore,
+                    flush=cache.flush if cache is not None else _nothing,
+                    set_live=cache.set_live if cache is not None else _ignore,
                     pin=database.pin,
+                    follower=follower,
                 )
             else:
                 log.info("cache off: every lookup queries PostgreSQL")
@@ -228,10 +249,19 @@ class Service:
                 pool_state=database.pool_state,
                 servers=database.pin,
                 statement_counts=database.batch_counts,
+                copy=copy,
                 info={"version": __version__},
             )
             running = Running(
-                self, server, lookup, cache, listener, lookup_stats, database_stats, collector
+                self,
+                server,
+                lookup,
+                cache,
+                listener,
+                lookup_stats,
+                database_stats,
+                collector,
+                copy,
             )
             self._running = running
             self._database = database
@@ -251,6 +281,11 @@ class Service:
                         )
                     for item in server.listeners:
                         log.info("listening: %s", item.description)
+                    if copy is not None:
+                        # Ready only with the copy: lookups are answered meanwhile (by the
+                        # database), but a host that says it is ready answers from memory.
+                        log.info("complete mode: loading the copy before reporting ready")
+                        await copy.settled.wait()
                     if on_ready is not None:
                         on_ready(server.listeners)
                     await nursery.start(self._notifier.run_watchdog)
@@ -319,6 +354,11 @@ class Service:
                 problems.append(report.problem)
         else:
             details["notifications"] = "off (no cache)"
+        copy = running.copy if running is not None else None
+        if copy is not None:
+            details["complete_copy"], problem = copy_health(copy)
+            if problem is not None:
+                problems.append(problem)
         if problems:
             details["problems"] = problems
         return not problems, details
@@ -383,7 +423,13 @@ class Service:
         changes = await apply_settings(
             self.settings,
             new,
-            Applied(self._running.server, self._running.cache, self._source, self._answerer),
+            Applied(
+                self._running.server,
+                self._running.cache,
+                self._source,
+                self._answerer,
+                self._running.copy,
+            ),
             self._bind_options,
         )
         self.settings = new.model_copy(
@@ -417,6 +463,14 @@ async def serve(
         freeze_startup_objects=freeze_startup_objects,
     )
     await service.run(on_ready=on_ready, task_status=task_status)
+
+
+def _ignore(_value: object) -> None:
+    """The feed's cache callbacks when only the complete copy follows it (no LRU cache)."""
+
+
+def _nothing() -> None:
+    """As ``_ignore``, for the callback without an argument."""
 
 
 async def _run_until_drained(

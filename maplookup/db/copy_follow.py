@@ -1,0 +1,143 @@
+"""Keep a complete copy of the maps current from the change feed (``cache.mode = "complete"``).
+
+A ``CopyFollower`` is the change feed's follower (db/changes.py, ``FeedFollower``): the feed
+calls it on its own connection, in the asyncio thread, when it connects and after every read
+of the change log, so the copy follows exactly the server the feed reads, and every change in
+the order of its position:
+
+* **connect**: the first time, and whenever the copy cannot simply continue (another server,
+  or one whose log is behind the copy: a failover to a standby that had not replayed as far,
+  a restored backup), a snapshot is loaded (``copy_load.load_snapshot``) and the feed follows
+  from its position; otherwise the feed follows from the copy's own position, so a reconnect
+  to the same server costs no reload (and a log pruned past it says ``*``: a reload).
+* **a batch naming domains**: their partitions are read in one snapshot and replace the copy's.
+* **``*``** (TRUNCATE, a pruned log): a fresh snapshot is loaded while lookups keep being
+  answered from the old copy, then swapped in.
+* **every read**: the copy is confirmed current as of that read (its age restarts from zero).
+
+What the follower reads is handed to the copy's owner in the trio thread (``CopyTarget``,
+lookup/complete/source.py's CompleteSource) through the trio token, in order: the copy is only
+ever changed there, between two lookups.  A load refused for its size
+(``cache.complete_max_bytes``) is logged once, with how to raise the bound, and the follower
+stops: the LRU path answers from then on, kept coherent by the same feed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+import trio
+
+from maplookup.db.copy_load import CopyTooLarge, LoadedCopy, load_snapshot, read_partitions
+from maplookup.db.feed import FeedStep
+from maplookup.db.servers import Reached, ServerAddress
+from maplookup.lookup.complete.rows import SnapshotRows
+from maplookup.lookup.complete.store import MapsCopy
+
+log = logging.getLogger(__name__)
+
+
+class CopyTarget(Protocol):
+    """The copy's owner in the trio thread (``CompleteSource``)."""
+
+    def install(self, copy: MapsCopy, position: int, read_at: float, load_s: float) -> None: ...
+    def update(
+        self, names: Iterable[str], rows: SnapshotRows, position: int, read_at: float
+    ) -> None: ...
+    def confirm(self, position: int, read_at: float) -> None: ...
+    def refuse(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CopySettings:
+    max_bytes: int  # cache.complete_max_bytes
+    # Each chunk of a snapshot and each partition read: longer is a lost connection.
+    query_timeout_s: float = 5.0
+
+
+class CopyFollower:
+    """The change feed's follower that loads and updates a complete copy (module docstring).
+
+    Built in the trio thread (it keeps that thread's token); its methods run in the asyncio
+    thread, called by the feed.  ``active`` turns False for good once a copy was refused.
+    """
+
+    def __init__(self, target: CopyTarget, settings: CopySettings) -> None:
+        self._target = target
+        self._settings = settings
+        self._token = trio.lowlevel.current_trio_token()
+        self.active = True
+        self.position: int | None = None  # the position of the copy last handed over
+        self._server: ServerAddress | None = None  # where the copy was read
+        self.rebuilds = 0
+
+    async def start(self, conn: asyncpg.Connection, reached: Reached, head: int) -> int:
+        """The feed connected to ``reached``, whose log's head is ``head``: where it follows
+        from (the copy's position, or a fresh snapshot's)."""
+        if not self.active:
+            return head
+        position = self.position
+        if position is not None and reached.address == self._server and head >= position:
+            return position
+        self._server = reached.address
+        return await self._load(conn, head)
+
+    async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int:
+        """Apply one batch the feed read at ``read_at``; the position to follow from."""
+        if not self.active:
+            return step.position
+        if step.flush:
+            return await self._load(conn, step.position)
+        if step.domains:
+            rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
+            self._post(self._target.update, step.domains, rows, step.position, read_at)
+        else:
+            self._post(self._target.confirm, step.position, read_at)
+        self.position = step.position
+        return step.position
+
+    async def _load(self, conn: asyncpg.Connection, head: int) -> int:
+        first = self.position is None
+        settings = self._settings
+        try:
+            loaded: LoadedCopy = await load_snapshot(
+                conn, settings.max_bytes, settings.query_timeout_s
+            )
+        except CopyTooLarge as exc:
+            self.active = False
+            self.position = None
+            reason = (
+                f"complete copy refused: {exc}; answering in LRU mode (cache.max_entries) "
+                "instead.  To keep every key in memory, raise cache.complete_max_bytes above "
+                "the estimate (the copy needs about that much, twice while it is rebuilt) and "
+                "restart"
+            )
+            log.warning("%s", reason)
+            self._post(self._target.refuse, reason)
+            return head
+        self.position = loaded.position
+        if not first:
+            self.rebuilds += 1
+        log.info(
+            "complete copy %s: %s rows as of change-log position %d in %.2f s, about %s MiB",
+            "loaded" if first else "reloaded",
+            f"{loaded.rows:,}",
+            loaded.position,
+            loaded.seconds,
+            f"{loaded.estimated_bytes / 2**20:,.0f}",
+        )
+        self._post(
+            self._target.install, loaded.copy, loaded.position, time.monotonic(), loaded.seconds
+        )
+        return loaded.position
+
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn(*args)`` in the trio thread, after everything posted before (FIFO)."""
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn, *args)
