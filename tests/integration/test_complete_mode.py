@@ -15,6 +15,7 @@ import trio
 
 from maplookup.config import Settings
 from maplookup.embedded import EmbeddedPostgres
+from maplookup.lookup.complete.source import CompleteSource
 from maplookup.protocol import Reply, Status
 from maplookup.serve.service import Running
 from tests.helpers import run_sql
@@ -33,7 +34,7 @@ def dsn(make_database: Callable[[], str]) -> str:
     return dsn
 
 
-def _copy(service: Running):  # type: ignore[no-untyped-def]
+def _copy(service: Running) -> CompleteSource:
     assert service.copy is not None
     return service.copy
 
@@ -42,7 +43,8 @@ async def test_started_means_loaded_and_every_key_comes_from_the_copy(dsn: str) 
     async with running(complete_settings(dsn), dsn) as service:
         copy = _copy(service)
         # serve() reports started (and sd_notify READY) only once the copy is in.
-        assert copy.copy is not None and copy.settled.is_set()
+        assert copy.copy is not None
+        assert copy.settled.is_set()
         healthy, details = await service.service.health()
         assert healthy, details
         assert details["complete_copy"]["state"] == "current"  # type: ignore[index]
@@ -53,4 +55,250 @@ async def test_started_means_loaded_and_every_key_comes_from_the_copy(dsn: str) 
         assert copy.counters.answers == 3
         assert copy.counters.fallbacks == 0
         assert service.database_stats.queries == 0
+        await client.stream.aclose()
+
+
+async def test_changes_are_applied_in_order_within_the_lru_bound(dsn: str) -> None:
+    """The same bound as LRU mode's coherence tests (Client.wait_for: 5 s; NOTIFY makes it
+    milliseconds on a primary): present, absent, mirror and cross-domain answers alike."""
+    run_sql(
+        dsn,
+        "INSERT INTO maplookup.domains (name, kind) VALUES ('lists.test', 'alias')",
+        "INSERT INTO maplookup.aliases (domain, local_part, targets)"
+        " VALUES ('lists.test', 'info', ARRAY['user@example.com'])",
+    )
+    async with running(complete_settings(dsn), dsn) as service:
+        copy = _copy(service)
+        client = await Client.to(service)
+        assert await client.ask("vmailbox", "new@example.com") == Reply.notfound()
+        assert await client.ask("sender_login", "info@lists.test") == Reply.ok("user@example.com")
+        run_sql(
+            dsn,
+            "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+            " VALUES ('example.com', 'new', 'example.com/new/')",
+        )
+        took = await client.wait_for("vmailbox", "new@example.com", Reply.ok("example.com/new/"))
+        assert took < 1.0
+        # The mirror domain's answer changes with the domain it mirrors.
+        await client.wait_for("virtual", "new@example.org", Reply.ok("new@example.com"))
+        # A change in one domain reaches an answer of another (sender_login follows aliases).
+        run_sql(dsn, "UPDATE maplookup.mailboxes SET enabled = false WHERE local_part = 'user'")
+        await client.wait_for("sender_login", "info@lists.test", Reply.notfound())
+        run_sql(
+            dsn,
+            "INSERT INTO maplookup.transports (domain, transport)"
+            " VALUES ('.example.net', 'smtp:[parent]'), ('*', 'smtp:[smarthost]')",
+            "INSERT INTO maplookup.domains (name, kind) VALUES ('example.net', 'relay')",
+        )
+        await client.wait_for("transport", "x@sub.example.net", Reply.ok("smtp:[parent]"))
+        await client.wait_for("transport", "*", Reply.ok("smtp:[smarthost]"))
+        await client.wait_for("relay_domains", "mx.example.net", Reply.ok("example.net"))
+        run_sql(dsn, "UPDATE maplookup.domains SET enabled = false WHERE name = 'example.com'")
+        await client.wait_for("vmailbox", "new@example.com", Reply.notfound())
+        assert copy.counters.partition_updates >= 3
+        # One reload: the wildcard transport's row has the domain '*', which the change log
+        # cannot tell from its own '*' (every domain).  The other changes replaced partitions.
+        assert copy.counters.loads == 2
+        assert copy.counters.fallbacks == 0
+        assert service.database_stats.queries == 0
+        await client.stream.aclose()
+
+
+async def test_truncate_reloads_in_the_background_and_swaps(dsn: str) -> None:
+    async with running(complete_settings(dsn), dsn) as service:
+        copy = _copy(service)
+        client = await Client.to(service)
+        old = copy.copy
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        run_sql(dsn, "TRUNCATE maplookup.mailboxes")
+        await client.wait_for("vmailbox", "user@example.com", Reply.notfound())
+        assert copy.counters.loads == 2
+        assert copy.copy is not old  # a fresh copy, swapped in whole
+        assert copy.counters.fallbacks == 0
+        await client.stream.aclose()
+
+
+async def test_a_change_committed_during_the_initial_load_is_not_lost(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change commits while the snapshot streams (inside its REPEATABLE READ
+    transaction, so the snapshot cannot see it): the feed follows from the snapshot's
+    position and applies it."""
+    import threading
+
+    from maplookup.db import copy_load
+    from maplookup.lookup.complete.store import CopyBuilder
+
+    committed: list[bool] = []
+
+    class ChangeMidLoad(CopyBuilder):
+        __slots__ = ()
+
+        def add(self, table: str, rows: object) -> None:
+            if table == "mailboxes" and not committed:
+                committed.append(True)
+                # run_sql runs its own event loop: not in this (the asyncio) thread.
+                writer = threading.Thread(
+                    target=run_sql,
+                    args=(
+                        dsn,
+                        "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+                        " VALUES ('example.com', 'during', 'example.com/during/')",
+                    ),
+                )
+                writer.start()
+                writer.join()
+            super().add(table, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(copy_load, "CopyBuilder", ChangeMidLoad)
+    async with running(complete_settings(dsn), dsn) as service:
+        copy = _copy(service)
+        assert committed
+        assert copy.copy is not None
+        assert "during@example.com" not in copy.copy.mailboxes
+        client = await Client.to(service)
+        await client.wait_for("vmailbox", "during@example.com", Reply.ok("example.com/during/"))
+        assert copy.counters.loads == 1
+        await client.stream.aclose()
+
+
+async def test_a_copy_past_the_memory_bound_falls_back_to_lru_with_one_log_line(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running(complete_settings(dsn, complete_max_bytes=200), dsn) as service:
+        copy = _copy(service)
+        assert copy.copy is None
+        assert copy.refused is not None
+        refusals = [r for r in caplog.records if "complete copy refused" in r.getMessage()]
+        assert len(refusals) == 1
+        message = refusals[0].getMessage()
+        assert "cache.complete_max_bytes = 200" in message
+        assert "raise" in message
+        healthy, details = await service.service.health()
+        assert healthy, details
+        client = await Client.to(service)
+        # LRU mode: answers from the database, cached, kept coherent by the same feed.
+        assert service.cache is not None
+        await wait_until(lambda: service.cache is not None and service.cache.live)
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        assert service.cache.counters.hits == 1
+        run_sql(dsn, "UPDATE maplookup.mailboxes SET path = 'example.com/v2/'")
+        await client.wait_for("vmailbox", "user@example.com", Reply.ok("example.com/v2/"))
+        await client.stream.aclose()
+
+
+async def test_ready_and_healthy_only_once_the_copy_is_loaded(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups are answered while the snapshot loads (by the database), but neither
+    sd_notify READY nor /healthz says ready before the copy is in."""
+    import asyncio
+
+    from maplookup.db import copy_follow, copy_load
+    from maplookup.serve.sdnotify import SystemdNotifier
+    from maplookup.serve.service import Service
+
+    class Recorder(SystemdNotifier):
+        def __init__(self) -> None:
+            super().__init__(environ={})
+            self.readies = 0
+
+        def ready(self, status: str | None = None) -> bool:
+            self.readies += 1
+            return True
+
+    gate = asyncio.Event()
+    real_load = copy_load.load_snapshot
+
+    async def held_load(*args: object, **kwargs: object) -> object:
+        await gate.wait()
+        return await real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", held_load)
+    notifier = Recorder()
+    settings = complete_settings(dsn)
+    service = Service(settings, dsn, notifier=notifier)
+    listening: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: service.run(on_ready=lambda bound: listening.append(bound[0].tcp_port()))
+        )
+        await wait_until(lambda: service._running is not None)
+        running_ = service._running
+        assert running_ is not None
+        # The feed has connected: the load is under way (held).
+        await wait_until(
+            lambda: running_.listener is not None and running_.listener.server is not None
+        )
+        assert notifier.readies == 0
+        assert not listening
+        healthy, details = await service.health()
+        assert not healthy
+        assert "not loaded yet" in str(details["problems"])
+        port = running_.listeners[0].tcp_port()
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        assert running_.copy is not None
+        assert running_.copy.counters.fallbacks == 1
+        # Release the load (in the asyncio thread, where the event lives).
+        loop = running_.service._database.bridge._loop
+        loop.call_soon_threadsafe(gate.set)
+        await wait_until(lambda: notifier.readies == 1)
+        assert listening == [port]
+        healthy, details = await service.health()
+        assert healthy, details
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        assert running_.copy.counters.answers == 1
+        await client.stream.aclose()
+        service.drain()
+
+
+# -- outage: a cluster of its own, stopped under the running service --------------------------
+
+
+async def test_outage_answers_every_key_from_the_copy_then_temp_after_max_stale_s(
+    own_cluster: EmbeddedPostgres,
+) -> None:
+    from maplookup.db import admin
+    from tests.helpers import run_async
+
+    dsn = own_cluster.tcp_dsn
+    run_async(admin.init_schema, dsn)
+    run_sql(dsn, *SCHEMA_DATA)
+    async with running(complete_settings(dsn, max_stale_s=3.0), dsn) as service:
+        copy = _copy(service)
+        client = await Client.to(service)
+        await trio.to_thread.run_sync(lambda: own_cluster.stop(mode="fast"))
+        assert service.listener is not None
+        await wait_until(lambda: service.listener is not None and not service.listener.live)
+        keys = [f"nobody{i}@example.com" for i in range(50)] + ["user@example.com"]
+        replies = [await client.ask("vmailbox", key) for key in keys]
+        assert [r.status for r in replies].count(Status.TEMP) == 0
+        assert replies[-1] == Reply.ok("example.com/user/")
+        assert await client.ask("virtual", "user@example.org") == Reply.ok("user@example.com")
+        assert await client.ask("domains", "unknown.test") == Reply.notfound()
+        age = copy.age()
+        assert age is not None
+        assert age > 0
+        # Beyond max_stale_s the copy no longer answers: TEMP (never NOTFOUND) for both.
+        await wait_until(lambda: not copy.current(), timeout_s=10)
+        for key in ("user@example.com", "nobody@example.com"):
+            assert (await client.ask("vmailbox", key)).status is Status.TEMP
+        healthy, details = await service.service.health()
+        assert not healthy
+        assert "not confirmed current" in str(details["problems"])
+
+        await trio.to_thread.run_sync(own_cluster.start)
+        await wait_until(copy.current, timeout_s=30)
+        # Back on the same server with the log where it was: followed on, not reloaded.
+        assert copy.counters.loads == 1
+        await client.wait_for("vmailbox", "user@example.com", Reply.ok("example.com/user/"))
+        run_sql(
+            dsn,
+            "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+            " VALUES ('example.com', 'nobody', 'example.com/nobody/')",
+        )
+        await client.wait_for("vmailbox", "nobody@example.com", Reply.ok("example.com/nobody/"))
         await client.stream.aclose()
