@@ -22,6 +22,8 @@ from maplookup.maps import LookupSettings, MapName
 from maplookup.protocol import Reply, Request, Status
 from tests.helpers import require_tool, run_with_connection
 
+from .answer_modes import MODES, lookup_for
+
 
 async def _load(conn: asyncpg.Connection) -> None:
     await admin.domain_add(conn, "example.com", uid=5000, gid=5001)
@@ -80,11 +82,18 @@ def dataset_dsn(make_database: Callable[[], str]) -> str:
     return dsn
 
 
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """Where the answers come from: the SQL functions, or the complete copy."""
+    mode: str = request.param
+    return mode
+
+
 async def _answer(
-    dsn: str, map_name: str, key: bytes, settings: LookupSettings | None = None
+    dsn: str, map_name: str, key: bytes, settings: LookupSettings | None = None, mode: str = ""
 ) -> Reply:
     async with open_database(PoolSettings(dsn=dsn)) as database:
-        lookup = Lookup(DatabaseSource(database, settings or LookupSettings()))
+        lookup = lookup_for(mode or "database", dsn, database, settings or LookupSettings())
         return await lookup.answer(Request(map_name.encode(), key))
 
 
@@ -210,9 +219,9 @@ CASES: list[tuple[str, str, str | None]] = [
 
 @pytest.mark.parametrize(("map_name", "key", "expected"), CASES)
 async def test_map_contract(
-    dataset_dsn: str, map_name: str, key: str, expected: str | None
+    dataset_dsn: str, mode: str, map_name: str, key: str, expected: str | None
 ) -> None:
-    reply = await _answer(dataset_dsn, map_name, key.encode())
+    reply = await _answer(dataset_dsn, map_name, key.encode(), mode=mode)
     if expected is None:
         assert reply == Reply.notfound()
     else:
@@ -231,60 +240,77 @@ async def test_map_contract(
     ],
 )
 async def test_multi_character_delimiter(
-    dataset_dsn: str, map_name: str, key: str, expected: str
+    dataset_dsn: str, mode: str, map_name: str, key: str, expected: str
 ) -> None:
     settings = LookupSettings(recipient_delimiter="+-")
-    assert await _answer(dataset_dsn, map_name, key.encode(), settings) == Reply.ok(expected)
+    assert await _answer(dataset_dsn, map_name, key.encode(), settings, mode=mode) == Reply.ok(
+        expected
+    )
 
 
-async def test_no_delimiter_means_no_extension_stripping(dataset_dsn: str) -> None:
+async def test_no_delimiter_means_no_extension_stripping(dataset_dsn: str, mode: str) -> None:
     settings = LookupSettings(recipient_delimiter="")
-    reply = await _answer(dataset_dsn, "vmailbox", b"user+foo@example.com", settings)
+    reply = await _answer(dataset_dsn, "vmailbox", b"user+foo@example.com", settings, mode=mode)
     assert reply == Reply.notfound()
 
 
-async def test_configured_default_ids(dataset_dsn: str) -> None:
+async def test_configured_default_ids(dataset_dsn: str, mode: str) -> None:
     settings = LookupSettings(default_uid=99, default_gid=98)
-    assert await _answer(dataset_dsn, "uid", b"x@nouid.example", settings) == Reply.ok("99")
-    assert await _answer(dataset_dsn, "gid", b"x@nouid.example", settings) == Reply.ok("98")
+    assert await _answer(dataset_dsn, "uid", b"x@nouid.example", settings, mode=mode) == Reply.ok(
+        "99"
+    )
+    assert await _answer(dataset_dsn, "gid", b"x@nouid.example", settings, mode=mode) == Reply.ok(
+        "98"
+    )
     # The domain default still wins over the configured default.
-    assert await _answer(dataset_dsn, "uid", b"plain@example.com", settings) == Reply.ok("5000")
+    assert await _answer(dataset_dsn, "uid", b"plain@example.com", settings, mode=mode) == Reply.ok(
+        "5000"
+    )
     # And the configured default over a catch-all mailbox's own id, for a mailbox; the
     # catch-all's deliveries keep theirs.
-    assert await _answer(dataset_dsn, "uid", b"plain@fallback.example", settings) == Reply.ok("99")
-    assert await _answer(dataset_dsn, "uid", b"who@fallback.example", settings) == Reply.ok("6100")
+    assert await _answer(
+        dataset_dsn, "uid", b"plain@fallback.example", settings, mode=mode
+    ) == Reply.ok("99")
+    assert await _answer(
+        dataset_dsn, "uid", b"who@fallback.example", settings, mode=mode
+    ) == Reply.ok("6100")
     # Unhosted addresses stay NOTFOUND even with a configured default.
-    assert await _answer(dataset_dsn, "uid", b"x@unhosted.test", settings) == Reply.notfound()
+    assert (
+        await _answer(dataset_dsn, "uid", b"x@unhosted.test", settings, mode=mode)
+        == Reply.notfound()
+    )
 
 
 @pytest.mark.parametrize(
     "key",
     [b"\xff\xfe@example.com", b"us\xc3er@example.com", b"a\x00b@example.com", b"\x80"],
 )
-async def test_invalid_keys_are_not_found(dataset_dsn: str, key: bytes) -> None:
+async def test_invalid_keys_are_not_found(dataset_dsn: str, mode: str, key: bytes) -> None:
     for map_name in MapName:
-        assert await _answer(dataset_dsn, map_name.value, key) == Reply.notfound()
+        assert await _answer(dataset_dsn, map_name.value, key, mode=mode) == Reply.notfound()
 
 
-async def test_ten_thousand_byte_key(dataset_dsn: str) -> None:
+async def test_ten_thousand_byte_key(dataset_dsn: str, mode: str) -> None:
     local = "a" * (10_000 - len("@example.com"))
     key = f"{local}@example.com".encode()
     assert len(key) == 10_000
-    assert await _answer(dataset_dsn, "vmailbox", key) == Reply.notfound()
-    assert await _answer(dataset_dsn, "virtual", key) == Reply.ok("postmaster@example.com")
+    assert await _answer(dataset_dsn, "vmailbox", key, mode=mode) == Reply.notfound()
+    assert await _answer(dataset_dsn, "virtual", key, mode=mode) == Reply.ok(
+        "postmaster@example.com"
+    )
 
 
-async def test_sql_injection_attempt_leaves_tables_alone(dataset_dsn: str) -> None:
+async def test_sql_injection_attempt_leaves_tables_alone(dataset_dsn: str, mode: str) -> None:
     key = b"x'); DELETE FROM maplookup.mailboxes; --@example.com"
     for map_name in MapName:
-        reply = await _answer(dataset_dsn, map_name.value, key)
+        reply = await _answer(dataset_dsn, map_name.value, key, mode=mode)
         assert reply.status in (Status.OK, Status.NOTFOUND)
-    reply = await _answer(dataset_dsn, "vmailbox", b"user@example.com")
+    reply = await _answer(dataset_dsn, "vmailbox", b"user@example.com", mode=mode)
     assert reply == Reply.ok("example.com/user/")
 
 
-async def test_unknown_map_is_perm(dataset_dsn: str) -> None:
-    reply = await _answer(dataset_dsn, "mailboxes", b"user@example.com")
+async def test_unknown_map_is_perm(dataset_dsn: str, mode: str) -> None:
+    reply = await _answer(dataset_dsn, "mailboxes", b"user@example.com", mode=mode)
     assert reply.status is Status.PERM
 
 
@@ -335,10 +361,10 @@ async def test_stalled_database_is_temp_within_the_timeout() -> None:
     ],
 )
 async def test_ascii_only_folding_when_smtputf8_is_off(
-    dataset_dsn: str, key: str, expected: str | None
+    dataset_dsn: str, mode: str, key: str, expected: str | None
 ) -> None:
     settings = LookupSettings(smtputf8_enable=False)
-    reply = await _answer(dataset_dsn, "vmailbox", key.encode(), settings)
+    reply = await _answer(dataset_dsn, "vmailbox", key.encode(), settings, mode=mode)
     assert reply == (Reply.notfound() if expected is None else Reply.ok(expected))
 
 

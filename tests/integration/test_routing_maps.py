@@ -16,10 +16,10 @@ import pytest
 from maplookup.db import admin, admin_routing
 from maplookup.db.admin_input import AdminError
 from maplookup.db.database import PoolSettings, open_database
-from maplookup.lookup.answer import DatabaseSource, Lookup
 from maplookup.maps import LookupSettings
 from maplookup.protocol import Reply, Request
 from tests.helpers import run_with_connection
+from tests.integration.answer_modes import MODES, lookup_for
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -154,12 +154,13 @@ CASES: list[tuple[str, str, str | None]] = [
 ]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("map_name", "key", "expected"), CASES)
 async def test_routing_map_contract(
-    dataset_dsn: str, map_name: str, key: str, expected: str | None
+    dataset_dsn: str, mode: str, map_name: str, key: str, expected: str | None
 ) -> None:
     async with open_database(PoolSettings(dsn=dataset_dsn)) as database:
-        lookup = Lookup(DatabaseSource(database, LookupSettings()))
+        lookup = lookup_for(mode, dataset_dsn, database, LookupSettings())
         reply = await lookup.answer(Request(map_name.encode(), key.encode()))
     assert reply == (Reply.notfound() if expected is None else Reply.ok(expected))
 
