@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-local-targets", action="store_true", help="no alias targets without '@'"
     )
     parser.add_argument("--keep", action="store_true", help="keep each seed's work directory")
+    parser.add_argument(
+        "--mode", default="lru", choices=["lru", "complete"], help="A's cache.mode (default lru)"
+    )
     parser.add_argument("--dataset", action="store_true", help="print each data set")
     parser.add_argument(
         "--brief", action="store_true", help="leave the records out of the disagreement table"
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_database,
                 exclude=exclude,
                 local_targets=not args.no_local_targets,
+                mode=args.mode,
                 keep=args.keep,
             )
             if args.dataset:

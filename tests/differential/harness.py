@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,9 +221,26 @@ def _postbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-def start_maplookup(dsn: str, log_path: Path) -> RunningServer:
-    """``maplookup serve`` with the test's default ids (those postfix-config and trace get)."""
-    return start_server(
+#: cache.mode values A runs with: the SQL functions behind an LRU cache, and the complete copy.
+MODES = ("lru", "complete")
+
+
+def server_metric(server: RunningServer, name: str) -> float:
+    """One unlabelled sample of the server's /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def start_maplookup(dsn: str, log_path: Path, mode: str = "lru") -> RunningServer:
+    """``maplookup serve`` with the test's default ids (those postfix-config and trace get),
+    in cache mode ``mode``; with ``complete``, returns once the copy is loaded, so that every
+    answer A gets comes from it."""
+    server = start_server(
         dsn,
         log_path,
         tcp_maps=(),
@@ -230,7 +248,17 @@ def start_maplookup(dsn: str, log_path: Path) -> RunningServer:
             "--default-uid", str(ds_mod.SERVER_DEFAULT_UID),
             "--default-gid", str(ds_mod.SERVER_DEFAULT_GID),
         ),
+        metrics=True,
+        env={**os.environ, "MAPLOOKUP_CACHE__MODE": mode},
     )  # fmt: skip
+    if mode == "complete":
+        deadline = time.monotonic() + 30
+        while server_metric(server, "maplookup_copy_loaded") != 1.0:
+            if time.monotonic() > deadline:
+                stop_server(server)
+                raise RuntimeError(f"complete copy not loaded:\n{server.log_tail()}")
+            time.sleep(0.05)
+    return server
 
 
 def _postconf_n(config_dir: Path) -> dict[str, str]:
@@ -270,10 +298,11 @@ class Pair:
         stop_server(self.server)
 
 
-def start_pair(ds: Dataset, dsn: str, work: Path) -> Pair:
-    """Start A (maplookup) and B (hash: from export) for the data set already in ``dsn``."""
+def start_pair(ds: Dataset, dsn: str, work: Path, mode: str = "lru") -> Pair:
+    """Start A (maplookup, cache mode ``mode``) and B (hash: from export) for the data set
+    already in ``dsn``."""
     work.chmod(0o755)
-    server = start_maplookup(dsn, work / "server.log")
+    server = start_maplookup(dsn, work / "server.log", mode)
     a = PrivatePostfix(work / "a", free_port())
     b = PrivatePostfix(work / "b", free_port())
     a.base.mkdir()
@@ -633,6 +662,9 @@ class SeedResult:
     dataset_text: str
     # The maps of issue 14, key by key (routing.py).
     routing: list[RoutingDisagreement] = field(default_factory=list)
+    mode: str = "lru"  # A's cache.mode
+    # With mode complete: lookups the copy left to the database (must be 0).
+    copy_fallbacks: float = 0.0
 
 
 def make_database_factory(pg_dsn: str) -> Callable[[], str]:
@@ -660,6 +692,7 @@ def run_seed(
     exclude: frozenset[str] = frozenset(),
     local_targets: bool = True,
     keep: bool = False,
+    mode: str = "lru",
 ) -> SeedResult:
     from .recipients import recipients_for
 
@@ -669,7 +702,8 @@ def run_seed(
     load_dataset(ds, dsn)
     recipients = recipients_for(ds)
     work = Path(tempfile.mkdtemp(prefix=f"maplookup-diff-{seed}-"))
-    pair = start_pair(ds, dsn, work)
+    pair = start_pair(ds, dsn, work, mode)
+    copy_fallbacks = 0.0
     try:
         outcomes_a = run_instance(pair.a, seed, recipients)
         outcomes_b = run_instance(pair.b, seed, recipients)
@@ -681,6 +715,8 @@ def run_seed(
             pair.b.config_dir,
             _postbin("postmap"),
         )
+        if mode == "complete":
+            copy_fallbacks = server_metric(pair.server, "maplookup_copy_fallbacks_total")
     finally:
         pair.stop()
     traces = trace_all(dsn, [r.address for r in recipients])
@@ -709,6 +745,8 @@ def run_seed(
         pair.export_warnings,
         ds.describe(),
         routing,
+        mode,
+        copy_fallbacks,
     )
 
 
