@@ -516,15 +516,17 @@ class LiveServer:
 
 
 def start_live_server(
-    dsn: str, log_path: Path, read_timeout_s: float = READ_TIMEOUT_S
+    dsn: str, log_path: Path, read_timeout_s: float = READ_TIMEOUT_S, mode: str = "lru"
 ) -> LiveServer:
-    """``python -m maplookup serve`` with a socketmap, a tcp_table and a metrics listener.
+    """``python -m maplookup serve`` with a socketmap, a tcp_table and a metrics listener, in
+    cache mode ``mode`` (with ``complete``, returned once the copy is loaded).
 
     ``read_timeout_s`` is what a stalled partial request costs; too short, and a scheduling
     gap between two chunks of one input on a busy machine looks like a stall.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAPLOOKUP_")}
     env["MAPLOOKUP_LIMITS__READ_TIMEOUT_S"] = str(read_timeout_s)
+    env["MAPLOOKUP_CACHE__MODE"] = mode
     if os.geteuid() == 0:
         # Tests and benchmarks run as root in containers; no user to drop privileges to.
         env["MAPLOOKUP_ALLOW_ROOT"] = "true"
@@ -541,6 +543,8 @@ def start_live_server(
     server = LiveServer(running)
     try:
         _wait_for(lambda: server.metric("maplookup_cache_live") == 1.0, server)
+        if mode == "complete":
+            _wait_for(lambda: server.metric("maplookup_copy_loaded") == 1.0, server)
     except BaseException:
         stop_server(running)
         raise

@@ -40,16 +40,24 @@ FUZZ = settings(
 STATS = {"socketmap": FuzzStats(), "tcp_table": FuzzStats()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["lru", "complete"])
 def live_server(
-    make_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    make_database: Callable[[], str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
+    """The server in each cache mode: with ``complete`` every answer the model checks comes
+    from the in-memory copy."""
+    mode: str = request.param
     dsn = make_database()
     seed(dsn)
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
-    server = start_live_server(dsn, Path(log_path))
+    server = start_live_server(dsn, Path(log_path), mode=mode)
+    STATS.update(socketmap=FuzzStats(), tcp_table=FuzzStats())  # counted per server
     try:
         yield server
+        if mode == "complete":
+            assert server.metric("maplookup_copy_fallbacks_total") == 0
     finally:
         code = stop_live_server(server)
         assert code == 0, f"server exited with {code}:\n{server.log_tail()}"
