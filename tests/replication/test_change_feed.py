@@ -89,7 +89,7 @@ def _version(reply: Reply) -> int:
     return int(match.group(1))
 
 
-@pytest.mark.parametrize("feed_reads", ["standby", "primary"])
+@pytest.mark.parametrize("feed_reads", ["standby", "primary", "standby-complete"])
 async def test_the_standby_host_never_serves_a_stale_answer_after_the_invalidation(
     dsns: tuple[str, str],
     pair: ReplicatedPair,
@@ -107,8 +107,13 @@ async def test_the_standby_host_never_serves_a_stale_answer_after_the_invalidati
     read the standby (what LISTEN on the primary and lookups on a standby amount to; the pin
     that would point the lookups at the feed's server is disabled).  The same hammering must
     then catch stale answers, or this test could not tell.
+
+    ``feed_reads="standby-complete"``: cache.mode = "complete" on the standby host; the copy
+    reads its partitions on the feed's connection to the standby, after the standby has
+    replayed the change the log names, so it must never go back either.
     """
     primary, standby = dsns
+    complete = feed_reads == "standby-complete"
     if feed_reads == "primary":
         monkeypatch.setattr(
             service_module,
@@ -131,13 +136,22 @@ async def test_the_standby_host_never_serves_a_stale_answer_after_the_invalidati
         standby, "ALTER SYSTEM SET recovery_min_apply_delay = '150ms'", "SELECT pg_reload_conf()"
     )
     try:
-        settings = settings_for(standby, change_feed_poll_interval_s=0.02)
+        extra = {"mode": "complete"} if complete else {}
+        settings = settings_for(standby, change_feed_poll_interval_s=0.02, **extra)  # type: ignore[arg-type]
         async with running(settings, standby) as service:
             await live(service)
             cache, feed = service.cache, service.listener
             assert cache is not None
             assert feed is not None
-            hits_before = cache.counters.hits
+
+            def from_memory() -> int:
+                """Answers not read from the database: cache hits, or the copy's answers."""
+                if service.copy is not None:
+                    return service.copy.counters.answers
+                assert cache is not None
+                return cache.counters.hits
+
+            hits_before = from_memory()
 
             async def hammer(client: Client, stop: trio.Event) -> None:
                 nonlocal answers
@@ -174,7 +188,10 @@ async def test_the_standby_host_never_serves_a_stale_answer_after_the_invalidati
             final = await clients[0].ask("vmailbox", KEY)
             for client in clients:
                 await client.stream.aclose()
-            hits = cache.counters.hits - hits_before
+            hits = from_memory() - hits_before
+            if complete:
+                assert service.copy is not None
+                assert service.copy.counters.fallbacks == 0
     finally:
         run_sql(standby, "ALTER SYSTEM RESET recovery_min_apply_delay", "SELECT pg_reload_conf()")
     # The race was there to lose: the primary had committed (and notified) before the standby
@@ -182,7 +199,7 @@ async def test_the_standby_host_never_serves_a_stale_answer_after_the_invalidati
     assert lag_seen > 0
     assert answers > changes
     assert hits > 0  # answered from the cache meanwhile: the cache was live on the standby
-    if feed_reads == "standby":
+    if feed_reads != "primary":
         assert stale == []
         assert final == Reply.ok(f"example.com/v{changes}/")
     else:
