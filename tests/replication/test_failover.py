@@ -68,16 +68,6 @@ def dsns(databases: tuple[str, str], pair: ReplicatedPair) -> tuple[str, str]:
     return databases
 
 
-@pytest.fixture
-def quick_listen(monkeypatch: pytest.MonkeyPatch) -> None:
-    """LISTEN retried every 0.5 s instead of 30: a promotion is noticed within the test."""
-    monkeypatch.setattr(
-        service_module,
-        "FeedSettings",
-        lambda **kwargs: FeedSettings(**{**kwargs, "listen_retry_s": 0.5}),
-    )
-
-
 async def live(service: Running) -> None:
     await wait_until(lambda: service.cache is not None and service.cache.live, timeout_s=20)
 
