@@ -227,6 +227,11 @@ class CacheConfig(_Model):
     # The complete copy's bound (its own size estimate, checked while the snapshot streams
     # in): a larger copy is refused and the server answers in "lru" mode, saying so once.
     complete_max_bytes: Annotated[int, Field(ge=0)] = COMPLETE_MAX_BYTES_DEFAULT
+    # Start-up reports ready (sd_notify READY, /healthz 200) once the copy is loaded, but
+    # at the latest after this long: with PostgreSQL down at boot, systemd would otherwise
+    # kill and restart the server at its start timeout (90 s by default), over and over.
+    # Until the copy is in, lookups go to the database and /healthz says why it is 503.
+    complete_ready_timeout_s: PositiveFloat = 60.0
 
     # About 500 bytes an entry with its strings (bench/cache.py): 100,000 entries ~ 50 MB.
     max_entries: Annotated[int, Field(ge=0)] = 100_000

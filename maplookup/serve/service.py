@@ -282,10 +282,7 @@ class Service:
                     for item in server.listeners:
                         log.info("listening: %s", item.description)
                     if copy is not None:
-                        # Ready only with the copy: lookups are answered meanwhile (by the
-                        # database), but a host that says it is ready answers from memory.
-                        log.info("complete mode: loading the copy before reporting ready")
-                        await copy.settled.wait()
+                        await _wait_for_the_copy(copy, settings.cache.complete_ready_timeout_s)
                     if on_ready is not None:
                         on_ready(server.listeners)
                     await nursery.start(self._notifier.run_watchdog)
@@ -463,6 +460,22 @@ async def serve(
         freeze_startup_objects=freeze_startup_objects,
     )
     await service.run(on_ready=on_ready, task_status=task_status)
+
+
+async def _wait_for_the_copy(copy: CompleteSource, timeout_s: float) -> None:
+    """Ready only with the copy: lookups are answered meanwhile (by the database), but a
+    host that says it is ready answers from memory.  Bounded (complete_ready_timeout_s), so
+    that a database down at boot does not make systemd kill the server at its start timeout.
+    """
+    log.info("complete mode: loading the copy before reporting ready")
+    with trio.move_on_after(timeout_s):
+        await copy.settled.wait()
+        return
+    log.warning(
+        "complete mode: no copy after %s s (cache.complete_ready_timeout_s): reporting ready "
+        "anyway; lookups go to the database until the copy is loaded",
+        timeout_s,
+    )
 
 
 def _ignore(_value: object) -> None:

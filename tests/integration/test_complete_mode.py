@@ -17,7 +17,8 @@ from maplookup.config import Settings
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.lookup.complete.source import CompleteSource
 from maplookup.protocol import Reply, Status
-from maplookup.serve.service import Running
+from maplookup.serve.sdnotify import SystemdNotifier
+from maplookup.serve.service import Running, serve
 from tests.helpers import run_sql
 
 from .test_cache_coherence import SCHEMA_DATA, Client, running, settings_for, wait_until
@@ -32,6 +33,18 @@ def dsn(make_database: Callable[[], str]) -> str:
     dsn = make_database()
     run_sql(dsn, *SCHEMA_DATA)
     return dsn
+
+
+class Recorder(SystemdNotifier):
+    """Counts READY notifications."""
+
+    def __init__(self) -> None:
+        super().__init__(environ={})
+        self.readies = 0
+
+    def ready(self, status: str | None = None) -> bool:
+        self.readies += 1
+        return True
 
 
 def _copy(service: Running) -> CompleteSource:
@@ -197,17 +210,7 @@ async def test_ready_and_healthy_only_once_the_copy_is_loaded(
     import asyncio
 
     from maplookup.db import copy_follow, copy_load
-    from maplookup.serve.sdnotify import SystemdNotifier
     from maplookup.serve.service import Service
-
-    class Recorder(SystemdNotifier):
-        def __init__(self) -> None:
-            super().__init__(environ={})
-            self.readies = 0
-
-        def ready(self, status: str | None = None) -> bool:
-            self.readies += 1
-            return True
 
     gate = asyncio.Event()
     real_load = copy_load.load_snapshot
@@ -253,6 +256,37 @@ async def test_ready_and_healthy_only_once_the_copy_is_loaded(
         assert running_.copy.counters.answers == 1
         await client.stream.aclose()
         service.drain()
+
+
+async def test_ready_at_the_latest_after_complete_ready_timeout_s(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy that does not load (PostgreSQL down at boot, here a load that never ends) must
+    not keep the server from READY past the bound: systemd would kill it."""
+    from maplookup.db import copy_follow
+
+    async def stuck(*_args: object, **_kwargs: object) -> object:
+        import asyncio
+
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", stuck)
+    notifier = Recorder()
+    settings = complete_settings(dsn, complete_ready_timeout_s=0.5)
+    async with trio.open_nursery() as nursery:
+        service: Running = await nursery.start(
+            lambda task_status: serve(settings, dsn, notifier=notifier, task_status=task_status)
+        )
+        assert notifier.readies == 1
+        assert "reporting ready anyway" in caplog.text
+        healthy, details = await service.service.health()
+        assert not healthy
+        assert "not loaded yet" in str(details["problems"])
+        client = await Client.to(service)
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
+        await client.stream.aclose()
+        service.server.drain()
 
 
 # -- outage: a cluster of its own, stopped under the running service --------------------------
