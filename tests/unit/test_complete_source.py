@@ -1,0 +1,200 @@
+"""cache.mode = "complete" without a database: the source's choice between the copy and the
+fallback, its age, the health report and the metrics, the follower's decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from maplookup.db import copy_follow
+from maplookup.db.copy_follow import CopyFollower, CopySettings
+from maplookup.db.copy_load import CopyTooLarge, LoadedCopy
+from maplookup.db.feed import FeedStep
+from maplookup.db.servers import Reached, ServerAddress
+from maplookup.errors import DatabaseError
+from maplookup.lookup.complete import MapsCopy
+from maplookup.lookup.complete.rows import SnapshotRows
+from maplookup.lookup.complete.source import CompleteSource
+from maplookup.maps import LookupSettings, MapName
+from maplookup.metrics import MaplookupCollector, render
+from maplookup.serve.copy_health import copy_health
+
+ROWS = SnapshotRows(
+    domains=[("a.test", "mailbox", None, None, None, True)],
+    mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Fallback:
+    """The LRU path: here a database that is down."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def fetch(self, map_name: MapName, key: str) -> str | None:
+        self.asked.append(key)
+        raise DatabaseError("down")
+
+
+class Held:
+    settings = LookupSettings()
+
+
+def source(clock: Clock, fallback: Fallback) -> CompleteSource:
+    return CompleteSource(fallback, Held(), max_stale_s=10.0, clock=clock)
+
+
+async def test_the_copy_answers_present_and_absent_keys_until_max_stale_s() -> None:
+    clock, fallback = Clock(), Fallback()
+    src = source(clock, fallback)
+    with pytest.raises(DatabaseError):  # no copy yet: the fallback
+        await src.fetch(MapName.VMAILBOX, "user@a.test")
+    src.install(MapsCopy.build(ROWS), position=7, read_at=clock.now, load_s=0.1)
+    assert src.settled.is_set()
+    clock.now += 10.0  # exactly max_stale_s old: still answered
+    assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/user/"
+    assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") is None
+    assert src.age() == 10.0
+    clock.now += 0.001  # beyond: the fallback (TEMP with the database down), never NOTFOUND
+    with pytest.raises(DatabaseError):
+        await src.fetch(MapName.VMAILBOX, "nobody@a.test")
+    assert fallback.asked == ["user@a.test", "nobody@a.test"]
+    src.confirm(8, clock.now)  # the feed is back and read the log
+    assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") is None
+    assert (src.counters.answers, src.counters.fallbacks) == (3, 2)
+
+
+async def test_updates_replace_partitions_and_confirm() -> None:
+    clock = Clock()
+    src = source(clock, Fallback())
+    src.update(["a.test"], ROWS, 3, clock.now)  # before any copy: ignored
+    assert src.copy is None
+    src.install(MapsCopy.build(ROWS), 2, clock.now, 0.1)
+    clock.now += 5
+    gone = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
+    src.update(["a.test"], gone, 3, clock.now)
+    assert await src.fetch(MapName.VMAILBOX, "user@a.test") is None
+    assert src.position == 3
+    assert src.age() == 0.0
+    assert src.counters.partitions_replaced == 1
+
+
+def test_health_says_loading_current_too_old_and_refused() -> None:
+    clock = Clock()
+    src = source(clock, Fallback())
+    details, problem = copy_health(src)
+    assert details["state"] == "loading"
+    assert problem is not None
+    src.install(MapsCopy.build(ROWS), 2, clock.now, 0.25)
+    details, problem = copy_health(src)
+    assert problem is None
+    assert details["state"] == "current"
+    assert details["position"] == 2
+    assert details["entries"] == MapsCopy.build(ROWS).counts()
+    clock.now += 11
+    details, problem = copy_health(src)
+    assert problem is not None
+    assert "max_stale_s = 10.0 s" in problem
+    src.refuse("too large")
+    details, problem = copy_health(src)
+    assert problem is None  # LRU mode answers, as configured
+    assert details["reason"] == "too large"
+
+
+def test_metrics_report_the_copy() -> None:
+    clock = Clock()
+    src = source(clock, Fallback())
+    text = render(MaplookupCollector(copy=src)).decode()
+    assert "maplookup_copy_loaded 0.0" in text
+    assert "maplookup_copy_age_seconds" not in text
+    src.install(MapsCopy.build(ROWS), 2, clock.now, 0.25)
+    clock.now += 3
+    text = render(MaplookupCollector(copy=src)).decode()
+    assert "maplookup_copy_loaded 1.0" in text
+    assert "maplookup_copy_age_seconds 3.0" in text
+    assert 'maplookup_copy_entries{table="mailboxes"} 1.0' in text
+    assert "maplookup_copy_fallbacks_total 0.0" in text
+
+
+# -- the follower's decisions (its database reads replaced) ------------------------------------
+
+
+class Target:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def install(self, copy: MapsCopy, position: int, read_at: float, load_s: float) -> None:
+        self.calls.append(f"install {position}")
+
+    def update(self, names: object, rows: SnapshotRows, position: int, read_at: float) -> None:
+        self.calls.append(f"update {sorted(names)} {position}")  # type: ignore[call-overload]
+
+    def confirm(self, position: int, read_at: float) -> None:
+        self.calls.append(f"confirm {position}")
+
+    def refuse(self, reason: str) -> None:
+        self.calls.append("refuse")
+
+
+def reached(port: int) -> Reached:
+    return Reached(ServerAddress("127.0.0.1", port), 0, False, False)
+
+
+async def test_the_follower_loads_follows_and_reloads_where_it_must(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    heads = iter([10, 25, 40])
+
+    async def load(*_args: object) -> LoadedCopy:
+        return LoadedCopy(MapsCopy(), next(heads), 0, 0, 0.0)
+
+    async def partitions(_conn: object, names: object, _timeout: float) -> SnapshotRows:
+        return SnapshotRows()
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", load)
+    monkeypatch.setattr(copy_follow, "read_partitions", partitions)
+    target = Target()
+    follower = CopyFollower(target, CopySettings(max_bytes=1000))
+    conn: Any = None  # the feed's connection: not used by the replaced reads
+    assert await follower.start(conn, reached(1), head=9) == 10  # first: a snapshot
+    step = FeedStep(12, False, frozenset({"a.test"}), 1)
+    assert await follower.apply(conn, step, 1.0) == 12
+    assert await follower.apply(conn, FeedStep(12, False, frozenset(), 0), 2.0) == 12
+    # The same server, its log at or past the copy: follow on from the copy's position.
+    assert await follower.start(conn, reached(1), head=20) == 12
+    # A log behind the copy (a restored backup, a standby that replayed less): reload.
+    assert await follower.start(conn, reached(1), head=11) == 25
+    # '*': reload, and follow from the new snapshot's position.
+    assert await follower.apply(conn, FeedStep(30, True, frozenset(), 1), 3.0) == 40
+    # Another server: reload (here the size bound refuses it: LRU from now on).
+
+    async def too_large(*_args: object) -> LoadedCopy:
+        raise CopyTooLarge(2000, 5, 1000)
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", too_large)
+    assert await follower.start(conn, reached(2), head=50) == 50
+    assert not follower.active
+    assert await follower.apply(conn, FeedStep(51, True, frozenset(), 1), 4.0) == 51
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.lowlevel.checkpoint()
+    assert target.calls == [
+        "install 10",
+        "update ['a.test'] 12",
+        "confirm 12",
+        "install 25",
+        "install 40",
+        "refuse",
+    ]
+    assert follower.rebuilds == 2
