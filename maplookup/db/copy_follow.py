@@ -85,8 +85,11 @@ class CopyFollower:
         position = self.position
         if position is not None and reached.address == self._server and head >= position:
             return position
+        loaded = await self._load(conn, head)
+        # Only once loaded: a load that failed on another server must not make the next
+        # connection to it follow on from the old server's position.
         self._server = reached.address
-        return await self._load(conn, head)
+        return loaded
 
     async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int:
         """Apply one batch the feed read at ``read_at``; the position to follow from."""

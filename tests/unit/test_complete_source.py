@@ -178,6 +178,17 @@ async def test_the_follower_loads_follows_and_reloads_where_it_must(
     assert await follower.start(conn, reached(1), head=11) == 25
     # '*': reload, and follow from the new snapshot's position.
     assert await follower.apply(conn, FeedStep(30, True, frozenset(), 1), 3.0) == 40
+
+    # A load that fails on another server (connection lost): the next connection to that
+    # server loads again rather than following on from the first server's position.
+    async def lost(*_args: object) -> LoadedCopy:
+        raise ConnectionResetError
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", lost)
+    with pytest.raises(ConnectionResetError):
+        await follower.start(conn, reached(3), head=45)
+    with pytest.raises(ConnectionResetError):
+        await follower.start(conn, reached(3), head=45)
     # Another server: reload (here the size bound refuses it: LRU from now on).
 
     async def too_large(*_args: object) -> LoadedCopy:
