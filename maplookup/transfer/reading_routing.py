@@ -70,8 +70,10 @@ def read_sender_login(
     """Grants: a line's owners, or those its ``grants of KEY:`` note names (export writes one
     where the line also lists owners maplookup derives); ``login of`` notes: mailbox logins."""
     notes: list[tuple[Origin, str]] = []
+    # Markers: `# disabled:` lines are the grants of a disabled domain (off with it; the
+    # domain's own line says it is disabled), restored as grants.
     entries = parse_source(
-        data, source, SENDER_GRANTS, problems, rank=rank, markers=False, progress=progress,
+        data, source, SENDER_GRANTS, problems, rank=rank, markers=True, progress=progress,
         notes=notes,
     )  # fmt: skip
     entries = without_derived(entries, notes)

@@ -861,8 +861,8 @@ def test_routing_files_round_trip(
     code, out, err = run_cli(capsys, "import", *file_args(out_dir, names), "--dsn", target_dsn)
     assert (code, err) == (0, ""), err
     for line in (
-        "sender grants:    3 added, 0 unchanged, 0 skipped",
-        "mailbox logins:   3 added, 0 unchanged, 0 skipped",
+        "sender grants:    6 added, 0 unchanged, 0 skipped",
+        "mailbox logins:   4 added, 0 unchanged, 0 skipped",
         "relay domains:    3 added, 0 unchanged, 0 skipped",
         "relay recipients: 4 added, 0 unchanged, 0 skipped",
     ):
@@ -878,7 +878,7 @@ def test_routing_files_round_trip(
     # Importing the same files again changes nothing.
     code, out, err = run_cli(capsys, "import", *file_args(out_dir, names), "--dsn", target_dsn)
     assert (code, err) == (0, ""), err
-    assert "sender grants:    0 added, 3 unchanged" in out
+    assert "sender grants:    0 added, 6 unchanged" in out
     assert routing_snapshot(target_dsn) == routing_snapshot(source_dsn)
 
 

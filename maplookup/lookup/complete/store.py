@@ -187,10 +187,14 @@ class MapsCopy:
         nothing yet."""
         intern = sys.intern
         enabled_domains: set[str] = set()
+        disabled_domains: set[str] = set()
         for name, kind, alias_of, uid, gid, enabled in rows.domains:
-            if enabled and (wanted is None or name in wanted):
-                self.domains[intern(name)] = _pack_domain(kind, alias_of, uid, gid)
-                enabled_domains.add(name)
+            if wanted is None or name in wanted:
+                if enabled:
+                    self.domains[intern(name)] = _pack_domain(kind, alias_of, uid, gid)
+                    enabled_domains.add(name)
+                else:
+                    disabled_domains.add(name)
         # The keys themselves (the dicts keep them anyway), not the rows' local parts: those
         # would stay alive until the end of the build among the kept strings, and the memory
         # they leave behind stays in the process (pymalloc frees an arena only when it is
@@ -215,7 +219,9 @@ class MapsCopy:
                 self.aliases[key] = ITEM.join(targets)
                 note(1, domain, key)
         for domain, local, login in rows.sender_grants:
-            if wanted is None or domain in wanted:
+            # Grants of a disabled domain are off with it; a domain without a row (an
+            # outside address granted) has its grants all the same (maplookup.sender_grants_of).
+            if (wanted is None or domain in wanted) and domain not in disabled_domains:
                 address = f"{local}@{domain}"
                 held = self.grants.get(address)
                 self.grants[address] = login if held is None else f"{held}{ITEM}{login}"
