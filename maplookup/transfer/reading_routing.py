@@ -95,7 +95,7 @@ def read_sender_login(
         listed = owners(entry.value)
         noted = grant_notes.pop(entry.key, None)
         if noted is None:
-            return GrantRecord(address, listed, entry.origin)
+            return GrantRecord(address, listed, entry.origin, listed=listed)
         grants = tuple(dict.fromkeys(noted[1].logins))
         missing = [g for g in grants if g not in listed]
         if not grants or missing:
@@ -103,7 +103,7 @@ def read_sender_login(
                 f"the note at {noted[0]} names grants {', '.join(missing) or '(none)'} that "
                 "this line does not list"
             )
-        return GrantRecord(address, grants, entry.origin)
+        return GrantRecord(address, grants, entry.origin, listed=listed)
 
     records = convert(entries, SENDER_GRANTS, problems, make)
     for origin, note in grant_notes.values():
