@@ -264,6 +264,10 @@ class _Tracer:
             None if domain_class is DomainClass.VIRTUAL_ALIAS else await self.transport(address)
         )
         via = f" via {transport}" if transport is not None else ""
+        if transport is not None:
+            special = _special_transport(domain, domain_class, transport, at_rcpt)
+            if special is not None:
+                return special
         if domain_class is DomainClass.RELAY:
             if at_rcpt and await self.lookup(MapName.RELAY_RECIPIENTS, address) is None:
                 reason = "User unknown in relay recipient table (550 5.1.1 at RCPT)"
@@ -298,11 +302,15 @@ class _Tracer:
         if transport is not None:
             # smtpd still checked virtual_mailbox_maps (the class's recipient table), but the
             # transport entry delivers it, not virtual(8): no uid, gid or path is used.
+            if transport.partition(":")[0] in _RELAYING_TRANSPORTS:
+                verdict, what = Verdict.RELAYED, "relayed via"
+            else:
+                verdict, what = Verdict.DELIVERED, "handed to"
             return Delivery(
                 domain,
                 domain_class,
-                Verdict.DELIVERED,
-                f"handed to {transport} (transport_maps; virtual(8) not used)",
+                verdict,
+                f"{what} {transport} (transport_maps; virtual(8) not used)",
                 transport=transport,
             )
         uid = await self.lookup(MapName.UID, address)
@@ -325,6 +333,38 @@ class _Tracer:
         return Delivery(
             domain, domain_class, Verdict.DELIVERED, f"delivered to {kind}", mailbox, uid, gid
         )
+
+
+# Transports that send mail on to another host (master.cf's defaults): a mailbox domain
+# routed to one is relayed, not delivered here.
+_RELAYING_TRANSPORTS = frozenset({"smtp", "relay"})
+
+
+def _special_transport(
+    domain: str, domain_class: DomainClass, transport: str, at_rcpt: bool
+) -> Delivery | None:
+    """The transports that do not deliver: ``error:`` and ``retry:`` are refused at RCPT
+    (550 and 450 with the entry's text, src/smtpd/smtpd_check.c, before the class's
+    recipient table is even asked) or bounce and defer after alias expansion; ``discard:``
+    accepts and throws the mail away.  None for any other transport."""
+    channel, _, nexthop = transport.partition(":")
+    text = nexthop or "Address is undeliverable"  # update_entry() in transport.c
+    entry = f"(transport_maps: {transport})"
+    if channel == "error":
+        reason = f"550 {text} at RCPT" if at_rcpt else f"bounced: {text}"
+        return Delivery(
+            domain, domain_class, Verdict.REJECTED, f"{reason} {entry}", transport=transport
+        )
+    if channel == "retry":
+        reason = f"450 {text} at RCPT" if at_rcpt else f"deferred: {text}"
+        return Delivery(
+            domain, domain_class, Verdict.DEFERRED, f"{reason} {entry}", transport=transport
+        )
+    if channel == "discard":
+        return Delivery(
+            domain, domain_class, Verdict.DISCARDED, f"discarded {entry}", transport=transport
+        )
+    return None
 
 
 async def trace_address(
