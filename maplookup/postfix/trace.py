@@ -272,6 +272,9 @@ class _Tracer:
             if at_rcpt and await self.lookup(MapName.RELAY_RECIPIENTS, address) is None:
                 reason = "User unknown in relay recipient table (550 5.1.1 at RCPT)"
                 return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
             reason = f"relayed to {domain}{via} (relay domain"
             if at_rcpt:
                 reason += ", a valid recipient in relay_recipient_maps"
@@ -279,6 +282,9 @@ class _Tracer:
                 domain, domain_class, Verdict.RELAYED, reason + ")", transport=transport
             )
         if domain_class is DomainClass.REMOTE:
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
             reason = f"relayed to {domain}{via} (not delivered here"
             if at_rcpt:
                 reason += "; smtpd accepts it only from clients allowed to relay"
@@ -302,6 +308,9 @@ class _Tracer:
         if transport is not None:
             # smtpd still checked virtual_mailbox_maps (the class's recipient table), but the
             # transport entry delivers it, not virtual(8): no uid, gid or path is used.
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
             if transport.partition(":")[0] in _RELAYING_TRANSPORTS:
                 verdict, what = Verdict.RELAYED, "relayed via"
             else:
@@ -343,10 +352,9 @@ _RELAYING_TRANSPORTS = frozenset({"smtp", "relay"})
 def _special_transport(
     domain: str, domain_class: DomainClass, transport: str, at_rcpt: bool
 ) -> Delivery | None:
-    """The transports that do not deliver: ``error:`` and ``retry:`` are refused at RCPT
-    (550 and 450 with the entry's text, src/smtpd/smtpd_check.c, before the class's
-    recipient table is even asked) or bounce and defer after alias expansion; ``discard:``
-    accepts and throws the mail away.  None for any other transport."""
+    """``error:`` and ``retry:`` transports: refused at RCPT (550 and 450 with the entry's
+    text, src/smtpd/smtpd_check.c, before the class's recipient table is even asked), or
+    bounced and deferred after alias expansion.  None for any other transport."""
     channel, _, nexthop = transport.partition(":")
     text = nexthop or "Address is undeliverable"  # update_entry() in transport.c
     entry = f"(transport_maps: {transport})"
@@ -360,11 +368,20 @@ def _special_transport(
         return Delivery(
             domain, domain_class, Verdict.DEFERRED, f"{reason} {entry}", transport=transport
         )
-    if channel == "discard":
-        return Delivery(
-            domain, domain_class, Verdict.DISCARDED, f"discarded {entry}", transport=transport
-        )
     return None
+
+
+def _discarded(domain: str, domain_class: DomainClass, transport: str | None) -> Delivery | None:
+    """A recipient accepted (its class's recipient table passed) and thrown away."""
+    if transport is None or transport.partition(":")[0] != "discard":
+        return None
+    return Delivery(
+        domain,
+        domain_class,
+        Verdict.DISCARDED,
+        f"discarded (transport_maps: {transport})",
+        transport=transport,
+    )
 
 
 async def trace_address(

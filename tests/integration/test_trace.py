@@ -85,6 +85,7 @@ async def _load(conn: asyncpg.Connection) -> None:
     # Transports that do not deliver (found by a new-user trial: traced as delivered).
     await admin_routing.transport_set(conn, "gone@lmtp.example", "error:5.1.1 moved away")
     await admin_routing.transport_set(conn, "later@lmtp.example", "retry:4.2.0 maintenance")
+    await admin.mailbox_add(conn, "void@lmtp.example")
     await admin_routing.transport_set(conn, "void@lmtp.example", "discard:")
     await admin.mailbox_add(conn, "out@lmtp.example")
     await admin_routing.transport_set(conn, "out@lmtp.example", "smtp:[smarthost.test]")
