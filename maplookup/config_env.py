@@ -29,6 +29,9 @@ NOT_SETTINGS = (
     # tests/differential: how many random datasets, and which record kinds to leave out.
     "MAPLOOKUP_DIFFERENTIAL_SEEDS",
     "MAPLOOKUP_DIFFERENTIAL_EXCLUDE",
+    # tests/integration/test_complete_copy.py: how many examples, and whether to shrink.
+    "MAPLOOKUP_TEST_EXAMPLES",
+    "MAPLOOKUP_TEST_SHRINK",
 )
 
 

@@ -49,10 +49,16 @@ def cmd_relay_recipient(args: argparse.Namespace) -> int:
 def cmd_transport(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         if args.action == "set":
-            keys, transport = await admin_routing.transport_set(
+            done = await admin_routing.transport_set(
                 conn, args.key, args.transport, subdomains=args.subdomains
             )
-            print(f"transport {', '.join(map(str, keys))} -> {transport}")
+            written = ", ".join(str(key) for key, _ in done.written)
+            print(f"transport {written} -> {done.transport}")
+            for key, before in done.written:
+                if before is not None and before != done.transport:
+                    print(f"  {key} was {before}")
+            if done.kept is not None:
+                print(f"  kept {done.kept[0]} -> {done.kept[1]} (its subdomains' entry)")
         elif args.action == "unset":
             keys = await admin_routing.transport_unset(conn, args.key, subdomains=args.subdomains)
             print(f"transport {', '.join(map(str, keys))} removed")
@@ -99,8 +105,9 @@ def add_commands(commands: Any) -> None:
         "relay-recipient",
         "valid recipients of relay domains (relay_recipient_maps)",
         "Recipients a relay domain accepts at RCPT; every other address gets 550, so a backup "
-        "MX does not accept mail it would later bounce.  A hosted domain that is also relayed "
-        "(`domain set D --relay`) accepts its mailboxes and aliases without records.",
+        "MX does not accept mail it would later bounce.  On a backup MX of the hosted domains "
+        "(`maplookup postfix-config --backup-mx`), their mailboxes and aliases are accepted "
+        "without records.",
     )
     commands.choices["relay-recipient"].set_defaults(func=cmd_relay_recipient)
     for name, text in (

@@ -174,7 +174,10 @@ def cmd_import(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     options = transfer.ImportOptions(
-        dry_run=args.dry_run, skip_errors=args.skip_errors, replace=args.replace
+        dry_run=args.dry_run,
+        skip_errors=args.skip_errors,
+        replace=args.replace,
+        recipient_delimiter=_recipient_delimiter(args),
     )
     progress = transfer.Progress(sys.stderr)
     # Read the files before connecting: a missing file or bad line needs no database.
@@ -226,7 +229,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _recipient_delimiter(args: argparse.Namespace) -> str:
     """--recipient-delimiter, else the config file's (as a server reading it would use)."""
-    if args.recipient_delimiter is not None:
+    if getattr(args, "recipient_delimiter", None) is not None:
         return str(args.recipient_delimiter)
     try:
         return load_settings(getattr(args, "config", None)).lookup.recipient_delimiter

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
 
 from maplookup.db.admin import affected, run_checked
@@ -151,25 +153,52 @@ def _with_subdomains(key: TransportKey, subdomains: bool) -> list[TransportKey]:
     return [key]
 
 
+@dataclass(frozen=True, slots=True)
+class TransportSet:
+    """What ``transport set`` did: the entries written (with what each held before, if
+    anything), and the ``.domain`` entry it left alone (``--no-subdomains``)."""
+
+    written: list[tuple[TransportKey, str | None]]
+    transport: str
+    kept: tuple[TransportKey, str] | None = None
+
+
 async def transport_set(
     conn: asyncpg.Connection, key_text: str, transport_text: str, *, subdomains: bool = True
-) -> tuple[list[TransportKey], str]:
+) -> TransportSet:
     """Route ``key`` (address, domain, ``.domain`` or ``*``) to ``transport:nexthop``;
-    replaces what the key had.  Returns the entries written, for the CLI to show."""
-    keys = _with_subdomains(parse_transport_key(key_text), subdomains)
+    replaces what the key had."""
+    key = parse_transport_key(key_text)
+    keys = _with_subdomains(key, subdomains)
     transport = parse_transport(transport_text)
+    written: list[tuple[TransportKey, str | None]] = []
     async with conn.transaction():
-        for key in keys:
+        for each in keys:
+            before: str | None = await conn.fetchval(
+                "SELECT transport FROM maplookup.transports WHERE domain = $1 AND local_part = $2",
+                each.domain,
+                each.local_part,
+            )
             await run_checked(
                 conn,
                 "INSERT INTO maplookup.transports (domain, local_part, transport)"
                 " VALUES ($1, $2, $3) ON CONFLICT (domain, local_part)"
                 " DO UPDATE SET transport = excluded.transport",
-                key.domain,
-                key.local_part,
+                each.domain,
+                each.local_part,
                 transport,
             )
-    return keys, transport
+            written.append((each, before))
+        kept = None
+        if not subdomains and not key.local_part and key.domain not in (WILDCARD,):
+            sub = TransportKey("." + key.domain.lstrip("."))
+            held = await conn.fetchval(
+                "SELECT transport FROM maplookup.transports WHERE domain = $1 AND local_part = ''",
+                sub.domain,
+            )
+            if held is not None and sub != key:
+                kept = (sub, held)
+    return TransportSet(written, transport, kept)
 
 
 async def transport_unset(

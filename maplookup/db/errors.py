@@ -52,7 +52,10 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, NoServer):
         return str(exc)
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
-        return "no server of the host list matches its target_session_attrs"
+        return (
+            "no server reached is what target_session_attrs asks for (a standby where "
+            "read-write is needed, or the reverse)"
+        )
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
         return "the connection to PostgreSQL was lost"
     if isinstance(exc, asyncpg.PostgresError):

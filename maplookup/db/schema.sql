@@ -734,6 +734,34 @@ BEGIN
 END
 $$;
 
+-- The grants of local@domain_name ('' for '@domain'): off while the domain is disabled, as
+-- everything of a disabled domain is; a domain without a row (an outside address) has its
+-- grants all the same.
+CREATE OR REPLACE FUNCTION maplookup.sender_grants_of(local text, domain_name text)
+RETURNS text[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT ARRAY(
+        SELECT g.login FROM maplookup.sender_grants g
+        WHERE g.domain = domain_name AND g.local_part = local
+          AND NOT EXISTS (SELECT 1 FROM maplookup.domains d
+                          WHERE d.name = domain_name AND NOT d.enabled))
+$$;
+
+-- Whether an enabled mailbox or alias is exactly local@domain_name (in a mirror domain: in
+-- the mirrored domain, or an alias of the mirror's own), rather than an address that only
+-- grants name.
+CREATE OR REPLACE FUNCTION maplookup.has_own_record(local text, domain_name text)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM maplookup.domains d
+        WHERE d.name = domain_name AND d.enabled AND d.kind <> 'relay'
+          AND (EXISTS (SELECT 1 FROM maplookup.aliases al WHERE al.domain = d.name
+                       AND al.local_part = local AND al.enabled)
+               OR (d.kind = 'mailbox' AND EXISTS (
+                       SELECT 1 FROM maplookup.mailboxes m WHERE m.domain = d.name
+                       AND m.local_part = local AND m.enabled))
+               OR (d.alias_of IS NOT NULL AND maplookup.has_own_record(local, d.alias_of))))
+$$;
+
 -- The owners of one exact address local@domain_name (no extension handling, no '@domain'
 -- grants): explicit grants, the login of the mailbox it is, the mailboxes its alias delivers
 -- to (a catch-all alias gives no ownership: its recipients may not send as every address),
@@ -745,8 +773,7 @@ DECLARE
     owners text[];
     alias_targets text[];
 BEGIN
-    owners := ARRAY(SELECT g.login FROM maplookup.sender_grants g
-                    WHERE g.domain = domain_name AND g.local_part = local);
+    owners := maplookup.sender_grants_of(local, domain_name);
     SELECT d.kind, d.alias_of INTO dom FROM maplookup.domains d
     WHERE d.name = domain_name AND d.enabled AND d.kind <> 'relay';
     IF NOT FOUND THEN
@@ -776,11 +803,12 @@ $$;
 
 -- smtpd_sender_login_maps: every login that owns the sender address, sorted, joined by ','
 -- (smtpd splits on commas and spaces and compares each with strcasecmp_utf8,
--- src/smtpd/smtpd_check.c, reject_auth_sender_login_mismatch).  As in a hash: table, the
--- first of the address and the address without its extension that has owners answers; the
--- '@domain' grants (and, in a mirror domain, those of the mirrored domain) are in every
--- answer of the domain, because Postfix stops at the first key that matches and one list
--- must name every owner.
+-- src/smtpd/smtpd_check.c, reject_auth_sender_login_mismatch).  The owners of the address;
+-- the owners of the address without its extension too when the address has none, or is not
+-- a mailbox or alias of its own (a grant of user+list@d adds an owner, it does not take
+-- user's address from user); and the '@domain' grants (and, in a mirror domain, those of
+-- the mirrored domain) in every answer of the domain.  Postfix stops at the first key that
+-- matches, so one list must name every owner: export writes each key's whole answer.
 CREATE OR REPLACE FUNCTION maplookup.sender_login(key text, delimiter text DEFAULT '+')
 RETURNS text LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
@@ -794,15 +822,18 @@ BEGIN
     END IF;
     IF a.local_part <> '' THEN
         owners := maplookup.sender_owners(a.local_part, a.domain, delimiter);
-        IF cardinality(owners) = 0 AND a.base_part IS NOT NULL THEN
-            owners := maplookup.sender_owners(a.base_part, a.domain, delimiter);
+        IF a.base_part IS NOT NULL AND (
+            cardinality(owners) = 0
+            OR NOT maplookup.has_own_record(a.local_part, a.domain)) THEN
+            owners := owners || maplookup.sender_owners(a.base_part, a.domain, delimiter);
         END IF;
     END IF;
     SELECT d.alias_of INTO mirrored FROM maplookup.domains d
     WHERE d.name = a.domain AND d.enabled AND d.alias_of IS NOT NULL;
-    owners := owners || ARRAY(
-        SELECT g.login FROM maplookup.sender_grants g
-        WHERE g.domain IN (a.domain, mirrored) AND g.local_part = '');
+    owners := owners || maplookup.sender_grants_of('', a.domain);
+    IF mirrored IS NOT NULL THEN
+        owners := owners || maplookup.sender_grants_of('', mirrored);
+    END IF;
     -- Sorted by code point (COLLATE "C"), not by the database's collation: the same data
     -- gives the same answer on every server (Postfix does not care about the order).
     RETURN (SELECT string_agg(DISTINCT o COLLATE "C", ',' ORDER BY o COLLATE "C")

@@ -264,10 +264,17 @@ class _Tracer:
             None if domain_class is DomainClass.VIRTUAL_ALIAS else await self.transport(address)
         )
         via = f" via {transport}" if transport is not None else ""
+        if transport is not None:
+            special = _special_transport(domain, domain_class, transport, at_rcpt)
+            if special is not None:
+                return special
         if domain_class is DomainClass.RELAY:
             if at_rcpt and await self.lookup(MapName.RELAY_RECIPIENTS, address) is None:
                 reason = "User unknown in relay recipient table (550 5.1.1 at RCPT)"
                 return Delivery(domain, domain_class, Verdict.REJECTED, reason)
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
             reason = f"relayed to {domain}{via} (relay domain"
             if at_rcpt:
                 reason += ", a valid recipient in relay_recipient_maps"
@@ -275,6 +282,9 @@ class _Tracer:
                 domain, domain_class, Verdict.RELAYED, reason + ")", transport=transport
             )
         if domain_class is DomainClass.REMOTE:
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
             reason = f"relayed to {domain}{via} (not delivered here"
             if at_rcpt:
                 reason += "; smtpd accepts it only from clients allowed to relay"
@@ -298,11 +308,18 @@ class _Tracer:
         if transport is not None:
             # smtpd still checked virtual_mailbox_maps (the class's recipient table), but the
             # transport entry delivers it, not virtual(8): no uid, gid or path is used.
+            discarded = _discarded(domain, domain_class, transport)
+            if discarded is not None:
+                return discarded
+            if transport.partition(":")[0] in _RELAYING_TRANSPORTS:
+                verdict, what = Verdict.RELAYED, "relayed via"
+            else:
+                verdict, what = Verdict.DELIVERED, "handed to"
             return Delivery(
                 domain,
                 domain_class,
-                Verdict.DELIVERED,
-                f"handed to {transport} (transport_maps; virtual(8) not used)",
+                verdict,
+                f"{what} {transport} (transport_maps; virtual(8) not used)",
                 transport=transport,
             )
         uid = await self.lookup(MapName.UID, address)
@@ -325,6 +342,46 @@ class _Tracer:
         return Delivery(
             domain, domain_class, Verdict.DELIVERED, f"delivered to {kind}", mailbox, uid, gid
         )
+
+
+# Transports that send mail on to another host (master.cf's defaults): a mailbox domain
+# routed to one is relayed, not delivered here.
+_RELAYING_TRANSPORTS = frozenset({"smtp", "relay"})
+
+
+def _special_transport(
+    domain: str, domain_class: DomainClass, transport: str, at_rcpt: bool
+) -> Delivery | None:
+    """``error:`` and ``retry:`` transports: refused at RCPT (550 and 450 with the entry's
+    text, src/smtpd/smtpd_check.c, before the class's recipient table is even asked), or
+    bounced and deferred after alias expansion.  None for any other transport."""
+    channel, _, nexthop = transport.partition(":")
+    text = nexthop or "Address is undeliverable"  # update_entry() in transport.c
+    entry = f"(transport_maps: {transport})"
+    if channel == "error":
+        reason = f"550 {text} at RCPT" if at_rcpt else f"bounced: {text}"
+        return Delivery(
+            domain, domain_class, Verdict.REJECTED, f"{reason} {entry}", transport=transport
+        )
+    if channel == "retry":
+        reason = f"450 {text} at RCPT" if at_rcpt else f"deferred: {text}"
+        return Delivery(
+            domain, domain_class, Verdict.DEFERRED, f"{reason} {entry}", transport=transport
+        )
+    return None
+
+
+def _discarded(domain: str, domain_class: DomainClass, transport: str | None) -> Delivery | None:
+    """A recipient accepted (its class's recipient table passed) and thrown away."""
+    if transport is None or transport.partition(":")[0] != "discard":
+        return None
+    return Delivery(
+        domain,
+        domain_class,
+        Verdict.DISCARDED,
+        f"discarded (transport_maps: {transport})",
+        transport=transport,
+    )
 
 
 async def trace_address(

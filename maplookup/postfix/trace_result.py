@@ -40,7 +40,8 @@ class Verdict(enum.StrEnum):
     DELIVERED = "delivered"  # into a mailbox here
     RELAYED = "relayed"  # sent on to another host
     REJECTED = "rejected"  # 5.1.1 at RCPT, or a bounce after alias expansion
-    DEFERRED = "deferred"  # 4.3.5: stays in the queue
+    DEFERRED = "deferred"  # 4.3.5: stays in the queue (or 450 at RCPT: a retry: transport)
+    DISCARDED = "discarded"  # accepted and thrown away (a discard: transport)
 
 
 class NodeKind(enum.StrEnum):

@@ -119,6 +119,9 @@ async def _export_sender_login(
         answer: str | None = row["owners"]
         grants: list[str] = list(row["grants"])
         if answer is None:
+            if grants:
+                # The grants of a disabled domain: off, like the domain; kept for import.
+                checked(writer, result, "sender grant", key, ",".join(grants), False)
             continue
         if not grants:
             derived_lines.append((key, answer))

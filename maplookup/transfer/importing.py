@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from maplookup.address import quote_local
 from maplookup.db.admin_input import AdminError
 
 from .importing_routing import bulk as _bulk
@@ -157,6 +158,8 @@ class ImportOptions:
     dry_run: bool = False
     skip_errors: bool = False
     replace: bool = False
+    # The server's lookup.recipient_delimiter: the sender_login check asks with it.
+    recipient_delimiter: str = "+"
 
 
 async def import_parsed(
@@ -193,6 +196,7 @@ async def import_parsed(
             except asyncpg.IntegrityConstraintViolationError as exc:
                 # The checks above should make this unreachable; say what the database said.
                 raise AdminError(f"the database refused the import: {exc}") from exc
+            plan.widened_owners = await widened_owners(conn, parsed, options.recipient_delimiter)
             if options.dry_run:
                 raise _Rollback
     except _Rollback:
@@ -200,6 +204,34 @@ async def import_parsed(
     finally:
         progress.clear()
     return result[0], True
+
+
+# How many widened sender addresses the summary names one by one.
+WIDENED_SHOWN = 10
+
+
+async def widened_owners(
+    conn: asyncpg.Connection, parsed: Parsed, delimiter: str = "+"
+) -> list[str]:
+    """The sender_login keys of the file that maplookup now answers with more owners than
+    the line listed, each as ``FILE:LINE: KEY also owned by X, Y``.
+
+    A hand-written smtpd_sender_login_maps file means "the first key that matches"
+    (src/global/mail_addr_find.c); maplookup gives every address of a domain that domain's
+    ``@domain`` owners, and a mailbox its own login.  So a file with an ``@domain`` line
+    beside its addresses' lines, or a mailbox whose line does not name its own login, gives
+    more people the right to send as someone after import: the admin must hear of it.
+    """
+    widened: list[str] = []
+    for record in parsed.routing.grants.values():
+        address = record.address
+        key = f"@{address.domain}" if address.is_catchall else quote_local(str(address))
+        answer = await conn.fetchval("SELECT maplookup.sender_login($1, $2)", key, delimiter)
+        listed = {owner.lower() for owner in record.listed}
+        extra = [o for o in (answer or "").split(",") if o and o.lower() not in listed]
+        if extra:
+            widened.append(f"{record.origin}: {key} also owned by {', '.join(extra)}")
+    return widened
 
 
 class _Rollback(Exception):
@@ -247,6 +279,16 @@ def summary_lines(plan: Plan, options: ImportOptions, committed: bool) -> list[s
             f"is `maplookup domain add {domain} --alias-of {target}` (after removing that alias "
             f"and domain), which accepts only addresses that exist in {target}"
         )
+    if plan.widened_owners:
+        lines.append(
+            f"note: {len(plan.widened_owners)} sender address(es) now have more owners than "
+            "their line listed (maplookup adds the domain's @domain owners and a mailbox's own "
+            "login to every answer; a hash: table stops at the first key that matches); "
+            "remove the grants you do not want with `maplookup sender deny`:"
+        )
+        lines += [f"  {line}" for line in plan.widened_owners[:WIDENED_SHOWN]]
+        if len(plan.widened_owners) > WIDENED_SHOWN:
+            lines.append(f"  ... and {len(plan.widened_owners) - WIDENED_SHOWN} more")
     if plan.mailbox_catchall_aliases:
         lines.append(
             "note: catch-all aliases in mailbox domains "

@@ -109,6 +109,8 @@ class Plan:
     domain_forwards: list[tuple[str, str]] = field(default_factory=list)
     mailbox_catchall_aliases: list[str] = field(default_factory=list)
     mirror_lines: int = 0
+    # sender_login keys answered with more owners than their line listed (importing.py).
+    widened_owners: list[str] = field(default_factory=list)
     # The maps beyond delivery (planning_routing.py).
     grants: list[tuple[str, str, str]] = field(default_factory=list)
     relay_recipients: list[tuple[str, str]] = field(default_factory=list)

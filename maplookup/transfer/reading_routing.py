@@ -70,8 +70,10 @@ def read_sender_login(
     """Grants: a line's owners, or those its ``grants of KEY:`` note names (export writes one
     where the line also lists owners maplookup derives); ``login of`` notes: mailbox logins."""
     notes: list[tuple[Origin, str]] = []
+    # Markers: `# disabled:` lines are the grants of a disabled domain (off with it; the
+    # domain's own line says it is disabled), restored as grants.
     entries = parse_source(
-        data, source, SENDER_GRANTS, problems, rank=rank, markers=False, progress=progress,
+        data, source, SENDER_GRANTS, problems, rank=rank, markers=True, progress=progress,
         notes=notes,
     )  # fmt: skip
     entries = without_derived(entries, notes)
@@ -93,7 +95,7 @@ def read_sender_login(
         listed = owners(entry.value)
         noted = grant_notes.pop(entry.key, None)
         if noted is None:
-            return GrantRecord(address, listed, entry.origin)
+            return GrantRecord(address, listed, entry.origin, listed=listed)
         grants = tuple(dict.fromkeys(noted[1].logins))
         missing = [g for g in grants if g not in listed]
         if not grants or missing:
@@ -101,7 +103,7 @@ def read_sender_login(
                 f"the note at {noted[0]} names grants {', '.join(missing) or '(none)'} that "
                 "this line does not list"
             )
-        return GrantRecord(address, grants, entry.origin)
+        return GrantRecord(address, grants, entry.origin, listed=listed)
 
     records = convert(entries, SENDER_GRANTS, problems, make)
     for origin, note in grant_notes.values():

@@ -73,6 +73,9 @@ class GrantRecord:
     logins: tuple[str, ...]
     origin: Origin
     enabled: bool = True  # always: grants have no disabled state
+    # Every owner the line lists (``logins`` are the grants among them when a note says so):
+    # what Postfix answered for the key from that file, checked after the import.
+    listed: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

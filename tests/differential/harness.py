@@ -530,8 +530,9 @@ def trace_outcome(trace: dict[str, object]) -> tuple[object, ...]:
         verdict = delivery["verdict"]
         local_box = delivery["domain_class"] == "virtual_mailbox"
         relay = "virtual" if local_box else "none"
-        if verdict == "delivered" and delivery.get("transport"):
-            # A transport_maps entry delivers it (the dataset's are all discard:, relay=none).
+        if verdict in ("delivered", "discarded") and delivery.get("transport"):
+            # A transport_maps entry takes it (the dataset's are all discard:, which Postfix
+            # logs as sent with relay=none).
             finals.append((node["address"], "none", "sent", "2"))
         elif verdict == "delivered":
             finals.append((node["address"], relay, "sent", "2"))

@@ -452,6 +452,15 @@ def test_routing_commands(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         "transport only.test -> relay:[x]\n",
         "",
     )
+    # A re-set says what it replaced, and what --no-subdomains left alone (new-user trial).
+    assert run_cli(capsys, "transport", "set", "t2.test", "smtp:[c]", *d)[0] == 0
+    assert run_cli(capsys, "transport", "set", "t2.test", "smtp:[d]", "--no-subdomains", *d) == (
+        0,
+        "transport t2.test -> smtp:[d]\n  t2.test was smtp:[c]\n"
+        "  kept .t2.test -> smtp:[c] (its subdomains' entry)\n",
+        "",
+    )
+    assert run_cli(capsys, "transport", "unset", "t2.test", *d)[0] == 0
     code, out, _ = run_cli(capsys, "transport", "list", *d)
     assert [line.split()[0] for line in out.splitlines()[1:]] == [
         "*",

@@ -43,6 +43,13 @@ async def _load(conn: asyncpg.Connection) -> None:
     await conn.execute("UPDATE maplookup.mailboxes SET login = NULL WHERE local_part = 'eve+list'")
     await admin.alias_add(conn, "evelist@example.com", ["eve+list@example.com"])
     await admin_routing.sender_allow(conn, "shared@example.com", "dave")
+    # A grant of an extension adds an owner; it does not take alice's address from her.
+    await admin_routing.sender_allow(conn, "alice+list@example.com", "carol-sasl")
+    # Grants are off while their domain is disabled (found by a new-user trial).
+    await admin.domain_add(conn, "off.test", uid=5000, gid=5000)
+    await admin_routing.sender_allow(conn, "x@off.test", "ghost")
+    await admin_routing.sender_allow(conn, "@off.test", "ghost")
+    await admin.domain_set_enabled(conn, "off.test", False)
     await admin_routing.sender_allow(conn, "me@gmail.test", "alice@example.com")
     await admin.domain_add(conn, "shared.test", uid=5000, gid=5000)
     await admin.mailbox_add(conn, "x@shared.test")
@@ -101,6 +108,10 @@ CASES: list[tuple[str, str, str | None]] = [
     ("sender_login", "ghost@example.org", None),
     # Grants: an address (hosted or not), or '@domain', which is in every answer of it.
     ("sender_login", "shared@example.com", "dave"),
+    ("sender_login", "alice+list@example.com", "alice@example.com,carol-sasl"),
+    ("sender_login", "alice+other@example.com", "alice@example.com"),
+    ("sender_login", "x@off.test", None),
+    ("sender_login", "y@off.test", None),
     ("sender_login", "me@gmail.test", "alice@example.com"),
     ("sender_login", "x@shared.test", "boss,x@shared.test"),
     ("sender_login", "x+y@shared.test", "boss,x@shared.test"),

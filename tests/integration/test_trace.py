@@ -82,6 +82,14 @@ async def _load(conn: asyncpg.Connection) -> None:
     await admin.mailbox_add(conn, "box@lmtp.example")
     await admin_routing.transport_set(conn, "lmtp.example", "lmtp:unix:private/dovecot-lmtp")
     await admin_routing.sender_allow(conn, "team@arkum.ch", "boss")
+    # Transports that do not deliver (found by a new-user trial: traced as delivered).
+    await admin_routing.transport_set(conn, "gone@lmtp.example", "error:5.1.1 moved away")
+    await admin_routing.transport_set(conn, "later@lmtp.example", "retry:4.2.0 maintenance")
+    await admin.mailbox_add(conn, "void@lmtp.example")
+    await admin_routing.transport_set(conn, "void@lmtp.example", "discard:")
+    await admin.mailbox_add(conn, "out@lmtp.example")
+    await admin_routing.transport_set(conn, "out@lmtp.example", "smtp:[smarthost.test]")
+    await admin.alias_add(conn, "to-gone@arkum.ch", ["gone@lmtp.example"])
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +467,13 @@ def test_json_rendering(dsn: str) -> None:
     assert data["ok"] is True
     assert data["error"] is None
     assert data["domain_class"] == "virtual_mailbox"
-    assert data["counts"] == {"delivered": 2, "relayed": 1, "rejected": 0, "deferred": 0}
+    assert data["counts"] == {
+        "delivered": 2,
+        "relayed": 1,
+        "rejected": 0,
+        "deferred": 0,
+        "discarded": 0,
+    }
     tree = data["tree"]
     assert (tree["address"], tree["kind"], tree["virtual"]) == (
         "sales+x@arkum.ch",
@@ -529,6 +543,27 @@ def test_relay_domain_transport_and_sender_owners(dsn: str) -> None:
         "meier@arkum.ch",
         "mueller@arkum.ch",
     ]
+
+
+@pytest.mark.parametrize(
+    ("address", "verdict", "reason"),
+    [
+        # smtpd refuses error: and retry: at RCPT with the entry's text, before it asks the
+        # class's recipient table (src/smtpd/smtpd_check.c); after an alias they bounce/defer.
+        ("gone@lmtp.example", "rejected", "550 5.1.1 moved away at RCPT"),
+        ("to-gone@arkum.ch", "rejected", "bounced: 5.1.1 moved away"),
+        ("later@lmtp.example", "deferred", "450 4.2.0 maintenance at RCPT"),
+        ("void@lmtp.example", "discarded", "discarded (transport_maps: discard:)"),
+        ("out@lmtp.example", "relayed", "relayed via smtp:[smarthost.test]"),
+    ],
+)
+def test_transports_that_do_not_deliver(dsn: str, address: str, verdict: str, reason: str) -> None:
+    result = trace(dsn, address)
+    delivery = result.recipients[0].delivery
+    assert delivery is not None
+    assert delivery.verdict.value == verdict
+    assert delivery.reason.startswith(reason), delivery.reason
+    assert result.ok is (verdict == "relayed")
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -861,8 +861,8 @@ def test_routing_files_round_trip(
     code, out, err = run_cli(capsys, "import", *file_args(out_dir, names), "--dsn", target_dsn)
     assert (code, err) == (0, ""), err
     for line in (
-        "sender grants:    3 added, 0 unchanged, 0 skipped",
-        "mailbox logins:   3 added, 0 unchanged, 0 skipped",
+        "sender grants:    6 added, 0 unchanged, 0 skipped",
+        "mailbox logins:   4 added, 0 unchanged, 0 skipped",
         "relay domains:    3 added, 0 unchanged, 0 skipped",
         "relay recipients: 4 added, 0 unchanged, 0 skipped",
     ):
@@ -878,7 +878,7 @@ def test_routing_files_round_trip(
     # Importing the same files again changes nothing.
     code, out, err = run_cli(capsys, "import", *file_args(out_dir, names), "--dsn", target_dsn)
     assert (code, err) == (0, ""), err
-    assert "sender grants:    0 added, 3 unchanged" in out
+    assert "sender grants:    0 added, 6 unchanged" in out
     assert routing_snapshot(target_dsn) == routing_snapshot(source_dsn)
 
 
@@ -1001,3 +1001,37 @@ def test_postmap_accepts_the_routing_files(
         assert postmap_query(postfix_conf, tmp_path / name, key) == (
             (0, answer) if answer is not None else (1, "")
         ), (name, key)
+
+
+def test_a_hand_written_sender_file_that_maplookup_widens_is_reported(
+    make_database: Callable[[], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand-written smtpd_sender_login_maps means "the first key that matches"; maplookup
+    adds the @domain owners and a mailbox's own login to every answer of the domain.  The
+    import says which addresses gain owners, and how to take them away (a new-user trial:
+    it was silent)."""
+    dsn = make_database()
+    write(tmp_path, "domains", "example.net OK\n")
+    write(
+        tmp_path,
+        "vmailbox",
+        "alice@example.net example.net/alice/\nbob@example.net example.net/bob/\n",
+    )
+    write(
+        tmp_path,
+        "sender_login",
+        "alice@example.net   alice@example.net\n"
+        "@example.net        postmaster@example.net\n"
+        "bob@example.net     bob, alice@example.net\n",
+    )
+    code, out, err = run_cli(
+        capsys, "import", *file_args(tmp_path, ("domains", "vmailbox", "sender_login")),
+        "--dsn", dsn,
+    )  # fmt: skip
+    assert (code, err) == (0, ""), err
+    assert "note: 2 sender address(es) now have more owners than their line listed" in out
+    assert "sender_login:1: alice@example.net also owned by postmaster@example.net\n" in out
+    assert (
+        "sender_login:3: bob@example.net also owned by bob@example.net, postmaster@example.net"
+        in (out)
+    )

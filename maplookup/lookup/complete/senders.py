@@ -92,6 +92,20 @@ def sender_owners(copy: MapsCopy, local: str, domain: str, delimiter: str) -> li
     return owners
 
 
+def _has_own_record(copy: MapsCopy, local: str, domain: str) -> bool:
+    """``maplookup.has_own_record``: an enabled mailbox or alias is exactly this address
+    (in a mirror domain: in the mirrored domain, or an alias of the mirror's own)."""
+    address = f"{local}@{domain}"
+    row = copy.domain(domain)
+    if row is None or row.kind == "relay":
+        return False
+    if address in copy.aliases or (row.kind == "mailbox" and address in copy.mailboxes):
+        return True
+    if row.alias_of is not None:
+        return _has_own_record(copy, local, row.alias_of)
+    return False
+
+
 def sender_login(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     """``maplookup.sender_login``: every login owning the sender address, sorted, joined by
     ``,``: the owners of the address, else of the address without its extension, plus the
@@ -102,8 +116,10 @@ def sender_login(copy: MapsCopy, key: str, delimiter: str) -> str | None:
     owners: list[str] = []
     if a.local_part:
         owners = sender_owners(copy, a.local_part, a.domain, delimiter)
-        if not owners and a.base_part is not None:
-            owners = sender_owners(copy, a.base_part, a.domain, delimiter)
+        if a.base_part is not None and (
+            not owners or not _has_own_record(copy, a.local_part, a.domain)
+        ):
+            owners += sender_owners(copy, a.base_part, a.domain, delimiter)
     row = copy.domain(a.domain)
     for name in (a.domain, None if row is None else row.alias_of):
         if name is not None:

@@ -31,8 +31,9 @@ Layout, and why:
   transport) are computed at lookup time, so no derived data can go stale.
 * **Only what lookups can see.**  Disabled rows do not exist for any lookup function, and none
   reads the mailboxes, aliases or relay recipients of a domain whose row is disabled or
-  missing: they are left out.  Grants and transports never look at the domains table
-  (``sender_login``, ``transport``), so they are kept whatever the domain row.
+  missing: they are left out.  Grants are kept unless their domain's row is disabled (an
+  outside address may be granted: ``maplookup.sender_grants_of``); transports never look at
+  the domains table (``transport``), so they are kept whatever the domain row.
 * ``replace`` runs without yielding: in the trio thread, a change that touches several domains
   becomes visible to lookups at once.
 """
@@ -217,12 +218,22 @@ class CopyBuilder:
     loader can refuse a snapshot past a memory bound before it is all in memory.
     """
 
-    __slots__ = ("_copy", "_enabled", "_keys_by_name", "_table", "_wanted", "chars", "rows")
+    __slots__ = (
+        "_copy",
+        "_disabled",
+        "_enabled",
+        "_keys_by_name",
+        "_table",
+        "_wanted",
+        "chars",
+        "rows",
+    )
 
     def __init__(self, copy: MapsCopy, wanted: set[str] | None) -> None:
         self._copy = copy
         self._wanted = wanted
         self._enabled: set[str] = set()  # the enabled domains among the names added
+        self._disabled: set[str] = set()  # the disabled ones
         # The keys themselves (the dicts keep them anyway), not the rows' local parts: those
         # would stay alive until the end of the build among the kept strings, and the memory
         # they leave behind stays in the process (pymalloc frees an arena only when it is
@@ -259,11 +270,15 @@ class CopyBuilder:
         intern, wanted, domains = sys.intern, self._wanted, self._copy.domains
         for name, kind, alias_of, uid, gid, enabled in rows:
             self.rows += 1
-            if enabled and (wanted is None or name in wanted):
+            if wanted is not None and name not in wanted:
+                continue
+            if enabled:
                 packed = _pack_domain(kind, alias_of, uid, gid)
                 domains[intern(name)] = packed
                 self._enabled.add(name)
                 self.chars += 2 * len(name) + len(packed)
+            else:
+                self._disabled.add(name)
 
     def _add_mailboxes(self, rows: Iterable[Any]) -> None:
         boxes, enabled_domains = self._copy.mailboxes, self._enabled
@@ -284,10 +299,12 @@ class CopyBuilder:
                 self._note(1, domain, key, joined)
 
     def _add_sender_grants(self, rows: Iterable[Any]) -> None:
-        grants, wanted = self._copy.grants, self._wanted
+        grants, wanted, disabled = self._copy.grants, self._wanted, self._disabled
         for domain, local, login in rows:
             self.rows += 1
-            if wanted is None or domain in wanted:
+            # Grants of a disabled domain are off with it; a domain without a row (an
+            # outside address granted) has its grants all the same (maplookup.sender_grants_of).
+            if (wanted is None or domain in wanted) and domain not in disabled:
                 address = f"{local}@{domain}"
                 held = grants.get(address)
                 grants[address] = login if held is None else f"{held}{ITEM}{login}"
