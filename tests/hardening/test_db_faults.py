@@ -510,3 +510,56 @@ async def test_stalled_network(cluster: EmbeddedPostgres) -> None:
         traffic,
         marks,
     )
+
+
+async def test_stalled_network_changes_nothing_for_the_complete_copy(
+    cluster: EmbeddedPostgres,
+) -> None:
+    """cache.mode = "complete" through a network that stops forwarding (no RST, no FIN: the
+    worst outage to notice): every key, existing or not, keeps its answer from the copy, none
+    is TEMP, the copy's age grows past the feed's query timeout, and once the network is back
+    the feed follows on from the copy's position and a change is seen."""
+    await admin_sql(cluster, _reset_data)
+    async with trio.open_nursery() as nursery:
+        proxy = StallingProxy(cluster.port)
+        await nursery.start(proxy.run)
+        dsn = f"postgresql://{cluster.superuser}@127.0.0.1:{proxy.port}/{cluster.database}"
+        settings = _settings(dsn, mode="complete")
+        running: Running = await nursery.start(serve, settings, dsn)
+        copy, feed = running.copy, running.listener
+        assert copy is not None
+        assert feed is not None
+        client = await TrioClient.connect(running.listeners[0].tcp_port())
+        asks = [
+            *((key, Reply.ok(path_of(key))) for key in EXISTING["fault"][:50]),
+            *((f"unknown{i}@example.com", Reply.notfound()) for i in range(50)),
+            ("x@unhosted.test", Reply.notfound()),
+        ]
+        proxy.stall()
+        stalled = trio.current_time()
+        wrong: list[str] = []
+        answers = 0
+        while trio.current_time() - stalled < QUERY_TIMEOUT_S * 3:
+            for key, expected in asks:
+                reply = await client.ask("vmailbox", key)
+                answers += 1
+                if reply != expected:
+                    wrong.append(f"{key}: {reply}")
+            await trio.sleep(0.01)
+        await wait_until(lambda: not feed.live)
+        age = copy.age()
+        assert age is not None
+        assert age > QUERY_TIMEOUT_S
+        assert wrong == []
+        assert copy.counters.fallbacks == 0
+        proxy.resume()
+        await wait_until(lambda: feed.live and (copy.age() or 0) < 1.0, timeout_s=30)
+        assert copy.counters.loads == 1  # the same server: followed on, not reloaded
+        await admin_sql(cluster, _set_path, CHANGE_KEY, "example.com/changed/")
+        with trio.fail_after(5):
+            while await client.ask("vmailbox", CHANGE_KEY) != Reply.ok("example.com/changed/"):  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        await client.aclose()
+        running.server.drain()
+        nursery.cancel_scope.cancel()
+    print(f"\ncomplete copy through a stalled network: {answers} answers, 0 TEMP, 0 wrong")
