@@ -16,6 +16,7 @@ import trio
 from maplookup.config import Settings
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.lookup.complete.source import CompleteSource
+from maplookup.metrics import render
 from maplookup.protocol import Reply, Status
 from maplookup.serve.sdnotify import SystemdNotifier
 from maplookup.serve.service import Running, serve
@@ -68,7 +69,36 @@ async def test_started_means_loaded_and_every_key_comes_from_the_copy(dsn: str) 
         assert copy.counters.answers == 3
         assert copy.counters.fallbacks == 0
         assert service.database_stats.queries == 0
+        text = render(service.collector).decode()
+        assert "maplookup_copy_loaded 1.0" in text
+        assert "maplookup_copy_answers_total 3.0" in text
         await client.stream.aclose()
+
+
+async def test_reload_applies_max_stale_s_and_leaves_the_mode_to_a_restart(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max_stale_s applies to the copy at once; the mode and the memory bound need a
+    restart (said in the log); new lookup settings need no reload of the copy."""
+    newer = [
+        complete_settings(dsn, max_stale_s=5.0),
+        settings_for(dsn, mode="lru", complete_max_bytes=1000),  # type: ignore[arg-type]
+    ]
+    settings = complete_settings(dsn)
+    async with trio.open_nursery() as nursery:
+        service: Running = await nursery.start(
+            lambda task_status: serve(
+                settings, dsn, reload_settings=lambda: newer.pop(0), task_status=task_status
+            )
+        )
+        copy = _copy(service)
+        assert await service.service.reload()
+        assert copy.max_stale_s == 5.0
+        assert await service.service.reload()
+        assert "'cache.mode', 'complete_max_bytes'" in caplog.text
+        assert service.copy is copy
+        assert copy.copy is not None
+        service.server.drain()
 
 
 async def test_changes_are_applied_in_order_within_the_lru_bound(dsn: str) -> None:
