@@ -2,7 +2,8 @@
 
 Owns turning a request into the reply Postfix must get (``answer``: folding, the
 never-NOTFOUND-on-error rule, the received case carried onto ``virtual`` answers) and the answer
-cache (``cache``).  Sees the database only through the ``AnswerSource``/``LookupBackend``
+cache (``cache``); the complete in-memory copy of the maps and its AnswerSource
+(``complete``).  Sees the database only through the ``AnswerSource``/``LookupBackend``
 protocols and ``maplookup.errors``.
 
 Imports: the base modules (``maps``, ``address``, ``errors``, ``config``) and ``protocol``; never

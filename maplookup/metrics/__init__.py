@@ -19,7 +19,8 @@ The package:
 - ``histogram``: :class:`LatencyHistogram` and the default bucket bounds;
 - ``stats``: :class:`LookupStats`, :class:`DatabaseStats` and the label values they count under;
 - ``timing``: :class:`TimedAnswerer`, :class:`TimedLookupBackend`, the hot-path wrappers;
-- ``views``: the protocols of what the collector reads (server, cache, listener, pool);
+- ``views``: the protocols of what the collector reads (server, cache, listener, pool, copy);
+- ``copy``: the complete copy's metrics (its age, size and updates: cache.mode = "complete");
 - ``collector``: :class:`MaplookupCollector`, :func:`make_registry`, :func:`render`;
 - ``peers``: with several workers, worker 0's ``/metrics`` gathers the others' expositions and
   labels each sample with its worker (imported from ``maplookup.metrics.peers``).

@@ -17,6 +17,10 @@ Two parts, both pure (no I/O, no asyncpg; this package never imports ``maplookup
   ``maplookup/db/schema.sql``, one function per SQL function, answering exactly what it
   answers; :func:`.answer.lookup` dispatches on the MapName as ``maps.query_for`` does.
 
+:mod:`.source` is the AnswerSource of ``cache.mode = "complete"``: every key from the copy
+while the change feed confirms it current (its loader and follower live in ``maplookup.db``:
+``copy_load``, ``copy_follow``).
+
 Two implementations of one contract are only acceptable with a proof that they agree:
 ``tests/integration/test_complete_copy.py`` compares them on random datasets and keys against
 a real PostgreSQL.
