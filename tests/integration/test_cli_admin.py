@@ -256,6 +256,10 @@ def test_missing_ids_warning_knows_the_config(
         (("mailbox", "set", "nobody@base.test", "--uid", "5"), "no such mailbox"),
         (("mailbox", "set", "taken@base.test", "--path", "/abs"), "relative"),
         (("alias", "set", "nobody@base.test", "a@b.test"), "no such alias"),
+        # Names no address can have (a new-user trial: accepted, and dead).
+        (("domain", "add", "bad_domain!"), "'!' cannot be in a domain name"),
+        (("domain", "add", 'ex"ample.com', "--relay"), "cannot be in a domain name"),
+        (("transport", "set", "*.example.com", "smtp:"), "no wildcards"),
     ],
 )
 def test_bad_input_is_one_line_error_and_writes_nothing(
