@@ -82,6 +82,36 @@ def _warn_domain_ids(
         )
 
 
+async def _warn_parent_routes(conn: asyncpg.Connection, domain: str) -> None:
+    """Warn when a new hosted domain lies below a relay domain or a parent's transport entry.
+
+    Both match subdomains (relay_domains by Postfix's default parent matching, transport
+    entries by their ``.domain`` form): Postfix would class the domain in both
+    virtual_*_domains and relay_domains (and log "do not list domain ... in BOTH" for every
+    message, src/trivial-rewrite/resolve.c), or send its mail to the parent's transport
+    instead of virtual(8).  Valid, but rarely meant.
+    """
+    relay = await conn.fetchval("SELECT maplookup.relay_domains($1)", domain)
+    if relay is not None:
+        warn(
+            f"domain {domain} lies below relay domain {relay}, whose subdomains relay_domains "
+            f"matches: Postfix logs 'do not list domain {domain} in BOTH' for every message "
+            "and delivers it here (the virtual class wins)"
+        )
+    route = await conn.fetchrow(
+        "SELECT t.domain, t.transport FROM maplookup.transports t"
+        " WHERE t.local_part = '' AND t.domain <> $1"
+        " AND t.domain = ANY (maplookup.parent_domains($1, true))",
+        domain,
+    )
+    if route is not None:
+        warn(
+            f"mail for {domain} goes to {route['transport']} (the transport entry "
+            f"{route['domain']}), not to virtual(8) here: `maplookup transport set "
+            f"{domain} virtual: --no-subdomains` delivers it here"
+        )
+
+
 def cmd_domain(args: argparse.Namespace) -> int:
     async def action(conn: asyncpg.Connection) -> None:
         domain = admin_input.parse_domain(args.domain) if args.action != "list" else ""
@@ -109,6 +139,8 @@ def cmd_domain(args: argparse.Namespace) -> int:
                 warn(f"domain {domain}: {low}")
             if not (args.alias or args.alias_of is not None or args.relay):
                 _warn_domain_ids(domain, args.uid, args.gid, args)
+            if not args.relay:
+                await _warn_parent_routes(conn, domain)
         elif args.action == "set":
             uid, gid = await admin.domain_set_ids(conn, args.domain, uid=args.uid, gid=args.gid)
             print(f"domain {domain} updated ({_ids_text(uid, gid)})")

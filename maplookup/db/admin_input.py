@@ -44,10 +44,28 @@ class Address:
 
 
 def parse_domain(text: str) -> str:
-    """A domain name, folded as Postfix folds table keys (full Unicode case folding)."""
-    domain = fold(text.strip()).rstrip(".")
+    """A domain name, folded as Postfix folds table keys (full Unicode case folding).
+
+    Letters (any script: an internationalised name in UTF-8), digits, ``-``, ``_`` and dots:
+    a name with anything else can never be an address's domain, so a record for it would be
+    dead (transport(5) and Postfix's domain lists have no wildcards either).
+    """
+    stripped = text.strip()
+    if stripped.startswith("*."):
+        raise AdminError(
+            f"invalid domain name: {text!r}: Postfix tables have no wildcards; give "
+            f"{stripped[2:]!r} (a transport entry covers its subdomains too) or "
+            f"'.{stripped[2:]}' (its subdomains only)"
+        )
+    domain = fold(stripped).rstrip(".")
     if not domain or not _DOMAIN_RE.match(domain) or ".." in domain or domain.startswith("."):
         raise AdminError(f"invalid domain name: {text!r}")
+    bad = sorted({c for c in domain if not (c.isalnum() or c in "-_.")})
+    if bad:
+        raise AdminError(
+            f"invalid domain name: {text!r}: {''.join(bad)!r} cannot be in a domain name "
+            "(letters, digits, '-', '_' and dots)"
+        )
     if len(domain) > 253:
         raise AdminError(f"domain name longer than 253 characters: {text[:40]!r}...")
     return domain

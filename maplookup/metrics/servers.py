@@ -32,11 +32,16 @@ def server_metrics(listener: ListenerView | None, servers: ServersView | None) -
         connections.append(("change_feed", listener.server))
     if servers is not None:
         connections.append(("lookups", servers.lookup_server))
+    feed_server = None if listener is None else listener.server
     for name, reached in connections:
         if reached is not None:
             role = reached.role
-            if name == "change_feed" and listener is not None and listener.status is not None:
-                role = listener.status.role  # read every status interval: follows a promotion
+            # The feed reads its server's status every status interval, so that role follows
+            # a promotion; the lookups' role is the one seen at connect time, unless they are
+            # on the feed's server (with the cache on, always): then the fresh one applies.
+            same = feed_server is not None and feed_server.address == reached.address
+            if same and listener is not None and listener.status is not None:
+                role = listener.status.role
             family.add_metric([name, str(reached.address), role], 1)
     yield family
 

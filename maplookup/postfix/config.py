@@ -183,6 +183,8 @@ def generate_backup_mx(options: PostfixConfigOptions) -> GeneratedConfig:
         "# delivers nothing itself.",
         f"relay_domains = {relay}",
         f"relay_recipient_maps = {_table(MapName.RELAY_RECIPIENTS, options)}",
+        "# No transport_maps: its entries route mail on the primary (lmtp: to its Dovecot);",
+        "# a relay domain that needs a route from here too gets it in a table of this host's.",
         "# Must equal the primary's: relay_recipients strips extensions with it.",
         f"recipient_delimiter = {options.recipient_delimiter}",
     ]

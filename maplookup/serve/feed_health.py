@@ -22,6 +22,9 @@ from maplookup.metrics.views import ListenerView
 class FeedReport:
     details: dict[str, object]
     problem: str | None  # why the host is unhealthy because of its feed, or None
+    # What an admin must know although lookups are fine (200): a standby that does not
+    # receive WAL answers from data that gets older and older.
+    warning: str | None = None
 
 
 def server_details(reached: Reached | None, status: ServerStatus | None = None) -> object:
@@ -55,4 +58,17 @@ def feed_health(feed: ListenerView, stuck_after_s: float, now: float | None = No
             f"(change_feed_stuck_after_s = {stuck_after_s} s); the cache does not follow "
             "changes"
         )
-    return FeedReport(details, problem)
+    warning = None
+    status = feed.status if feed.server is not None else None
+    if status is not None and status.in_recovery and status.wal_receiver is False:
+        age_text = (
+            ""
+            if status.last_replay_age_s is None
+            else f" (last replayed commit {status.last_replay_age_s:.0f} s ago)"
+        )
+        warning = (
+            f"the standby {feed.server.address if feed.server else ''} is not receiving WAL: "
+            f"it answers from data that no longer follows the primary{age_text}; lookups "
+            "go on, changes do not arrive"
+        )
+    return FeedReport(details, problem, warning)

@@ -349,6 +349,8 @@ class Service:
             details["change_feed"] = report.details
             if report.problem is not None:
                 problems.append(report.problem)
+            if report.warning is not None:
+                details["warnings"] = [report.warning]
         else:
             details["notifications"] = "off (no cache)"
         copy = running.copy if running is not None else None

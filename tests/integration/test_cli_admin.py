@@ -256,6 +256,10 @@ def test_missing_ids_warning_knows_the_config(
         (("mailbox", "set", "nobody@base.test", "--uid", "5"), "no such mailbox"),
         (("mailbox", "set", "taken@base.test", "--path", "/abs"), "relative"),
         (("alias", "set", "nobody@base.test", "a@b.test"), "no such alias"),
+        # Names no address can have (a new-user trial: accepted, and dead).
+        (("domain", "add", "bad_domain!"), "'!' cannot be in a domain name"),
+        (("domain", "add", 'ex"ample.com', "--relay"), "cannot be in a domain name"),
+        (("transport", "set", "*.example.com", "smtp:"), "no wildcards"),
     ],
 )
 def test_bad_input_is_one_line_error_and_writes_nothing(
@@ -500,3 +504,25 @@ def test_check_config_says_to_remove_a_setting_that_is_no_longer_used(
     assert "warning: cache.listen_keepalive_s is no longer used" in out
     config.write_text("[cache]\nchange_feed_poll_interval_s = 0.1\n")
     assert "no longer used" not in run_cli(capsys, "check-config", "--config", str(config))[1]
+
+
+def test_a_hosted_domain_below_a_relay_domain_or_a_parent_transport_is_warned_about(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a new-user trial: a hosted domain below a relay domain was added silently."""
+    d = ("--dsn", dsn)
+    assert run_cli(capsys, "domain", "add", "relay.net", "--relay", *d)[0] == 0
+    assert run_cli(capsys, "transport", "set", "relay.net", "smtp:[mx9.relay.net]", *d)[0] == 0
+    code, _, err = run_cli(
+        capsys, "domain", "add", "hosted.relay.net", "--uid", "5000", "--gid", "5000", *d
+    )
+    assert code == 0
+    assert "lies below relay domain relay.net" in err
+    assert (
+        "mail for hosted.relay.net goes to smtp:[mx9.relay.net] (the transport entry "
+        ".relay.net), not to virtual(8) here" in err
+    )
+    code, _, err = run_cli(
+        capsys, "domain", "add", "elsewhere.test", "--uid", "5000", "--gid", "5000", *d
+    )
+    assert (code, err) == (0, "")

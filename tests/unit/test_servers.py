@@ -107,6 +107,19 @@ def test_feed_health_reports_server_lag_and_delay() -> None:
     }
 
 
+def test_a_standby_that_does_not_receive_wal_is_a_warning_not_a_problem() -> None:
+    """Found by a new-user trial: /healthz said "ok" with nothing about it."""
+    assert feed_health(Feed(), stuck_after_s=30.0, now=100.5).warning is None
+    feed = Feed()
+    feed.status = ServerStatus(True, 0.0, 0, 42.0, False)
+    report = feed_health(feed, stuck_after_s=30.0, now=100.5)
+    assert report.problem is None
+    assert report.warning == (
+        "the standby s:2 is not receiving WAL: it answers from data that no longer follows "
+        "the primary (last replayed commit 42 s ago); lookups go on, changes do not arrive"
+    )
+
+
 def test_a_feed_that_has_not_read_beyond_the_bound_is_stuck() -> None:
     feed = Feed()
     assert feed_health(feed, stuck_after_s=30.0, now=130.0).problem is None
