@@ -280,6 +280,18 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
+def core_busy_seconds() -> list[float]:
+    """CPU time spent on each core (``cpu0``, ``cpu1``, ...), from /proc/stat."""
+    out: list[float] = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in rest.split()[:8])
+        out.append((user + nice + system + irq + softirq + steal) / CLOCK_TICKS)
+    return out
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
