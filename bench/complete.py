@@ -80,7 +80,13 @@ LRU_ENV = {
     "MAPLOOKUP_CACHE__NEGATIVE_TTL_S": "7200",
 }
 CHANGE_DEADLINE_S = 5.0
+#: The bench's parts (``--parts``), in the order they run.
+PARTS = ("socketmap", "postmap", "changes", "outage")
 BUDGET_S = 900.0
+
+
+class _Done(Exception):
+    """The parts asked for have run (``--parts`` without ``outage``)."""
 
 
 def wait_copy_loaded(handle: ServerHandle, timeout_s: float = 120.0) -> float:
@@ -265,7 +271,7 @@ def run(ns: argparse.Namespace) -> int:
             log(f"servers up; snapshot load s: {snapshot_s}")
             socketmap_servers = (COMPLETE, TRIO, NOCACHE, LRU)
             # 1. misses and hits, alternating (the LRU server's cache filled by round 0's runs)
-            for r in range(ns.rounds):
+            for r in range(ns.rounds if "socketmap" in ns.parts else 0):
                 for conns in (1, 64):
                     for mix in ("misses", "hits"):
                         for name in socketmap_servers:
@@ -277,19 +283,21 @@ def run(ns: argparse.Namespace) -> int:
             plain = [k.key for k in postmap_mix]
             expected = sum(1 for k in postmap_mix if k.expect == "o")
             table = f"socketmap:inet:127.0.0.1:{servers[all_label].port}:vmailbox"
-            for r in range(ns.rounds):
+            for r in range(ns.rounds if "postmap" in ns.parts else 0):
                 bench.postmap_run(table, all_label, plain, expected, servers[all_label], conf,
                                   work, r)  # fmt: skip
                 bench.postmap_run(f"pgsql:{cf}", "pgsql: direct", plain, expected, None, conf,
                                   work, r)  # fmt: skip
             # 3. change-to-visible, complete and lru alternating change by change
-            if ns.changes:
+            if ns.changes and "changes" in ns.parts:
                 asyncio.run(
                     bench.visibility_run(
                         [(COMPLETE, servers[COMPLETE]), (LRU, servers[LRU])], dsn, ds
                     )
                 )
             # 4. the database stopped (immediate: no shutdown checkpoint, connections cut)
+            if "outage" not in ns.parts:
+                raise _Done
             t0 = time.monotonic()
             pg.pg.stop(mode="immediate")
             outage["stopped_s"] = time.monotonic() - t0
@@ -305,6 +313,8 @@ def run(ns: argparse.Namespace) -> int:
                 for k, v in servers[COMPLETE].metrics().items()
                 if k.startswith("maplookup_copy")
             }
+        except _Done:
+            pass
         finally:
             children.stop_all()
             pg.stop()
@@ -437,7 +447,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="measured seconds per closed-loop run (default 3)")  # fmt: skip
     parser.add_argument("--changes", type=bounded_int(0, 10_000), default=300,
                         help="changes per server, change-to-visible (default 300)")  # fmt: skip
+    parser.add_argument("--parts", type=_parts, default=PARTS,
+                        help="comma-separated parts to run, of " + ",".join(PARTS)
+                        + " (default all)")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [part for part in chosen if part not in PARTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown part {', '.join(unknown) or '(none)'}: choose among {','.join(PARTS)}"
+        )
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,8 +37,9 @@ Every ``status_interval_s`` it also reads its server's status (primary or standb
 feed stuck when that is longer ago than ``[cache] change_feed_stuck_after_s``.
 
 A follower (``FeedFollower``; the complete copy of ``cache.mode = "complete"``,
-db/copy_follow.py) can ride on the feed: called on the feed's connection when it connects and
-after every read, it sees every change in order, on the same server as the feed and the pool.
+db/copy_follow.py) can ride on the feed: called on the feed's connection when it connects, to
+read the log (with what it needs of the changed rows, in the same statement) and after every
+read, it sees every change in order, on the same server as the feed and the pool.
 
 Runs in the asyncio thread that owns asyncpg and hands what it read to the cache in the trio
 thread through the trio token, coalesced: a burst of changes costs the trio side one call.
@@ -62,6 +63,7 @@ from maplookup.db.database import AsyncioThread
 from maplookup.db.errors import describe
 from maplookup.db.feed import (
     MAX_CHANGES_PER_READ,
+    Change,
     FeedCursor,
     FeedStep,
     changes_after,
@@ -121,13 +123,17 @@ class FeedFollower(Protocol):
     and sees every change in order.
 
     ``start`` runs when the feed has connected and read the head, before it goes live: it
-    returns the position to follow from (the head, or its own position).  ``apply`` runs after
-    every read of the log (``step.changes`` may be 0) and returns the position to follow from
-    (the step's, or a later one when it loaded a fresh snapshot).  An exception from either is
-    a lost connection.
+    returns the position to follow from (the head, or its own position).  ``changes_after``
+    reads the log in place of ``feed.changes_after`` (same contract), so that a follower can
+    read what it needs in the same statement.  ``apply`` runs after every read of the log
+    (``step.changes`` may be 0) and returns the position to follow from (the step's, or a later
+    one when it loaded a fresh snapshot).  An exception from any of them is a lost connection.
     """
 
     async def start(self, conn: asyncpg.Connection, reached: Reached, head: int) -> int: ...
+    async def changes_after(
+        self, conn: asyncpg.Connection, position: int, max_rows: int
+    ) -> list[Change]: ...
     async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int: ...
 
 
@@ -365,8 +371,9 @@ class ChangeFeed:
             if not self.listening and loop.time() >= next_listen_try:
                 self.listening = await self._try_listen(conn)
                 next_listen_try = loop.time() + settings.listen_retry_s
+            read = changes_after if self._follower is None else self._follower.changes_after
             async with asyncio.timeout(settings.query_timeout_s):
-                batch = await changes_after(conn, cursor.position, MAX_CHANGES_PER_READ)
+                batch = await read(conn, cursor.position, MAX_CHANGES_PER_READ)
             self.counters.reads += 1
             read_at = self.last_read_at = time.monotonic()
             step = cursor.advance(batch)

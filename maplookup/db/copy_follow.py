@@ -34,8 +34,15 @@ from typing import Protocol
 import asyncpg
 import trio
 
-from maplookup.db.copy_load import CopyTooLarge, LoadedCopy, load_snapshot, read_partitions
-from maplookup.db.feed import FeedStep
+from maplookup.db.copy_load import (
+    ChangesRead,
+    CopyTooLarge,
+    LoadedCopy,
+    load_snapshot,
+    read_changes,
+    read_partitions,
+)
+from maplookup.db.feed import Change, FeedStep, changes_after
 from maplookup.db.servers import Reached, ServerAddress
 from maplookup.lookup.complete.rows import SnapshotRows
 from maplookup.lookup.complete.store import MapsCopy
@@ -75,6 +82,8 @@ class CopyFollower:
         self.active = True
         self.position: int | None = None  # the position of the copy last handed over
         self._server: ServerAddress | None = None  # where the copy was read
+        # The partitions read with the last batch of changes, for ``apply``.
+        self._read: ChangesRead | None = None
         self.rebuilds = 0
 
     async def start(self, conn: asyncpg.Connection, reached: Reached, head: int) -> int:
@@ -91,14 +100,27 @@ class CopyFollower:
         self._server = reached.address
         return loaded
 
+    async def changes_after(
+        self, conn: asyncpg.Connection, position: int, max_rows: int
+    ) -> list[Change]:
+        """The feed's read of the log; the partitions the changes name come with it."""
+        if not self.active:
+            return await changes_after(conn, position, max_rows)
+        self._read = await read_changes(conn, position, max_rows)
+        return self._read.changes
+
     async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int:
         """Apply one batch the feed read at ``read_at``; the position to follow from."""
+        read, self._read = self._read, None
         if not self.active:
             return step.position
         if step.flush:
             return await self._load(conn, step.position)
         if step.domains:
-            rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
+            if read is not None and step.domains <= read.names:
+                rows = read.rows
+            else:  # not read with the log (a caller that read it itself)
+                rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
             self._post(self._target.update, step.domains, rows, step.position, read_at)
         else:
             self._post(self._target.confirm, step.position, read_at)

@@ -1,7 +1,8 @@
 """Read a complete copy of the maps from PostgreSQL: a whole snapshot, or some partitions.
 
-Both read inside ``feed.snapshot(conn)`` (one REPEATABLE READ transaction and the change-log
-position it sees), on the change feed's own connection, so the copy reads exactly the server
+A snapshot is read inside ``feed.snapshot(conn)`` (one REPEATABLE READ transaction and the
+change-log position it sees), partitions by one statement (one snapshot by itself), both on
+the change feed's own connection, so the copy reads exactly the server
 the feed follows and whose lookups it replaces (db/changes.py pins the pool to it too).
 
 A whole snapshot is streamed through server-side cursors, ``COPY_CHUNK_ROWS`` rows at a time,
@@ -19,12 +20,17 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Final
 
 import asyncpg
 
-from maplookup.db.feed import snapshot
-from maplookup.lookup.complete.rows import PARTITION_QUERIES, SNAPSHOT_QUERIES, SnapshotRows
+from maplookup.db.feed import Change, snapshot
+from maplookup.lookup.complete.rows import (
+    PARTITIONS_QUERY,
+    SNAPSHOT_QUERIES,
+    SnapshotRows,
+    partition_arrays,
+)
 from maplookup.lookup.complete.store import CopyBuilder, MapsCopy
 
 #: Rows fetched per round trip while a snapshot streams in: large enough that the round trips
@@ -85,13 +91,50 @@ async def load_snapshot(
 async def read_partitions(
     conn: asyncpg.Connection, names: Iterable[str], timeout_s: float
 ) -> SnapshotRows:
-    """Every row of the partitions of ``names`` (what ``MapsCopy.replace`` takes), in one
-    snapshot: the six tables as of one moment, so a change spanning tables (a domain and its
-    mailboxes) is never seen half-way."""
-    wanted = sorted(names)
-    tables: dict[str, Any] = {}
-    async with asyncio.timeout(timeout_s), snapshot(conn):
-        for table, query in PARTITION_QUERIES.items():
-            # asyncpg Records unpack like the tuples rows.py names.
-            tables[table] = await conn.fetch(query, wanted)
-    return SnapshotRows(**tables)
+    """Every row of the partitions of ``names`` (what ``MapsCopy.replace`` takes), as of one
+    moment: ``rows.PARTITIONS_QUERY``, one statement, so one snapshot of the six tables and
+    one round trip."""
+    async with asyncio.timeout(timeout_s):
+        row = await _one_row(conn, PARTITIONS_QUERY, sorted(names))
+    # The records arrive as tuples of the columns rows.py names, in its order.
+    return SnapshotRows(*row)
+
+
+#: The changes after ``$1`` (at most ``$2``, as ``feed.changes_after`` reads them) and, in the
+#: same statement, every row of the partitions they name: a change costs the copy one round
+#: trip, as it costs the LRU cache (whose next lookup then queries), not two.
+CHANGES_AND_PARTITIONS_QUERY: Final = (
+    "WITH changes AS (SELECT change_position, domains FROM maplookup.changes_after($1, $2)), "
+    "named AS (SELECT coalesce(array_agg(DISTINCT name), '{}') AS names "
+    "FROM changes, unnest(changes.domains) AS name) "
+    "SELECT ARRAY(SELECT row(change_position, domains) FROM changes "
+    "ORDER BY change_position) AS changes, " + partition_arrays("(SELECT names FROM named)::text[]")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesRead:
+    """A read of the log with the partitions it names (:data:`CHANGES_AND_PARTITIONS_QUERY`)."""
+
+    changes: list[Change]  # oldest first, as feed.changes_after returns them
+    names: frozenset[str]  # every name the changes list: ``rows`` holds their partitions
+    rows: SnapshotRows
+
+
+async def read_changes(conn: asyncpg.Connection, position: int, max_rows: int) -> ChangesRead:
+    """The changes after ``position`` and every row of the partitions they name, as of one
+    moment (one statement).  The rows may be newer than the last change read (a change
+    committed since is in them but not yet in the log read): replacing a partition by a newer
+    state is what applying that change will do anyway."""
+    row = await _one_row(conn, CHANGES_AND_PARTITIONS_QUERY, position, max_rows)
+    changes = [Change(position, tuple(domains)) for position, domains in row[0]]
+    names = frozenset(name for change in changes for name in change.domains)
+    return ChangesRead(changes, names, SnapshotRows(*row[1:]))
+
+
+async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
+    """The row of a select list without FROM (always exactly one)."""
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        raise RuntimeError(f"no row from {query[:60]!r}")
+    return row

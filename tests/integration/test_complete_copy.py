@@ -8,8 +8,8 @@ relay recipients, transports) and random keys, each example:
 2. reads it back with the snapshot statements (``rows.SNAPSHOT_QUERIES``) in one REPEATABLE
    READ transaction, as the server's loader will, and builds a :class:`MapsCopy`;
 3. builds a second copy in which a random set of partitions (domain names) holds another
-   random dataset's rows, then replaces those from ``rows.PARTITION_QUERIES`` (the
-   change-feed path): it must hold exactly what the first holds;
+   random dataset's rows, then replaces those from ``copy_load.read_partitions`` (the
+   change-feed path, ``rows.PARTITIONS_QUERY``): it must hold exactly what the first holds;
 4. asks every map, for every key, the SQL function (``maps.batch_query_for``, the server's
    statement) and the copy, and compares: once with the key as the server binds it
    (``maps.fold_key``), once with the text as received (what a pgsql: table may be asked).
@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from maplookup.db.copy_load import read_partitions
 from maplookup.lookup.complete import MapsCopy, lookup
-from maplookup.lookup.complete.rows import PARTITION_QUERIES, SNAPSHOT_QUERIES, SnapshotRows
+from maplookup.lookup.complete.rows import SNAPSHOT_QUERIES, SnapshotRows
 from maplookup.lookup.complete.semantics import split_address
 from maplookup.lookup.complete.store import FIELD, ITEM, TABLES
 from maplookup.maps import LookupSettings, MapName, batch_query_for, fold_key
@@ -149,7 +150,7 @@ async def _check(conn: Any, case: Case) -> None:
         }
     )
     updated = MapsCopy.build(mixed)
-    updated.replace(stale, await _read(conn, PARTITION_QUERIES, stale))
+    updated.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
     assert _state(updated) == _state(full)
 
     for map_name in MapName:

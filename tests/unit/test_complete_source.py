@@ -12,8 +12,8 @@ import trio.testing
 
 from maplookup.db import copy_follow
 from maplookup.db.copy_follow import CopyFollower, CopySettings
-from maplookup.db.copy_load import CopyTooLarge, LoadedCopy
-from maplookup.db.feed import FeedStep
+from maplookup.db.copy_load import ChangesRead, CopyTooLarge, LoadedCopy
+from maplookup.db.feed import Change, FeedStep
 from maplookup.db.servers import Reached, ServerAddress
 from maplookup.errors import DatabaseError
 from maplookup.lookup.complete import MapsCopy
@@ -209,3 +209,43 @@ async def test_the_follower_loads_follows_and_reloads_where_it_must(
         "refuse",
     ]
     assert follower.rebuilds == 2
+
+
+async def test_the_partitions_read_with_the_log_are_applied_without_another_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A change costs the copy one round trip: the rows come with the log read
+    (``read_changes``), and a second read is made only for names that read did not cover."""
+    rows = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
+    names_read: list[list[str]] = []
+
+    async def load(*_args: object) -> LoadedCopy:
+        return LoadedCopy(MapsCopy(), 10, 0, 0, 0.0)
+
+    async def changes(_conn: object, position: int, _max_rows: int) -> ChangesRead:
+        return ChangesRead([Change(position + 1, ("a.test",))], frozenset({"a.test"}), rows)
+
+    async def partitions(_conn: object, names: Any, _timeout: float) -> SnapshotRows:
+        names_read.append(sorted(names))
+        return SnapshotRows()
+
+    monkeypatch.setattr(copy_follow, "load_snapshot", load)
+    monkeypatch.setattr(copy_follow, "read_changes", changes)
+    monkeypatch.setattr(copy_follow, "read_partitions", partitions)
+    source = CompleteSource(Fallback(), Held(), max_stale_s=60.0)
+    follower = CopyFollower(source, CopySettings(max_bytes=1000))
+    conn: Any = None
+    await follower.start(conn, reached(1), head=10)
+    batch = await follower.changes_after(conn, 10, 1000)
+    assert batch == [Change(11, ("a.test",))]
+    await follower.apply(conn, FeedStep(11, False, frozenset({"a.test"}), 1), 1.0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert source.copy is not None
+    assert source.copy.kind("a.test") == "mailbox"
+    assert names_read == []
+    # A name the log read did not cover (not possible from the feed, but safe): read it.
+    await follower.changes_after(conn, 11, 1000)
+    await follower.apply(conn, FeedStep(12, False, frozenset({"a.test", "b.test"}), 1), 2.0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert names_read == [["a.test", "b.test"]]
+    assert source.position == 12

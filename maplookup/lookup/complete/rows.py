@@ -9,9 +9,14 @@ Every table is read whole, disabled rows included: the copy drops what no lookup
 (:mod:`.store`), so the rule "disabled rows do not exist" lives in one place, next to the
 semantics.  ``targets`` (text[]) arrives as a list.
 
-``PARTITION_QUERIES`` read the same columns for some partitions only (``$1``: a text[] of
+``PARTITIONS_QUERY`` reads the same columns for some partitions only (``$1``: a text[] of
 names, as a change-log row lists them): every row whose ``domain`` column (``name`` for
-domains) is one of them.  That is what :meth:`.store.MapsCopy.replace` takes.
+domains) is one of them, which is what :meth:`.store.MapsCopy.replace` takes.  It is one
+statement returning one row of six arrays of anonymous records (asyncpg decodes each record
+as a tuple of the columns named here): one statement sees one snapshot of every table even
+under READ COMMITTED, so a change spanning tables is never seen half-way, and it costs one
+round trip instead of a transaction of seven.  Applying a change is on the path that makes it
+visible (bench/README.md, "Complete mode": change-to-visible).
 """
 
 from __future__ import annotations
@@ -59,8 +64,16 @@ SNAPSHOT_QUERIES: dict[str, str] = {
     table: f"SELECT {columns} FROM maplookup.{table}" for table, (_, columns) in _COLUMNS.items()
 }
 
-#: The same, for the partitions named in ``$1`` (text[]) only.
-PARTITION_QUERIES: dict[str, str] = {
-    table: f"SELECT {columns} FROM maplookup.{table} WHERE {key} = ANY($1::text[])"
-    for table, (key, columns) in _COLUMNS.items()
-}
+
+def partition_arrays(names: str) -> str:
+    """The select list that reads the partitions named by the SQL expression ``names`` (a
+    text[]): one column per table (in :class:`SnapshotRows` field order), each an array of
+    records of that table's columns, which asyncpg decodes as tuples."""
+    return ", ".join(
+        f"ARRAY(SELECT row({columns}) FROM maplookup.{table} WHERE {key} = ANY({names})) AS {table}"
+        for table, (key, columns) in _COLUMNS.items()
+    )
+
+
+#: The rows of the partitions named in ``$1`` (text[]), in one row (:func:`partition_arrays`).
+PARTITIONS_QUERY: str = "SELECT " + partition_arrays("$1::text[]")

@@ -24,9 +24,9 @@ Layout, and why:
   so :meth:`MapsCopy.replace` removes exactly one partition's keys and inserts its fresh rows.
   The change log names exactly these values (schema.sql, ``notify_domains``: the rows'
   ``domain`` column, plus the mirrors of a changed domain, which only cost a needless
-  rebuild), so applying a change is: read the named partitions with
-  ``rows.PARTITION_QUERIES`` in one snapshot, ``replace`` them.  ``*`` in the log (TRUNCATE,
-  a log pruned past the reader) means a fresh snapshot and :meth:`MapsCopy.build`.  Answers
+  rebuild), so applying a change is: read the named partitions (one statement, one
+  snapshot: ``rows.partition_arrays``), ``replace`` them.  ``*`` in the log (TRUNCATE, a log
+  pruned past the reader) means a fresh snapshot and :meth:`MapsCopy.build`.  Answers
   that cross domains (mirrors, the alias chains of sender_login, the parent domains of
   transport) are computed at lookup time, so no derived data can go stale.
 * **Only what lookups can see.**  Disabled rows do not exist for any lookup function, and none
@@ -160,7 +160,7 @@ class MapsCopy:
     def replace(self, names: Iterable[str], rows: SnapshotRows) -> None:
         """Replace the partitions of ``names`` by what ``rows`` holds for them.
 
-        ``rows`` must be every row of those partitions (rows.PARTITION_QUERIES with ``names``,
+        ``rows`` must be every row of those partitions (rows.PARTITIONS_QUERY with ``names``,
         read in one snapshot); rows of other names are ignored.  Runs without yielding.
         """
         wanted = set(names)
