@@ -232,6 +232,10 @@ class CacheConfig(_Model):
     # kill and restart the server at its start timeout (90 s by default), over and over.
     # Until the copy is in, lookups go to the database and /healthz says why it is 503.
     complete_ready_timeout_s: PositiveFloat = 60.0
+    # Answers given from the complete copy that are remembered (per worker, entries of map
+    # and key), forgotten whole at every change: Postfix asks for a recipient several times
+    # per message.  About 150 bytes an entry: 100,000 entries ~ 15 MB.  0 = none.
+    complete_memo_entries: Annotated[int, Field(ge=0)] = 100_000
 
     # About 500 bytes an entry with its strings (bench/cache.py): 100,000 entries ~ 50 MB.
     max_entries: Annotated[int, Field(ge=0)] = 100_000

@@ -57,8 +57,16 @@ def copy_metrics(copy: CopyView) -> Iterator[Metric]:
         for table, count in held.counts().items():
             entries.add_metric([table], count)
         yield entries
+    yield GaugeMetricFamily(
+        "maplookup_copy_memo_entries",
+        "Answers of the complete copy remembered now (cache.complete_memo_entries bounds them; "
+        "forgotten at every change).",
+        value=copy.memo_size(),
+    )
     for name, documentation, value in (
         ("answers", "Lookups answered from the complete copy.", counters.answers),
+        ("memo_answers", "Of the copy's answers, those remembered from an earlier lookup "
+         "(cache.complete_memo_entries).", counters.remembered),
         (
             "fallbacks",
             "Lookups the complete copy did not answer (not loaded yet, older than "

@@ -108,6 +108,13 @@ async def apply_settings(
     if running.copy is not None and new.cache.max_stale_s != old.cache.max_stale_s:
         running.copy.max_stale_s = new.cache.max_stale_s
         changes.append("complete copy max_stale_s")
+    if (
+        running.copy is not None
+        and new.cache.complete_memo_entries != old.cache.complete_memo_entries
+    ):
+        running.copy.memo_entries = new.cache.complete_memo_entries
+        running.copy.forget()
+        changes.append("complete copy memo entries")
     if new.lookup != old.lookup:
         # The complete copy applies the lookup settings at lookup time: nothing to reload.
         running.source.settings = lookup_settings(new)

@@ -194,7 +194,12 @@ class Service:
             if settings.cache.mode == "complete":
                 # In front of the LRU path, which answers until the copy is loaded, when it
                 # is older than max_stale_s, and for good if it is refused for its size.
-                copy = CompleteSource(source, self._source, settings.cache.max_stale_s)
+                copy = CompleteSource(
+                    source,
+                    self._source,
+                    settings.cache.max_stale_s,
+                    memo_entries=settings.cache.complete_memo_entries,
+                )
                 follower = CopyFollower(
                     copy,
                     CopySettings(

@@ -249,3 +249,55 @@ async def test_the_partitions_read_with_the_log_are_applied_without_another_read
     await trio.testing.wait_all_tasks_blocked()
     assert names_read == [["a.test", "b.test"]]
     assert source.position == 12
+
+
+class Reloadable:
+    def __init__(self) -> None:
+        self.settings = LookupSettings()
+
+
+async def test_answers_are_remembered_until_the_copy_or_the_settings_change() -> None:
+    clock, held = Clock(), Reloadable()
+    src = CompleteSource(Fallback(), held, max_stale_s=10.0, clock=clock, memo_entries=3)
+    src.install(MapsCopy.build(ROWS), position=7, read_at=clock.now, load_s=0.1)
+    assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/user/"
+    assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") is None
+    assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/user/"
+    assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") is None  # NOTFOUND remembered
+    assert (src.counters.answers, src.counters.remembered, src.memo_size()) == (4, 2, 2)
+    # A change to the copy: the remembered answers go in the same step.
+    moved = SnapshotRows(
+        domains=[("a.test", "mailbox", None, None, None, True)],
+        mailboxes=[
+            ("a.test", "user", "a.test/moved/", None, None, None, True),
+            ("a.test", "nobody", "a.test/nobody/", None, None, None, True),
+        ],
+    )
+    src.update(["a.test"], moved, position=8, read_at=clock.now)
+    assert src.memo_size() == 0
+    assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/moved/"
+    assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") == "a.test/nobody/"
+    # The same key in another map is another answer.
+    assert await src.fetch(MapName.UID, "user@a.test") is None
+    # Full (3 entries): forgotten, then remembered afresh.
+    assert await src.fetch(MapName.VMAILBOX, "user+tag@a.test") == "a.test/moved/"
+    assert src.memo_size() == 1
+    # A reload with another recipient_delimiter: forgotten (the extension is no longer one).
+    assert await src.fetch(MapName.VMAILBOX, "user-tag@a.test") is None
+    held.settings = LookupSettings(recipient_delimiter="-")
+    assert await src.fetch(MapName.VMAILBOX, "user-tag@a.test") == "a.test/moved/"
+    assert src.memo_size() == 1
+    # Too old: the fallback answers, and nothing is remembered from it.
+    clock.now += 10.001
+    with pytest.raises(DatabaseError):
+        await src.fetch(MapName.VMAILBOX, "user@a.test")
+    assert src.memo_size() == 1
+
+
+async def test_no_memo_when_it_is_off() -> None:
+    clock = Clock()
+    src = CompleteSource(Fallback(), Held(), max_stale_s=10.0, clock=clock, memo_entries=0)
+    src.install(MapsCopy.build(ROWS), position=7, read_at=clock.now, load_s=0.1)
+    for _ in range(2):
+        assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/user/"
+    assert (src.counters.remembered, src.memo_size()) == (0, 0)

@@ -13,6 +13,15 @@ confirmed it current, i.e. read the change log and applied everything it said), 
 copy answer everything for ``max_stale_s``, exactly as long as a stale cached answer may be
 served, and then the fallback answers TEMP: never NOTFOUND because of an error.  A copy
 refused for its size (``cache.complete_max_bytes``) leaves the fallback answering for good.
+
+The answers given from the copy are remembered, per map and folded key, up to
+``cache.complete_memo_entries``: Postfix asks the same recipient several times per message
+(smtpd's RCPT check, cleanup's virtual alias expansion, virtual(8)'s vmailbox, uid and gid),
+and a remembered answer costs a dict probe where the copy's fallbacks cost a few microseconds
+of Python (bench/README.md, "Complete mode").  The memo is forgotten, whole, whenever the copy
+changes (a partition replaced, a new copy installed) or the lookup settings do, in the same
+step: it can never answer anything the copy would not.  Its dicts hold only strings and None,
+so the garbage collector never walks them.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -27,14 +37,18 @@ from maplookup.lookup.answer import AnswerSource, HasLookupSettings
 from maplookup.lookup.complete.answer import lookup
 from maplookup.lookup.complete.rows import SnapshotRows
 from maplookup.lookup.complete.store import MapsCopy
-from maplookup.maps import MapName, sql_key
+from maplookup.maps import LookupSettings, MapName, sql_key
+
+#: A memo probe's "not remembered" (None is a remembered NOTFOUND).
+_ABSENT: Final = object()
 
 
 @dataclass(slots=True)
 class CopyCounters:
     """Read by /metrics."""
 
-    answers: int = 0  # lookups answered from the copy
+    answers: int = 0  # lookups answered from the copy (remembered or not)
+    remembered: int = 0  # of which answered from the memo
     fallbacks: int = 0  # lookups sent to the fallback (no copy yet, too old, or refused)
     loads: int = 0  # copies installed (the first one, then each rebuild)
     partition_updates: int = 0  # changes applied by replacing partitions
@@ -56,10 +70,15 @@ class CompleteSource:
         settings: HasLookupSettings,
         max_stale_s: float,
         clock: Callable[[], float] = time.monotonic,
+        memo_entries: int = 0,
     ) -> None:
         self._fallback = fallback
         self._settings = settings
         self.max_stale_s = max_stale_s  # replaced on reload
+        self.memo_entries = memo_entries  # replaced on reload (takes effect when next full)
+        self._memo: dict[MapName, dict[str, str | None]] = {name: {} for name in MapName}
+        self._memo_size = 0
+        self._memo_settings: LookupSettings | None = None  # the settings the memo was made with
         self.clock = clock
         self.copy: MapsCopy | None = None
         self.position: int | None = None  # the change-log position the copy is current to
@@ -87,15 +106,43 @@ class CompleteSource:
             and confirmed_at is not None
             and self.clock() - confirmed_at <= self.max_stale_s
         ):
-            self.counters.answers += 1
-            return lookup(copy, map_name, sql_key(map_name, key), self._settings.settings)
+            counters = self.counters
+            counters.answers += 1
+            settings = self._settings.settings
+            if settings is not self._memo_settings:  # a reload: a new delimiter, new defaults
+                self.forget()
+                self._memo_settings = settings
+            memo = self._memo[map_name]
+            value = memo.get(key, _ABSENT)
+            if value is not _ABSENT:
+                counters.remembered += 1
+                return value  # type: ignore[return-value]  # str | None, never _ABSENT
+            value = lookup(copy, map_name, sql_key(map_name, key), settings)
+            if self.memo_entries > 0:
+                if self._memo_size >= self.memo_entries:
+                    self.forget()  # cheaper than an LRU's bookkeeping, and refilled from memory
+                memo[key] = value
+                self._memo_size += 1
+            return value
         self.counters.fallbacks += 1
         return await self._fallback.fetch(map_name, key)
+
+    def memo_size(self) -> int:
+        """Answers remembered now (for /metrics)."""
+        return self._memo_size
+
+    def forget(self) -> None:
+        """Forget every remembered answer (the copy or the settings changed)."""
+        if self._memo_size:
+            for memo in self._memo.values():
+                memo.clear()
+            self._memo_size = 0
 
     # -- from the change feed (trio thread) -------------------------------------------------------
 
     def install(self, copy: MapsCopy, position: int, read_at: float, load_s: float) -> None:
         """A copy loaded from a snapshot at ``position`` replaces the one in use (if any)."""
+        self.forget()
         self.copy = copy
         self.position = position
         self.confirmed_at = read_at
@@ -112,6 +159,7 @@ class CompleteSource:
             return
         names = list(names)
         self.copy.replace(names, rows)
+        self.forget()
         self.counters.partition_updates += 1
         self.counters.partitions_replaced += len(names)
         self.confirm(position, read_at)
@@ -126,6 +174,7 @@ class CompleteSource:
 
     def refuse(self, reason: str) -> None:
         """No copy (too large): the fallback answers from now on."""
+        self.forget()
         self.copy = None
         self.position = None
         self.confirmed_at = None
