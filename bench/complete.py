@@ -8,10 +8,13 @@ both sides:
    as one Postfix process) and at 64: maplookup ``mode=complete`` with 1 worker against the bare
    trio responder (``trio-bare``, ``bench/lib/responders.py``; it answers a constant OK without
    any lookup, so its statuses are not checked), with ``--no-cache`` and ``lru`` (1 worker) for
-   reference.  The ``misses`` keys do not exist; the ``hits`` keys do.  ``lru`` answers from
-   its cache the keys an earlier run asked (negative entries for the misses; round 0 starts
-   cold), the others and ``--no-cache`` from PostgreSQL;
-2. **``postmap -q -``** (4 processes, 100,000 keys of the ``90-10`` mix: 90 % existing)
+   reference, and complete mode without its memo (``cache.complete_memo_entries = 0``: every
+   lookup computed from the copy, as for the unique keys of a dictionary attack; the runs
+   cycle through 20,000 keys, so the memo answers most of them after the first pass).  The
+   ``misses`` keys do not exist; the ``hits`` keys do.  ``lru`` answers from its cache the keys
+   an earlier run asked (negative entries for the misses; round 0 starts cold), the others and
+   ``--no-cache`` from PostgreSQL;
+2. **``postmap -q -``** (4 processes, then 8, 100,000 keys of the ``90-10`` mix: 90 % existing)
    through maplookup ``mode=complete`` with one worker per core against Postfix's ``pgsql:``
    direct, alternating, with the CPU of the server, of PostgreSQL and of each core;
 3. **change-to-visible**: committed UPDATEs of a mailbox's path, the clock running from the
@@ -22,7 +25,8 @@ both sides:
    TEMP is the target) and, for contrast, on ``lru`` (whose cache holds the keys the earlier
    runs reached, not all of them) and ``--no-cache``.  Last, since the cluster is gone after it.
 
-    .venv/bin/python -m bench.complete                  # about 5 minutes
+    .venv/bin/python -m bench.complete                  # about 7 minutes
+    .venv/bin/python -m bench.complete --parts socketmap,changes    # some of the parts
     .venv/bin/python -m bench.complete --rounds 3 --seconds 5
 
 Markdown tables on stdout, progress on stderr, ``bench/results/complete-<UTC>.json``.
@@ -68,11 +72,15 @@ log = Logger("complete")
 COMPLETE = "maplookup complete, 1 worker"
 TRIO = "trio-bare"
 NOCACHE = "maplookup --no-cache"
+NOMEMO = "maplookup complete, no memo"
 LRU = "maplookup lru, 1 worker"
-POSTMAP_PROCESSES = 4
+#: postmap -q - processes: 4 as issue 16's measurement, 8 to leave the server no idle core.
+POSTMAP_PROCESSES = (4, 8)
 POSTMAP_KEYS = 100_000
 LOAD_KEYS = 20_000
 COMPLETE_ENV = {"MAPLOOKUP_CACHE__MODE": "complete"}
+# Every lookup computed from the copy: what unique keys (a dictionary attack) cost.
+NOMEMO_ENV = COMPLETE_ENV | {"MAPLOOKUP_CACHE__COMPLETE_MEMO_ENTRIES": "0"}
 # The LRU server keeps every key the runs ask (no eviction, no expiry during a run).
 LRU_ENV = {
     "MAPLOOKUP_CACHE__MAX_ENTRIES": "1000000",
@@ -83,6 +91,33 @@ CHANGE_DEADLINE_S = 5.0
 #: The bench's parts (``--parts``), in the order they run.
 PARTS = ("socketmap", "postmap", "changes", "outage")
 BUDGET_S = 900.0
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def server_memory(servers: dict[str, ServerHandle], ds: datasets.Dataset) -> dict[str, Any]:
+    """VmRSS of each maplookup server's serving processes, and the copy's share per address:
+    a complete-mode worker's RSS minus the lru server's (same code, same start-up, an empty
+    cache), over the dataset's addresses (mailboxes and aliases)."""
+    rss = {
+        name: [_rss_kib(pid) for pid in handle.worker_pids()]
+        for name, handle in servers.items()
+        if handle.kind == "maplookup"
+    }
+    addresses = ds.mailboxes + ds.aliases
+    base = rss[LRU][0]
+    share = {
+        name: statistics.mean(kib) * 1024 / addresses - base * 1024 / addresses
+        for name, kib in rss.items()
+        if name not in (LRU, NOCACHE)
+    }
+    return {"addresses": addresses, "rss_kib": rss, "copy_bytes_per_address": share}
 
 
 class _Done(Exception):
@@ -149,7 +184,7 @@ class Bench:
 
     def postmap_run(
         self, table: str, label: str, keys: list[str], expected: int, server: ServerHandle | None,
-        conf: Path, work: Path, round_: int,
+        conf: Path, work: Path, round_: int, processes: int,
     ) -> None:  # fmt: skip
         self.deadline.check(label)
         pg_pids = descendants(self.pg.postmaster_pid() or 0)
@@ -157,13 +192,14 @@ class Bench:
         cpu0 = (cpu_seconds(server_pids), cpu_seconds(pg_pids, children_too=True))
         cores0 = core_busy_seconds()
         result = postfix.run_postmap(
-            self.children, conf, table, keys, expected, POSTMAP_PROCESSES, work, label
+            self.children, conf, table, keys, expected, processes, work, label
         )
         cores = [
             (b - a) / result.wall_s * 100 for a, b in zip(cores0, core_busy_seconds(), strict=True)
         ]
         row = result.as_dict()
         row["round"] = round_
+        row["processes"] = processes
         row["core_busy_pct"] = cores
         row["server_cpu_pct"] = (cpu_seconds(server_pids) - cpu0[0]) / result.wall_s * 100
         pg_now = descendants(self.pg.postmaster_pid() or 0)
@@ -173,7 +209,8 @@ class Bench:
         self.postmap.append(row)
         flag = "" if result.found == expected else f" FOUND {result.found} != {expected}"
         log(
-            f"postmap {label} r{round_}: {result.keys_per_s:,.0f} keys/s ({result.wall_s:.1f} s), "
+            f"postmap {label} x{processes} r{round_}: {result.keys_per_s:,.0f} keys/s "
+            f"({result.wall_s:.1f} s), "
             f"cores {' / '.join(f'{c:.0f}%' for c in cores)}, server "
             f"{row['server_cpu_pct']:.0f}%, PostgreSQL {row['postgres_cpu_pct']:.0f}%{flag}"
         )
@@ -241,6 +278,8 @@ def run(ns: argparse.Namespace) -> int:
     workers = max(2, os.cpu_count() or 2)
     snapshot_s: dict[str, float] = {}
     outage: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    memo: dict[str, Any] = {}
     with Children() as children:
         bench = Bench(ns, children, pg)
         try:
@@ -260,6 +299,8 @@ def run(ns: argparse.Namespace) -> int:
                 children, "complete", dsn, settings_env=COMPLETE_ENV
             )
             snapshot_s[COMPLETE] = wait_copy_loaded(servers[COMPLETE])
+            servers[NOMEMO] = start_maplookup(children, "nomemo", dsn, settings_env=NOMEMO_ENV)
+            snapshot_s[NOMEMO] = wait_copy_loaded(servers[NOMEMO])
             servers[TRIO] = start_responder(children, "trio-bare")
             servers[NOCACHE] = start_maplookup(children, "nocache", dsn, cache=False)
             servers[LRU] = start_maplookup(children, "lru", dsn, settings_env=LRU_ENV)
@@ -269,7 +310,9 @@ def run(ns: argparse.Namespace) -> int:
             )
             snapshot_s[all_label] = wait_copy_loaded(servers[all_label])
             log(f"servers up; snapshot load s: {snapshot_s}")
-            socketmap_servers = (COMPLETE, TRIO, NOCACHE, LRU)
+            memory = server_memory(servers, ds)
+            log(f"server memory: {memory}")
+            socketmap_servers = (COMPLETE, NOMEMO, TRIO, NOCACHE, LRU)
             # 1. misses and hits, alternating (the LRU server's cache filled by round 0's runs)
             for r in range(ns.rounds if "socketmap" in ns.parts else 0):
                 for conns in (1, 64):
@@ -277,6 +320,12 @@ def run(ns: argparse.Namespace) -> int:
                         for name in socketmap_servers:
                             bench.load(servers[name], name, files[mix], mix, conns, "socketmap",
                                        r, check=name != TRIO)  # fmt: skip
+            memo = {
+                name: {k: v for k, v in servers[name].metrics().items() if "copy_" in k
+                       and ("answers" in k or "memo" in k)}
+                for name in (COMPLETE, NOMEMO)
+            }  # fmt: skip
+            log(f"copy answers: {memo}")
             # 2. postmap -q -: complete on every core vs pgsql: direct
             conf = postfix.make_config_dir(work)
             cf = postfix.write_pgsql_cf(conf, "pgsql-direct", dsn)
@@ -284,10 +333,11 @@ def run(ns: argparse.Namespace) -> int:
             expected = sum(1 for k in postmap_mix if k.expect == "o")
             table = f"socketmap:inet:127.0.0.1:{servers[all_label].port}:vmailbox"
             for r in range(ns.rounds if "postmap" in ns.parts else 0):
-                bench.postmap_run(table, all_label, plain, expected, servers[all_label], conf,
-                                  work, r)  # fmt: skip
-                bench.postmap_run(f"pgsql:{cf}", "pgsql: direct", plain, expected, None, conf,
-                                  work, r)  # fmt: skip
+                for processes in POSTMAP_PROCESSES:
+                    bench.postmap_run(table, all_label, plain, expected, servers[all_label],
+                                      conf, work, r, processes)  # fmt: skip
+                    bench.postmap_run(f"pgsql:{cf}", "pgsql: direct", plain, expected, None,
+                                      conf, work, r, processes)  # fmt: skip
             # 3. change-to-visible, complete and lru alternating change by change
             if ns.changes and "changes" in ns.parts:
                 asyncio.run(
@@ -319,7 +369,7 @@ def run(ns: argparse.Namespace) -> int:
             children.stop_all()
             pg.stop()
             shutil.rmtree(work, ignore_errors=True)
-    text = report(bench, all_label, snapshot_s)
+    text = report(bench, all_label, snapshot_s, memory)
     payload = {
         "benchmark": "complete",
         "started_utc": started.isoformat(),
@@ -329,6 +379,8 @@ def run(ns: argparse.Namespace) -> int:
         "seconds": ns.seconds,
         "rounds": ns.rounds,
         "snapshot_load_s": snapshot_s,
+        "memory": memory,
+        "copy_answers": memo,
         "runs": bench.runs,
         "postmap": bench.postmap,
         "change_to_visible_ms": bench.visibility,
@@ -345,7 +397,9 @@ def _median(rows: Sequence[dict[str, Any]], key: str) -> float:
     return statistics.median(float(r["result"][key]) for r in rows) if rows else float("nan")
 
 
-def report(bench: Bench, all_label: str, snapshot_s: dict[str, float]) -> str:
+def report(
+    bench: Bench, all_label: str, snapshot_s: dict[str, float], memory: dict[str, Any]
+) -> str:
     runs = [r for r in bench.runs if r["phase"] == "socketmap"]
     out = [
         f"Socketmap, closed loop (median of rounds; ratio = median of per-round ratios to {TRIO}):",
@@ -374,17 +428,21 @@ def report(bench: Bench, all_label: str, snapshot_s: dict[str, float]) -> str:
                 )
     out += [
         "",
-        f"`postmap -q -` ({POSTMAP_PROCESSES} processes, {POSTMAP_KEYS:,} keys, 90 % existing):",
+        f"`postmap -q -` ({POSTMAP_KEYS:,} keys, 90 % existing):",
         "",
-        "| table | round | keys/s | vs pgsql: | wall s | core busy (each) | server CPU "
-        "| PostgreSQL CPU | found / expected |",
-        "|---|--:|--:|--:|--:|---|--:|--:|---|",
+        "| table | postmap processes | round | keys/s | vs pgsql: | wall s | core busy (each) "
+        "| server CPU | PostgreSQL CPU | found / expected |",
+        "|---|--:|--:|--:|--:|--:|---|--:|--:|---|",
     ]
-    pgsql = {r["round"]: r["keys_per_s"] for r in bench.postmap if r["label"] == "pgsql: direct"}
+    pgsql = {
+        (r["processes"], r["round"]): r["keys_per_s"]
+        for r in bench.postmap
+        if r["label"] == "pgsql: direct"
+    }
     for r in bench.postmap:
         out.append(
-            f"| {r['label']} | {r['round']} | {r['keys_per_s']:,.0f} "
-            f"| {r['keys_per_s'] / pgsql[r['round']]:.2f}x | {r['wall_s']:.1f} "
+            f"| {r['label']} | {r['processes']} | {r['round']} | {r['keys_per_s']:,.0f} "
+            f"| {r['keys_per_s'] / pgsql[(r['processes'], r['round'])]:.2f}x | {r['wall_s']:.1f} "
             f"| {' / '.join(f'{c:.0f}%' for c in r['core_busy_pct'])} "
             f"| {r['server_cpu_pct']:.0f}% | {r['postgres_cpu_pct']:.0f}% "
             f"| {r['found']:,} / {r['expected_found']:,} |"
@@ -430,6 +488,21 @@ def report(bench: Bench, all_label: str, snapshot_s: dict[str, float]) -> str:
             )
     out += ["", "Snapshot load (maplookup_copy_load_seconds): "
             + ", ".join(f"{k} {v:.2f} s" for k, v in snapshot_s.items())]  # fmt: skip
+    if memory:
+        out += [
+            "",
+            f"Server memory, VmRSS after start-up ({memory['addresses']:,} addresses; the "
+            f"copy's share = complete minus lru, per address):",
+            "",
+            "| server | RSS MiB (each process) | copy bytes/address |",
+            "|---|---|--:|",
+        ]
+        for name, kib in memory["rss_kib"].items():
+            share = memory["copy_bytes_per_address"].get(name)
+            out.append(
+                f"| {name} | {' / '.join(f'{k / 1024:,.0f}' for k in kib)} "
+                f"| {'' if share is None else f'{share:,.0f}'} |"
+            )
     return "\n".join(out)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,8 +44,7 @@ from maplookup.db.copy_load import (
 )
 from maplookup.db.feed import Change, FeedStep, changes_after
 from maplookup.db.servers import Reached, ServerAddress
-from maplookup.lookup.complete.rows import SnapshotRows
-from maplookup.lookup.complete.store import MapsCopy
+from maplookup.lookup.complete.store import CopyChange, MapsCopy
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,7 @@ class CopyTarget(Protocol):
     """The copy's owner in the trio thread (``CompleteSource``)."""
 
     def install(self, copy: MapsCopy, position: int, read_at: float, load_s: float) -> None: ...
-    def update(
-        self, names: Iterable[str], rows: SnapshotRows, position: int, read_at: float
-    ) -> None: ...
+    def update(self, change: CopyChange, position: int, read_at: float) -> None: ...
     def confirm(self, position: int, read_at: float) -> None: ...
     def refuse(self, reason: str) -> None: ...
 
@@ -114,14 +111,21 @@ class CopyFollower:
         read, self._read = self._read, None
         if not self.active:
             return step.position
-        if step.flush:
-            return await self._load(conn, step.position)
-        if step.domains:
-            if read is not None and step.domains <= read.names:
-                rows = read.rows
-            else:  # not read with the log (a caller that read it itself)
+        if read is None:  # the log was not read here (a caller that read it itself)
+            if step.flush:
+                return await self._load(conn, step.position)
+            change = None
+            if step.domains:
                 rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
-            self._post(self._target.update, step.domains, rows, step.position, read_at)
+                change = CopyChange(frozenset(step.domains), rows)
+        elif read.flush:
+            return await self._load(conn, step.position)
+        else:
+            # Not step.flush: a record of the wildcard transport ('*') flushes the LRU cache
+            # (every transport answer may depend on it), the copy just re-reads that row.
+            change = CopyChange(read.names, read.rows, read.keys, read.records)
+        if change is not None and (change.names or change.keys):
+            self._post(self._target.update, change, step.position, read_at)
         else:
             self._post(self._target.confirm, step.position, read_at)
         self.position = step.position

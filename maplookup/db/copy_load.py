@@ -24,12 +24,15 @@ from typing import Final
 
 import asyncpg
 
-from maplookup.db.feed import Change, snapshot
+from maplookup.db.feed import EVERYTHING, Change, snapshot
 from maplookup.lookup.complete.rows import (
     PARTITIONS_QUERY,
+    RECORDS_QUERY,
     SNAPSHOT_QUERIES,
     SnapshotRows,
     partition_arrays,
+    record_arrays,
+    record_keys_relation,
 )
 from maplookup.lookup.complete.store import CopyBuilder, MapsCopy
 
@@ -100,36 +103,72 @@ async def read_partitions(
     return SnapshotRows(*row)
 
 
-#: The changes after ``$1`` (at most ``$2``, as ``feed.changes_after`` reads them) and, in the
-#: same statement, every row of the partitions they name: a change costs the copy one round
-#: trip, as it costs the LRU cache (whose next lookup then queries), not two.
-CHANGES_AND_PARTITIONS_QUERY: Final = (
-    "WITH changes AS (SELECT change_position, domains FROM maplookup.changes_after($1, $2)), "
-    "named AS (SELECT coalesce(array_agg(DISTINCT name), '{}') AS names "
-    "FROM changes, unnest(changes.domains) AS name) "
-    "SELECT ARRAY(SELECT row(change_position, domains) FROM changes "
-    "ORDER BY change_position) AS changes, " + partition_arrays("(SELECT names FROM named)::text[]")
+#: The changes after ``$1`` (at most ``$2``, as ``feed.changes_after`` reads them, with the
+#: rows each touched) and, in the same statement, what applying them needs: every row of the
+#: domains named by the changes that list no rows (domain rows, statements past 1000 rows),
+#: and the rows of the record keys the others list.  A change costs the copy one round trip,
+#: as it costs the LRU cache (whose next lookup then queries), not two; and a change of one
+#: mailbox reads that mailbox, whatever the size of its domain.
+CHANGES_QUERY: Final = (
+    "WITH changes AS (SELECT change_position, domains, records "
+    "FROM maplookup.changes_with_records_after($1, $2)), "
+    "whole AS (SELECT coalesce(array_agg(DISTINCT name), '{}') AS names "
+    "FROM changes, unnest(changes.domains) AS name WHERE changes.records IS NULL), "
+    f"keys AS ({record_keys_relation('changes, unnest(changes.records)')}) "
+    "SELECT ARRAY(SELECT row(change_position, domains, records) FROM changes "
+    "ORDER BY change_position) AS changes, "
+    + partition_arrays("(SELECT names FROM whole)::text[]")
+    + ", "
+    + record_arrays("keys")
 )
 
 
 @dataclass(frozen=True, slots=True)
 class ChangesRead:
-    """A read of the log with the partitions it names (:data:`CHANGES_AND_PARTITIONS_QUERY`)."""
+    """A read of the log with what applying it takes (:data:`CHANGES_QUERY`)."""
 
     changes: list[Change]  # oldest first, as feed.changes_after returns them
-    names: frozenset[str]  # every name the changes list: ``rows`` holds their partitions
+    flush: bool  # a change of everything (TRUNCATE, a pruned log): load a fresh snapshot
+    names: frozenset[str]  # domains to re-read whole: ``rows`` holds their partitions
     rows: SnapshotRows
+    keys: frozenset[str]  # record keys to re-read: ``records`` holds their rows
+    records: SnapshotRows  # (``domains``: the rows of the keys' domains, for visibility)
+
+
+def _plan(changes: list[Change], row: asyncpg.Record) -> ChangesRead:
+    whole = [change for change in changes if change.records is None]
+    return ChangesRead(
+        changes,
+        flush=any(EVERYTHING in change.domains for change in whole),
+        names=frozenset(name for change in whole for name in change.domains),
+        rows=SnapshotRows(*row[1:7]),
+        keys=frozenset(key for change in changes for key in change.records or ()),
+        records=SnapshotRows(*row[7:13]),
+    )
 
 
 async def read_changes(conn: asyncpg.Connection, position: int, max_rows: int) -> ChangesRead:
-    """The changes after ``position`` and every row of the partitions they name, as of one
-    moment (one statement).  The rows may be newer than the last change read (a change
-    committed since is in them but not yet in the log read): replacing a partition by a newer
-    state is what applying that change will do anyway."""
-    row = await _one_row(conn, CHANGES_AND_PARTITIONS_QUERY, position, max_rows)
-    changes = [Change(position, tuple(domains)) for position, domains in row[0]]
-    names = frozenset(name for change in changes for name in change.domains)
-    return ChangesRead(changes, names, SnapshotRows(*row[1:]))
+    """The changes after ``position`` and the rows applying them takes, as of one moment (one
+    statement).  The rows may be newer than the last change read (a change committed since is
+    in them but not yet in the log read): re-reading a row or a partition in a newer state is
+    what applying that change will do anyway."""
+    row = await _one_row(conn, CHANGES_QUERY, position, max_rows)
+    changes = [
+        Change(position, tuple(domains), None if records is None else tuple(records))
+        for position, domains, records in row[0]
+    ]
+    return _plan(changes, row)
+
+
+async def read_records(
+    conn: asyncpg.Connection, keys: Iterable[str], timeout_s: float
+) -> SnapshotRows:
+    """The rows of the record keys ``keys`` (``table:domain:local_part``) and of their
+    domains, in one statement (``rows.RECORDS_QUERY``): what ``MapsCopy.apply_records``
+    takes."""
+    async with asyncio.timeout(timeout_s):
+        row = await _one_row(conn, RECORDS_QUERY, sorted(keys))
+    return SnapshotRows(*row)
 
 
 async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:

@@ -52,6 +52,9 @@ class Change:
 
     position: int
     domains: tuple[str, ...]
+    # The rows it touched, ``table:domain:local_part`` (schema version 6; None: re-read the
+    # domains).  Only the complete copy reads them (``changes_with_records_after``).
+    records: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import asyncpg
 
 from maplookup.address import fold
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _ASCII = "'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'"
 
@@ -63,6 +63,16 @@ UPDATE maplookup.mailboxes SET login = local_part || '@' || domain
     # objects, created by schema.sql itself (IF NOT EXISTS, OR REPLACE): no table to change.
     # The log starts empty at position 0; a server reading it starts from the head anyway.
     5: "",
+    # 6: the change log names the rows a change touched (change_log.records, written by the
+    # record tables' triggers), so that a complete copy re-reads those rows, not whole
+    # domains.  log_change and notify_domains gain a parameter: the old signatures go first
+    # (schema.sql creates the new ones; a DEFAULT beside the old one would be ambiguous).
+    6: """
+ALTER TABLE IF EXISTS maplookup.change_log ADD COLUMN IF NOT EXISTS records text[]
+    CONSTRAINT change_records_not_empty CHECK (cardinality(records) > 0);
+DROP FUNCTION IF EXISTS maplookup.log_change(text[]);
+DROP FUNCTION IF EXISTS maplookup.notify_domains(text[]);
+""",
 }
 
 

@@ -1,6 +1,6 @@
 -- maplookup schema: the truth behind Postfix's virtual-hosting maps.
 --
--- Schema version 5 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
+-- Schema version 6 (maplookup/schema.py: SCHEMA_VERSION; older versions are upgraded there).
 -- Applied by `maplookup db init`; every statement is idempotent, so applying it again
 -- upgrades the lookup functions in place and leaves the data alone.
 --
@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS maplookup.schema_version (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     version integer NOT NULL
 );
-INSERT INTO maplookup.schema_version (version) VALUES (5)
+INSERT INTO maplookup.schema_version (version) VALUES (6)
     ON CONFLICT (singleton) DO NOTHING;
 
 -- A domain is a mailbox domain (virtual_mailbox_domains), an alias domain
@@ -930,6 +930,11 @@ CREATE TABLE IF NOT EXISTS maplookup.change_log (
     position bigint PRIMARY KEY,
     -- The domains whose answers may have changed; '{*}' means every domain.
     domains text[] NOT NULL CHECK (cardinality(domains) > 0),
+    -- Schema version 6: the rows the change touched, 'table:domain:local_part' (a record
+    -- table's key; domains hold no ':'), when one statement changed at most 1000 rows of a
+    -- record table; NULL for domain rows, larger statements and TRUNCATE.  A complete copy
+    -- (cache.mode = "complete") re-reads just these rows instead of whole domains.
+    records text[] CONSTRAINT change_records_not_empty CHECK (cardinality(records) > 0),
     -- When the change was written (clock_timestamp(), under the lock: close to its commit).
     logged_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
@@ -963,7 +968,7 @@ END
 $$;
 
 -- Append one change (called by notify_domains and on_truncate); returns its position.
-CREATE OR REPLACE FUNCTION maplookup.log_change(affected text[])
+CREATE OR REPLACE FUNCTION maplookup.log_change(affected text[], changed_records text[] DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     new_position bigint;
@@ -971,7 +976,8 @@ BEGIN
     -- Held until commit: positions become visible in the order they were taken (see above).
     PERFORM pg_advisory_xact_lock(7881704433701645927);  -- CHANGE_LOG_LOCK_ID ("maplchng")
     new_position := nextval('maplookup.change_log_position');
-    INSERT INTO maplookup.change_log (position, domains) VALUES (new_position, affected);
+    INSERT INTO maplookup.change_log (position, domains, records)
+        VALUES (new_position, affected, changed_records);
     IF new_position % 100 = 0 THEN  -- PRUNE_EVERY: the log holds about an hour plus 100 rows
         PERFORM maplookup.prune_change_log();
     END IF;
@@ -1007,6 +1013,20 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      WHERE l.position > after ORDER BY l.position LIMIT max_rows)
     ORDER BY 1
 $$;
+
+-- The same with the rows each change touched (schema version 6; NULL: re-read its domains).
+-- A new function rather than a new column of changes_after: a server of version 5 reading
+-- this database keeps working.
+CREATE OR REPLACE FUNCTION maplookup.changes_with_records_after(after bigint, max_rows integer)
+RETURNS TABLE (change_position bigint, domains text[], records text[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT f.pruned_through, ARRAY['*'], NULL::text[] FROM maplookup.change_feed f
+    WHERE f.pruned_through > after
+    UNION ALL
+    (SELECT l.position, l.domains, l.records FROM maplookup.change_log l
+     WHERE l.position > after ORDER BY l.position LIMIT max_rows)
+    ORDER BY 1
+$$;
 -- ======================= end of the change log block (schema version 5) ================
 
 -- ---------------------------------------------------------------------------------------
@@ -1020,7 +1040,8 @@ $$;
 -- target's mailboxes and aliases, so a change in a domain also names the domains mirroring it.
 -- ---------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION maplookup.notify_domains(changed text[])
+CREATE OR REPLACE FUNCTION maplookup.notify_domains(
+    changed text[], changed_records text[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     affected text[];
@@ -1038,7 +1059,7 @@ BEGIN
     END IF;
     -- The change log (schema version 5), read by servers on primaries and standbys alike;
     -- it has no payload limit, so it always names the domains.
-    PERFORM maplookup.log_change(affected);
+    PERFORM maplookup.log_change(affected, changed_records);
     payload := array_to_string(affected, ',');
     IF octet_length(payload) > 7000 THEN
         payload := '*';
@@ -1047,16 +1068,35 @@ BEGIN
 END
 $$;
 
+-- The keys of a record table's changed rows for the change log (schema version 6), or NULL
+-- past 1000 rows (the reader then re-reads the domains: one statement beats 1000 keys).
+CREATE OR REPLACE FUNCTION maplookup.record_keys(table_name text, keys text[])
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN cardinality(keys) BETWEEN 1 AND 1000
+        THEN ARRAY(SELECT table_name || ':' || k FROM unnest(keys) AS k) END
+$$;
+
 CREATE OR REPLACE FUNCTION maplookup.on_record_change()
 RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Every record table is keyed by (domain, local_part) (sender_grants by login too: its
+    -- key here is the address, whose logins are re-read together).
     IF TG_OP = 'INSERT' THEN
-        PERFORM maplookup.notify_domains(ARRAY(SELECT DISTINCT domain FROM new_rows));
+        PERFORM maplookup.notify_domains(
+            ARRAY(SELECT DISTINCT domain FROM new_rows),
+            maplookup.record_keys(TG_TABLE_NAME, ARRAY(
+                SELECT DISTINCT domain || ':' || local_part FROM new_rows LIMIT 1001)));
     ELSIF TG_OP = 'UPDATE' THEN
-        PERFORM maplookup.notify_domains(ARRAY(
-            SELECT domain FROM new_rows UNION SELECT domain FROM old_rows));
+        PERFORM maplookup.notify_domains(
+            ARRAY(SELECT domain FROM new_rows UNION SELECT domain FROM old_rows),
+            maplookup.record_keys(TG_TABLE_NAME, ARRAY(
+                SELECT domain || ':' || local_part FROM new_rows
+                UNION SELECT domain || ':' || local_part FROM old_rows LIMIT 1001)));
     ELSE
-        PERFORM maplookup.notify_domains(ARRAY(SELECT DISTINCT domain FROM old_rows));
+        PERFORM maplookup.notify_domains(
+            ARRAY(SELECT DISTINCT domain FROM old_rows),
+            maplookup.record_keys(TG_TABLE_NAME, ARRAY(
+                SELECT DISTINCT domain || ':' || local_part FROM old_rows LIMIT 1001)));
     END IF;
     RETURN NULL;
 END

@@ -75,7 +75,11 @@ def copy_metrics(copy: CopyView) -> Iterator[Metric]:
         ),
         ("loads", "Snapshots loaded into the complete copy (the first, then each reload).",
          counters.loads),
-        ("partition_updates", "Change-log batches applied to the copy by replacing partitions.",
+        ("partition_updates", "Change-log batches applied to the copy.",
          counters.partition_updates),
+        ("partitions_replaced", "Domains re-read whole for the change log (domain rows, "
+         "statements of more than 1000 rows).", counters.partitions_replaced),
+        ("records_replaced", "Rows re-read alone for the change log (the records it named).",
+         counters.records_replaced),
     ):  # fmt: skip
         yield CounterMetricFamily(f"maplookup_copy_{name}", documentation, value=value)

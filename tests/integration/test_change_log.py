@@ -68,6 +68,54 @@ def test_each_changing_statement_logs_its_domains_in_order(dsn: str) -> None:
     assert _changes(dsn, head, max_rows=1) == changes[:1]
 
 
+def _records_after(dsn: str, after: int) -> list[tuple[tuple[str, ...], list[str] | None]]:
+    async def read() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(
+                "SELECT domains, records FROM maplookup.changes_with_records_after($1, 1000)",
+                after,
+            )
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(read())
+    return [
+        (tuple(row["domains"]), None if row["records"] is None else sorted(row["records"]))
+        for row in rows
+    ]
+
+
+def test_record_changes_log_their_rows_up_to_1000(dsn: str) -> None:
+    """Schema version 6: a statement that changed at most 1000 rows of a record table logs
+    their keys (old and new, an UPDATE that renames included); a larger one, a domain row and
+    TRUNCATE log none (the reader re-reads the domains)."""
+    head = _head(dsn)
+    run_sql(
+        dsn,
+        "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+        " VALUES ('example.com', 'a:b', 'example.com/ab/')",
+        "UPDATE maplookup.mailboxes SET local_part = 'c' WHERE local_part = 'a:b'",
+        "INSERT INTO maplookup.transports (domain, transport) VALUES ('*', 'smtp:[relay]')",
+        "INSERT INTO maplookup.sender_grants (domain, local_part, login)"
+        " VALUES ('example.com', 'c', 'x'), ('example.com', 'c', 'y')",
+        "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+        " SELECT 'example.com', 'bulk' || g, 'example.com/bulk' || g || '/'"
+        " FROM generate_series(1, 1001) g",
+        "UPDATE maplookup.domains SET default_uid = 1 WHERE name = 'example.com'",
+        "TRUNCATE maplookup.aliases",
+    )
+    assert _records_after(dsn, head) == [
+        (("example.com", "example.org"), ["mailboxes:example.com:a:b"]),
+        (("example.com", "example.org"), ["mailboxes:example.com:a:b", "mailboxes:example.com:c"]),
+        ((EVERYTHING,), ["transports:*:"]),
+        (("example.com", "example.org"), ["sender_grants:example.com:c"]),
+        (("example.com", "example.org"), None),
+        (("example.com", "example.org"), None),
+        ((EVERYTHING,), None),
+    ]
+
+
 def test_a_long_list_of_domains_is_logged_whole(dsn: str) -> None:
     # NOTIFY's payload is limited (8000 bytes: it says '*'); the log names every domain.
     head = _head(dsn)

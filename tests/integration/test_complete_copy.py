@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from maplookup.db.copy_load import read_partitions
+from maplookup.db.copy_load import read_partitions, read_records
 from maplookup.lookup.complete import MapsCopy, lookup
-from maplookup.lookup.complete.rows import SNAPSHOT_QUERIES, SnapshotRows
+from maplookup.lookup.complete.rows import RECORD_TABLES, SNAPSHOT_QUERIES, SnapshotRows
 from maplookup.lookup.complete.semantics import split_address
 from maplookup.lookup.complete.store import FIELD, ITEM, TABLES
 from maplookup.maps import LookupSettings, MapName, batch_query_for, fold_key
@@ -99,12 +99,30 @@ def _python_rows(data: Dataset) -> SnapshotRows:
 
 
 def _state(copy: MapsCopy) -> tuple[object, ...]:
-    """Everything a copy holds (the index's local parts as sets: their order is free)."""
-    index = {
-        name: tuple(frozenset(locals_.split(ITEM)) for locals_ in entry.split(FIELD))
-        for name, entry in copy.index.items()
+    """Everything a copy holds that lookups or a later ``replace`` can tell apart: the
+    tables (a grant's logins as a set: sender_login sorts them), and the keys each name's
+    partition holds, whether listed in the index or noted in ``added`` (entries of keys no
+    longer held are only a removal that finds nothing)."""
+    held = [getattr(copy, table) for table in TABLES]
+    listed: dict[str, list[set[str]]] = {}
+    for name, entry in copy.index.items():
+        sets = listed.setdefault(name, [set() for _ in TABLES])
+        for n, joined in enumerate(entry.split(FIELD)):
+            sets[n].update(key for key in joined.split(ITEM) if key)
+    for name, noted in copy.added.items():
+        sets = listed.setdefault(name, [set() for _ in TABLES])
+        for item in noted.split(ITEM):
+            sets[int(item[0])].add(item[1:])
+    partitions = {
+        name: tuple(frozenset(key for key in of if key in held[n]) for n, of in enumerate(sets))
+        for name, sets in listed.items()
     }
-    return (copy.domains, index, *(getattr(copy, table) for table in TABLES))
+    partitions = {name: held_keys for name, held_keys in partitions.items() if any(held_keys)}
+    tables = [dict(table) for table in held]
+    tables[TABLES.index("grants")] = {
+        address: frozenset(logins.split(ITEM)) for address, logins in copy.grants.items()
+    }
+    return (copy.domains, partitions, *tables)
 
 
 async def _read(conn: Any, queries: dict[str, str], *args: object) -> SnapshotRows:
@@ -152,6 +170,31 @@ async def _check(conn: Any, case: Case) -> None:
     updated = MapsCopy.build(mixed)
     updated.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
     assert _state(updated) == _state(full)
+
+    # The same with the records alone (the change log naming rows, schema version 6): the
+    # domain rows current, the stale partitions' records another dataset's; re-reading the
+    # keys of both (``read_records``) must give the full copy.  A first change adds the
+    # keys' entries to ``added``; a second replaces the partitions, which must remove them.
+    records = SnapshotRows(
+        domains=snapshot.domains,
+        **{
+            table: [row for row in getattr(before, table) if row[0] in case.stale]
+            + [row for row in getattr(snapshot, table) if row[0] not in case.stale]
+            for table in RECORD_TABLES
+        },
+    )
+    by_rows = MapsCopy.build(records)
+    record_keys = {
+        f"{table}:{row[0]}:{row[1]}"
+        for source in (before, snapshot)
+        for table in RECORD_TABLES
+        for row in getattr(source, table)
+        if row[0] in case.stale
+    }
+    by_rows.apply_records(record_keys, await read_records(conn, record_keys, timeout_s=30.0))
+    assert _state(by_rows) == _state(full)
+    by_rows.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
+    assert _state(by_rows) == _state(full)
 
     for map_name in MapName:
         texts = []

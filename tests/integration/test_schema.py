@@ -19,6 +19,9 @@ from maplookup.serve.service import StartupError, serve
 from tests.helpers import dsn_for_database, run_sql
 
 V1_SQL = (Path(__file__).parents[1] / "data" / "schema_v1.sql").read_text()
+# The last released schema before version 6 (schema.sql as of issue 15), the upgrade most
+# databases take next.
+V5_SQL = (Path(__file__).parents[1] / "data" / "schema_v5.sql").read_text()
 
 
 def test_schema_sql_declares_the_version_the_code_knows() -> None:
@@ -158,14 +161,21 @@ SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
     SELECT format('trigger %s.%s', tgrelid::regclass, tgname)
     FROM pg_trigger WHERE NOT tgisinternal
       AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'maplookup'::regnamespace)
+    UNION ALL
+    SELECT format('function %s(%s)', proname, pg_get_function_identity_arguments(oid))
+    FROM pg_proc WHERE pronamespace = 'maplookup'::regnamespace
 ) AS shape
 """
 
 
-def test_an_upgraded_schema_has_the_shape_of_a_fresh_one(pg_dsn: str, empty_dsn: str) -> None:
+@pytest.mark.parametrize("old_sql", [V1_SQL, V5_SQL], ids=["from-v1", "from-v5"])
+def test_an_upgraded_schema_has_the_shape_of_a_fresh_one(
+    pg_dsn: str, empty_dsn: str, old_sql: str
+) -> None:
     """Every migration must leave the tables exactly as schema.sql creates them (columns,
-    constraints by name, triggers), or the next migration's ALTERs meet a different table."""
-    run_sql(empty_dsn, V1_SQL)
+    constraints by name, triggers) and no function of an old signature beside the new one,
+    or the next migration's ALTERs meet a different table (and a call is ambiguous)."""
+    run_sql(empty_dsn, old_sql)
     _init(empty_dsn)
     fresh_name = f"maplookup_schema_{uuid.uuid4().hex}"
     run_sql(pg_dsn, f'CREATE DATABASE "{fresh_name}"')

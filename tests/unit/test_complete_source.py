@@ -19,6 +19,7 @@ from maplookup.errors import DatabaseError
 from maplookup.lookup.complete import MapsCopy
 from maplookup.lookup.complete.rows import SnapshotRows
 from maplookup.lookup.complete.source import CompleteSource
+from maplookup.lookup.complete.store import CopyChange
 from maplookup.maps import LookupSettings, MapName
 from maplookup.metrics import MaplookupCollector, render
 from maplookup.serve.copy_health import copy_health
@@ -79,12 +80,12 @@ async def test_the_copy_answers_present_and_absent_keys_until_max_stale_s() -> N
 async def test_updates_replace_partitions_and_confirm() -> None:
     clock = Clock()
     src = source(clock, Fallback())
-    src.update(["a.test"], ROWS, 3, clock.now)  # before any copy: ignored
+    src.update(CopyChange(frozenset({"a.test"}), ROWS), 3, clock.now)  # before any copy: ignored
     assert src.copy is None
     src.install(MapsCopy.build(ROWS), 2, clock.now, 0.1)
     clock.now += 5
     gone = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
-    src.update(["a.test"], gone, 3, clock.now)
+    src.update(CopyChange(frozenset({"a.test"}), gone), 3, clock.now)
     assert await src.fetch(MapName.VMAILBOX, "user@a.test") is None
     assert src.position == 3
     assert src.age() == 0.0
@@ -138,8 +139,8 @@ class Target:
     def install(self, copy: MapsCopy, position: int, read_at: float, load_s: float) -> None:
         self.calls.append(f"install {position}")
 
-    def update(self, names: object, rows: SnapshotRows, position: int, read_at: float) -> None:
-        self.calls.append(f"update {sorted(names)} {position}")  # type: ignore[call-overload]
+    def update(self, change: CopyChange, position: int, read_at: float) -> None:
+        self.calls.append(f"update {sorted(change.names)} {position}")
 
     def confirm(self, position: int, read_at: float) -> None:
         self.calls.append(f"confirm {position}")
@@ -211,23 +212,25 @@ async def test_the_follower_loads_follows_and_reloads_where_it_must(
     assert follower.rebuilds == 2
 
 
-async def test_the_partitions_read_with_the_log_are_applied_without_another_read(
+async def test_what_is_read_with_the_log_is_applied_without_another_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A change costs the copy one round trip: the rows come with the log read
-    (``read_changes``), and a second read is made only for names that read did not cover."""
-    rows = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
-    names_read: list[list[str]] = []
+    """A change costs the copy one round trip: the partitions and rows applying it takes come
+    with the log read (``read_changes``).  A change that names rows re-reads only those, and
+    the wildcard transport's row (logged under the domain '*', which flushes the LRU cache)
+    reloads nothing."""
+    loads: list[int] = []
+    reads: list[ChangesRead] = []
 
     async def load(*_args: object) -> LoadedCopy:
+        loads.append(1)
         return LoadedCopy(MapsCopy(), 10, 0, 0, 0.0)
 
-    async def changes(_conn: object, position: int, _max_rows: int) -> ChangesRead:
-        return ChangesRead([Change(position + 1, ("a.test",))], frozenset({"a.test"}), rows)
+    async def changes(_conn: object, _position: int, _max_rows: int) -> ChangesRead:
+        return reads.pop(0)
 
-    async def partitions(_conn: object, names: Any, _timeout: float) -> SnapshotRows:
-        names_read.append(sorted(names))
-        return SnapshotRows()
+    async def partitions(*_args: object) -> SnapshotRows:
+        raise AssertionError("no second read")
 
     monkeypatch.setattr(copy_follow, "load_snapshot", load)
     monkeypatch.setattr(copy_follow, "read_changes", changes)
@@ -236,19 +239,50 @@ async def test_the_partitions_read_with_the_log_are_applied_without_another_read
     follower = CopyFollower(source, CopySettings(max_bytes=1000))
     conn: Any = None
     await follower.start(conn, reached(1), head=10)
-    batch = await follower.changes_after(conn, 10, 1000)
-    assert batch == [Change(11, ("a.test",))]
+    # A domain row changed: its partition, read with the log.
+    domain = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
+    changed = [Change(11, ("a.test",))]
+    reads.append(
+        ChangesRead(changed, False, frozenset({"a.test"}), domain, frozenset(), SnapshotRows())
+    )
+    assert await follower.changes_after(conn, 10, 1000) == changed
     await follower.apply(conn, FeedStep(11, False, frozenset({"a.test"}), 1), 1.0)
-    await trio.testing.wait_all_tasks_blocked()
-    assert source.copy is not None
-    assert source.copy.kind("a.test") == "mailbox"
-    assert names_read == []
-    # A name the log read did not cover (not possible from the feed, but safe): read it.
+    # One mailbox changed, and the wildcard transport: their rows only.
+    keys = frozenset({"mailboxes:a.test:user", "transports:*:"})
+    records = SnapshotRows(
+        domains=[("a.test", "mailbox", None, None, None, True)],
+        mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
+        transports=[("*", "", "smtp:[relay.test]")],
+    )
+    changed = [
+        Change(12, ("a.test",), ("mailboxes:a.test:user",)),
+        Change(13, ("*",), ("transports:*:",)),
+    ]
+    reads.append(ChangesRead(changed, False, frozenset(), SnapshotRows(), keys, records))
     await follower.changes_after(conn, 11, 1000)
-    await follower.apply(conn, FeedStep(12, False, frozenset({"a.test", "b.test"}), 1), 2.0)
+    await follower.apply(conn, FeedStep(13, True, frozenset(), 2), 2.0)
     await trio.testing.wait_all_tasks_blocked()
-    assert names_read == [["a.test", "b.test"]]
-    assert source.position == 12
+    copy = source.copy
+    assert copy is not None
+    assert copy.kind("a.test") == "mailbox"
+    assert copy.mailboxes == {"user@a.test": copy.mailboxes["user@a.test"]}
+    assert copy.transports == {"@*": "smtp:[relay.test]"}
+    assert (loads, source.position) == ([1], 13)
+    assert (source.counters.partitions_replaced, source.counters.records_replaced) == (1, 2)
+    # TRUNCATE (or a pruned log): a fresh snapshot.
+    reads.append(
+        ChangesRead(
+            [Change(14, ("*",))],
+            True,
+            frozenset({"*"}),
+            SnapshotRows(),
+            frozenset(),
+            SnapshotRows(),
+        )
+    )
+    await follower.changes_after(conn, 13, 1000)
+    assert await follower.apply(conn, FeedStep(14, True, frozenset(), 1), 3.0) == 10
+    assert loads == [1, 1]
 
 
 class Reloadable:
@@ -273,7 +307,7 @@ async def test_answers_are_remembered_until_the_copy_or_the_settings_change() ->
             ("a.test", "nobody", "a.test/nobody/", None, None, None, True),
         ],
     )
-    src.update(["a.test"], moved, position=8, read_at=clock.now)
+    src.update(CopyChange(frozenset({"a.test"}), moved), position=8, read_at=clock.now)
     assert src.memo_size() == 0
     assert await src.fetch(MapName.VMAILBOX, "user@a.test") == "a.test/moved/"
     assert await src.fetch(MapName.VMAILBOX, "nobody@a.test") == "a.test/nobody/"

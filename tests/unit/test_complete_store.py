@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from maplookup.lookup.complete import MapsCopy
+from maplookup.lookup.complete import MapsCopy, store
 from maplookup.lookup.complete.rows import SnapshotRows
 from maplookup.lookup.complete.store import (
     SNAPSHOT_TABLES,
@@ -126,3 +126,46 @@ def test_the_size_estimate_is_near_what_tracemalloc_measures(layout: str) -> Non
         tracemalloc.stop()
     assert copy.counts()["mailboxes"] > 0
     assert 0.9 <= builder.estimated_bytes() / traced <= 1.4
+
+
+def test_rows_applied_alone_are_removed_with_their_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys that apply_records adds are noted (``added``), merged into the index once the
+    note grows long, and removed with their partition either way; visibility follows the
+    domain rows read with them, not the copy's own."""
+    monkeypatch.setattr(store, "ADDED_MERGE_CHARS", 60)
+    copy = MapsCopy.build(
+        SnapshotRows(
+            domains=[
+                ("a.test", "mailbox", None, None, None, True),
+                ("off.test", "mailbox", None, None, None, False),
+            ],
+            mailboxes=[("a.test", "old", "a.test/old/", None, None, None, True)],
+        )
+    )
+    domain_rows = [
+        ("a.test", "mailbox", None, None, None, True),
+        ("off.test", "mailbox", None, None, None, False),
+    ]
+    for n in range(6):
+        local = f"user{n}"
+        copy.apply_records(
+            {
+                f"mailboxes:a.test:{local}",
+                "mailboxes:a.test:old",
+                f"sender_grants:off.test:{local}",
+            },
+            SnapshotRows(
+                domains=domain_rows,
+                mailboxes=[("a.test", local, f"a.test/{local}/", None, None, None, True)],
+                sender_grants=[("off.test", local, "someone")],  # a disabled domain's: off
+            ),
+        )
+    assert sorted(copy.mailboxes) == [f"user{n}@a.test" for n in range(6)]
+    assert copy.grants == {}
+    assert "user0@a.test" in copy.index["a.test"]  # merged
+    copy.replace(["a.test"], SnapshotRows(domains=domain_rows[:1]))
+    assert copy.mailboxes == {}
+    assert copy.added == {}
+    assert copy.kind("a.test") == "mailbox"

@@ -77,3 +77,44 @@ def partition_arrays(names: str) -> str:
 
 #: The rows of the partitions named in ``$1`` (text[]), in one row (:func:`partition_arrays`).
 PARTITIONS_QUERY: str = "SELECT " + partition_arrays("$1::text[]")
+
+
+#: The record tables, as the change log names them in a key ``table:domain:local_part``
+#: (schema.sql, ``record_keys``): every one is keyed by (domain, local_part).
+RECORD_TABLES: tuple[str, ...] = tuple(table for table in _COLUMNS if table != "domains")
+
+
+def record_keys_relation(keys: str) -> str:
+    """A query of the change log's record keys in ``keys`` (a FROM item yielding ``k``, e.g.
+    ``unnest($1::text[])``) split into ``tbl``, ``dom`` and ``loc`` (a domain holds no ':',
+    a local part may)."""
+    table, domain = "split_part(k, ':', 1)", "split_part(k, ':', 2)"
+    return (
+        f"SELECT DISTINCT {table} AS tbl, {domain} AS dom, "
+        f"substr(k, length({table}) + length({domain}) + 3) AS loc FROM {keys} AS k"
+    )
+
+
+def record_arrays(keys: str) -> str:
+    """The select list that reads the rows named by the relation ``keys`` (columns ``tbl``,
+    ``dom``, ``loc``, :func:`record_keys_relation`): the rows of their domains (which decide
+    what is visible, as in a snapshot), then each record table's rows of those keys, in
+    :class:`SnapshotRows` field order."""
+    _, domain_columns = _COLUMNS["domains"]
+    arrays = [
+        f"ARRAY(SELECT row({domain_columns}) FROM maplookup.domains "
+        f"WHERE name IN (SELECT dom FROM {keys})) AS record_domains"
+    ]
+    for table in RECORD_TABLES:
+        _, columns = _COLUMNS[table]
+        arrays.append(
+            f"ARRAY(SELECT row({columns}) FROM maplookup.{table} WHERE (domain, local_part) "
+            f"IN (SELECT dom, loc FROM {keys} WHERE tbl = '{table}')) AS record_{table}"
+        )
+    return ", ".join(arrays)
+
+
+#: The rows of the record keys in ``$1`` (text[]), in one row (:func:`record_arrays`).
+RECORDS_QUERY: str = (
+    f"WITH keys AS ({record_keys_relation('unnest($1::text[])')}) SELECT {record_arrays('keys')}"
+)

@@ -27,7 +27,7 @@ so the garbage collector never walks them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,8 +35,7 @@ import trio
 
 from maplookup.lookup.answer import AnswerSource, HasLookupSettings
 from maplookup.lookup.complete.answer import lookup
-from maplookup.lookup.complete.rows import SnapshotRows
-from maplookup.lookup.complete.store import MapsCopy
+from maplookup.lookup.complete.store import CopyChange, MapsCopy
 from maplookup.maps import LookupSettings, MapName, sql_key
 
 #: A memo probe's "not remembered" (None is a remembered NOTFOUND).
@@ -53,6 +52,7 @@ class CopyCounters:
     loads: int = 0  # copies installed (the first one, then each rebuild)
     partition_updates: int = 0  # changes applied by replacing partitions
     partitions_replaced: int = 0  # names whose partition was replaced
+    records_replaced: int = 0  # record keys re-read alone (the change log named the rows)
 
 
 class CompleteSource:
@@ -151,17 +151,15 @@ class CompleteSource:
         self.counters.loads += 1
         self.settled.set()
 
-    def update(
-        self, names: Iterable[str], rows: SnapshotRows, position: int, read_at: float
-    ) -> None:
-        """The partitions of ``names`` as read after the change at ``position``."""
+    def update(self, change: CopyChange, position: int, read_at: float) -> None:
+        """Apply ``change``, read after the change at ``position``."""
         if self.copy is None:
             return
-        names = list(names)
-        self.copy.replace(names, rows)
+        self.copy.apply(change)
         self.forget()
         self.counters.partition_updates += 1
-        self.counters.partitions_replaced += len(names)
+        self.counters.partitions_replaced += len(change.names)
+        self.counters.records_replaced += len(change.keys)
         self.confirm(position, read_at)
 
     def confirm(self, position: int, read_at: float) -> None:

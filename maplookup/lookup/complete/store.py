@@ -34,15 +34,22 @@ Layout, and why:
   missing: they are left out.  Grants are kept unless their domain's row is disabled (an
   outside address may be granted: ``maplookup.sender_grants_of``); transports never look at
   the domains table (``transport``), so they are kept whatever the domain row.
-* ``replace`` runs without yielding: in the trio thread, a change that touches several domains
-  becomes visible to lookups at once.
+* **Rows, where the change log names them** (schema version 6: a statement that changed at
+  most 1000 rows of a record table logs their keys, ``table:domain:local_part``):
+  :meth:`MapsCopy.apply_records` removes those keys and inserts what the database holds for
+  them now, so changing one mailbox of a domain of a million costs one row, not the domain.
+  The index is a string per name; a key added that way is noted in ``added`` (a second string
+  per name, merged into the index when it grows long), so that replacing the partition later
+  still removes it.
+* ``replace`` and ``apply_records`` run without yielding: in the trio thread, a change that
+  touches several domains becomes visible to lookups at once.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, NamedTuple
 
 from maplookup.lookup.complete.rows import SnapshotRows
@@ -58,6 +65,11 @@ ITEM: Final = "\n"
 _ALL_DEFAULT: Final = f"{DEFAULT}{FIELD}{FIELD}{FIELD}{DEFAULT}"
 #: The tables keyed by address, in the order of an index entry's fields.
 TABLES: Final = ("mailboxes", "aliases", "grants", "relay_recipients", "transports")
+#: The change log's name of each of :data:`TABLES` (rows.RECORD_TABLES), in the same order.
+LOGGED_TABLES: Final = ("mailboxes", "aliases", "sender_grants", "relay_recipients", "transports")
+#: Characters of keys noted in ``added`` for one name beyond which they are merged into its
+#: index entry (a pass over the partition's keys, about once per 2,000 keys added).
+ADDED_MERGE_CHARS: Final = 65_536
 #: The snapshot's tables (SnapshotRows' fields), in the order a build must receive them:
 #: ``domains`` first (which mailboxes, aliases and relay recipients are visible depends on it).
 SNAPSHOT_TABLES: Final = tuple(f.name for f in fields(SnapshotRows))
@@ -122,6 +134,18 @@ def _pack_domain(kind: str, alias_of: str | None, uid: int | None, gid: int | No
     return FIELD.join((kind, alias_of or "", *ids))
 
 
+@dataclass(frozen=True, slots=True)
+class CopyChange:
+    """What one read of the change log asks of the copy: the partitions of ``names`` replaced
+    by ``rows`` (:meth:`MapsCopy.replace`), then the rows of the record keys ``keys``
+    replaced by ``records`` (:meth:`MapsCopy.apply_records`)."""
+
+    names: frozenset[str]
+    rows: SnapshotRows
+    keys: frozenset[str] = frozenset()
+    records: SnapshotRows = field(default_factory=SnapshotRows)
+
+
 class MapsCopy:
     """The complete copy: flat dicts of strings, see the module docstring.
 
@@ -130,6 +154,7 @@ class MapsCopy:
     """
 
     __slots__ = (
+        "added",
         "aliases",
         "domains",
         "grants",
@@ -148,6 +173,10 @@ class MapsCopy:
         self.transports: dict[str, str] = {}  # address -> transport
         # name -> the keys it holds in each of TABLES: ITEM-joined, FIELD-separated.
         self.index: dict[str, str] = {}
+        # name -> keys added by apply_records since its index entry was written, each
+        # prefixed by its table's position in TABLES, ITEM-joined (it may list a key twice,
+        # or one since removed: removing is idempotent).
+        self.added: dict[str, str] = {}
 
     @classmethod
     def build(cls, rows: SnapshotRows) -> MapsCopy:
@@ -171,6 +200,38 @@ class MapsCopy:
             builder.add(table, getattr(rows, table))
         builder.finish()
 
+    def apply(self, change: CopyChange) -> None:
+        """Apply one read of the change log: partitions, then rows.  Runs without yielding."""
+        if change.names:
+            self.replace(change.names, change.rows)
+        if change.keys:
+            self.apply_records(change.keys, change.records, change.names)
+
+    def apply_records(
+        self, keys: Iterable[str], rows: SnapshotRows, skip: frozenset[str] = frozenset()
+    ) -> None:
+        """Replace the rows of the record keys ``keys`` (``table:domain:local_part``, as the
+        change log names them) by what ``rows`` holds for them.
+
+        ``rows`` must be what ``rows.RECORDS_QUERY`` reads for those keys: their rows, and the
+        rows of their domains, which decide what is visible exactly as in a snapshot (the
+        copy's own domain rows are not changed).  Keys of a name in ``skip`` (partitions
+        replaced in the same change) are left alone.  Runs without yielding.
+        """
+        held = [getattr(self, table) for table in TABLES]
+        position = {table: n for n, table in enumerate(LOGGED_TABLES)}
+        for key in keys:
+            table, domain, local = key.split(":", 2)
+            if domain not in skip:
+                held[position[table]].pop(f"{local}@{domain}", None)
+        builder = CopyBuilder(self, None, records=True)
+        for table in SNAPSHOT_TABLES:
+            table_rows = getattr(rows, table)
+            if skip and table != "domains":
+                table_rows = [row for row in table_rows if row[0] not in skip]
+            builder.add(table, table_rows)
+        builder.finish()
+
     def kind(self, name: str) -> str:
         """``mailbox``, ``alias`` or ``relay`` for an enabled domain, else ``""``."""
         packed = self.domains.get(name)
@@ -192,14 +253,40 @@ class MapsCopy:
 
     def _remove(self, name: str) -> None:
         entry = self.index.pop(name, None)
+        added = self.added.pop(name, None)
         self.domains.pop(name, None)
-        if entry is None:
+        if entry is not None:
+            for table, keys in zip(TABLES, entry.split(FIELD), strict=True):
+                if keys:
+                    held = getattr(self, table)
+                    for key in keys.split(ITEM):
+                        held.pop(key, None)
+        if added is not None:
+            for item in added.split(ITEM):
+                getattr(self, TABLES[int(item[0])]).pop(item[1:], None)
+
+    def note_added(self, name: str, table: int, keys: list[str]) -> None:
+        """Note keys that apply_records added to ``name``'s partition (see ``added``)."""
+        noted = ITEM.join(f"{table}{key}" for key in keys)
+        held = self.added.get(name)
+        noted = noted if held is None else f"{held}{ITEM}{noted}"
+        if len(noted) <= ADDED_MERGE_CHARS:
+            self.added[name] = noted
             return
-        for table, keys in zip(TABLES, entry.split(FIELD), strict=True):
-            if keys:
-                held = getattr(self, table)
-                for key in keys.split(ITEM):
-                    held.pop(key, None)
+        # Merge into the index entry: every key listed in either that is still held, once.
+        self.added.pop(name, None)
+        entry = self.index.get(name)
+        listed: list[set[str]] = [set() for _ in TABLES]
+        if entry is not None:
+            for n, keys_of_table in enumerate(entry.split(FIELD)):
+                if keys_of_table:
+                    listed[n].update(keys_of_table.split(ITEM))
+        for item in noted.split(ITEM):
+            listed[int(item[0])].add(item[1:])
+        self.index[sys.intern(name)] = FIELD.join(
+            ITEM.join(sorted(key for key in keys_of_table if key in getattr(self, table)))
+            for table, keys_of_table in zip(TABLES, listed, strict=True)
+        )
 
 
 def _no_keys() -> tuple[list[str], ...]:
@@ -223,15 +310,18 @@ class CopyBuilder:
         "_disabled",
         "_enabled",
         "_keys_by_name",
+        "_records",
         "_table",
         "_wanted",
         "chars",
         "rows",
     )
 
-    def __init__(self, copy: MapsCopy, wanted: set[str] | None) -> None:
+    def __init__(self, copy: MapsCopy, wanted: set[str] | None, records: bool = False) -> None:
         self._copy = copy
         self._wanted = wanted
+        # MapsCopy.apply_records: domain rows only decide visibility; keys are noted as added.
+        self._records = records
         self._enabled: set[str] = set()  # the enabled domains among the names added
         self._disabled: set[str] = set()  # the disabled ones
         # The keys themselves (the dicts keep them anyway), not the rows' local parts: those
@@ -272,7 +362,9 @@ class CopyBuilder:
             self.rows += 1
             if wanted is not None and name not in wanted:
                 continue
-            if enabled:
+            if self._records:
+                (self._enabled if enabled else self._disabled).add(name)
+            elif enabled:
                 packed = _pack_domain(kind, alias_of, uid, gid)
                 domains[intern(name)] = packed
                 self._enabled.add(name)
@@ -333,6 +425,13 @@ class CopyBuilder:
 
     def finish(self) -> MapsCopy:
         """Write the index of every name added; the copy is then complete."""
+        if self._records:
+            for name, entry in self._keys_by_name.items():
+                for table, keys in enumerate(entry):
+                    if keys:
+                        self._copy.note_added(name, table, keys)
+            self._keys_by_name = {}
+            return self._copy
         intern, index, keys_by_name = sys.intern, self._copy.index, self._keys_by_name
         for name in self._enabled | keys_by_name.keys():
             entry = keys_by_name.get(name) or _no_keys()
