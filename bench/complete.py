@@ -60,6 +60,7 @@ from bench.lib.common import (
     descendants,
     dsn_for,
     machine_info,
+    rss_kib,
     run_guarded,
     utc_stamp,
     write_json,
@@ -93,20 +94,12 @@ PARTS = ("socketmap", "postmap", "changes", "outage")
 BUDGET_S = 900.0
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def server_memory(servers: dict[str, ServerHandle], ds: datasets.Dataset) -> dict[str, Any]:
     """VmRSS of each maplookup server's serving processes, and the copy's share per address:
     a complete-mode worker's RSS minus the lru server's (same code, same start-up, an empty
     cache), over the dataset's addresses (mailboxes and aliases)."""
     rss = {
-        name: [_rss_kib(pid) for pid in handle.worker_pids()]
+        name: [rss_kib(pid) for pid in handle.worker_pids()]
         for name, handle in servers.items()
         if handle.kind == "maplookup"
     }

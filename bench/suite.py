@@ -53,6 +53,7 @@ from bench.lib.common import (
     Deadline,
     Logger,
     PrivatePostgres,
+    core_busy_seconds,
     cpu_seconds,
     descendants,
     dsn_for,
@@ -265,6 +266,7 @@ class Suite:
         server_pids = server.pids() if server else []
         cpu0 = (cpu_seconds(server_pids), cpu_seconds(pg_pids, children_too=True))
         misses0 = server.metrics().get("maplookup_cache_misses_total") if server else None
+        cores0 = core_busy_seconds()
         result = postfix.run_postmap(
             self.children,
             self.postfix_conf,
@@ -277,6 +279,10 @@ class Suite:
         )
         row = result.as_dict()
         row["round"] = round_
+        # The machine's headroom: how busy each core was (the postmap clients included).
+        row["core_busy_pct"] = [
+            (b - a) / result.wall_s * 100 for a, b in zip(cores0, core_busy_seconds(), strict=True)
+        ]
         if server and misses0 is not None:
             misses = server.metrics().get("maplookup_cache_misses_total", 0) - misses0
             row["worker0_cache_misses"] = int(misses)
@@ -931,8 +937,8 @@ def postmap_table(rows: list[dict[str, Any]], workers_label: str) -> str:
     ref = next((r for r in rows if r["label"] == workers_label), None)
     lines = [
         f"| table ({POSTMAP_PROCESSES} x postmap -q -) | round | keys | keys/s "
-        f"| vs {workers_label} | wall s | server CPU | PG CPU | found |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| vs {workers_label} | wall s | server CPU | PG CPU | core busy (each) | found |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for row in rows:
         ratio = row["keys_per_s"] / ref["keys_per_s"] if ref else None
@@ -945,7 +951,8 @@ def postmap_table(rows: list[dict[str, Any]], workers_label: str) -> str:
         lines.append(
             f"| {row['label']} | {row.get('round', 0)} | {row['keys']:,} "
             f"| {row['keys_per_s']:,.0f} | {_fmt_ratio(ratio)} "
-            f"| {row['wall_s']:.1f} | {cpu} | {row['postgres_cpu_pct']:.0f}% | {found} |"
+            f"| {row['wall_s']:.1f} | {cpu} | {row['postgres_cpu_pct']:.0f}% "
+            f"| {' / '.join(f'{c:.0f}%' for c in row.get('core_busy_pct', ()))} | {found} |"
         )
     return "\n".join(lines)
 
