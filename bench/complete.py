@@ -19,7 +19,9 @@ both sides:
    direct, alternating, with the CPU of the server, of PostgreSQL and of each core;
 3. **change-to-visible**: committed UPDATEs of a mailbox's path, the clock running from the
    UPDATE's return to the first lookup (one persistent connection polling) that answers the new
-   path, ``complete`` and ``lru`` alternating change by change (``bench/cache.py``'s method);
+   path, ``complete`` and ``lru`` alternating change by change (``bench/cache.py``'s method),
+   every other server paused (SIGSTOP) meanwhile: each would read the log and apply every
+   change too, on the same cores, at the same moment;
 4. **a database outage**: PostgreSQL stopped with ``pg_ctl stop -m immediate``, then the
    ``hits`` and ``misses`` runs again on the complete-mode server (every status checked: 0
    TEMP is the target) and, for contrast, on ``lru`` (whose cache holds the keys the earlier
@@ -36,13 +38,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -92,6 +96,20 @@ CHANGE_DEADLINE_S = 5.0
 #: The bench's parts (``--parts``), in the order they run.
 PARTS = ("socketmap", "postmap", "changes", "outage")
 BUDGET_S = 900.0
+
+
+@contextlib.contextmanager
+def paused(handles: Iterable[ServerHandle]) -> Iterator[None]:
+    """SIGSTOP every process of ``handles`` for the block (SIGCONT after, whatever happens)."""
+    pids = [pid for handle in handles for pid in handle.pids()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def server_memory(servers: dict[str, ServerHandle], ds: datasets.Dataset) -> dict[str, Any]:
@@ -230,11 +248,14 @@ class Bench:
             for name, _ in servers:
                 self.visibility[name] = []
             for k in range(self.ns.changes):
-                for (name, _), client in zip(servers, clients, strict=True):
+                for n, ((name, _), client) in enumerate(zip(servers, clients, strict=True)):
                     i = k % ds.domains  # one mailbox per domain: each change its own partition
                     key = ds.mailbox_key(i)
                     request = socketmap.encode_request(b"vmailbox", key.encode())
-                    new = f"{ds.domain(i % ds.domains)}/moved{k}-{name[:3]}/"
+                    # A path of this server's own: with a shared one, the second server's cache
+                    # could already hold the first server's change, and its UPDATE (to the
+                    # same value) would be "seen" at once.
+                    new = f"{ds.domain(i % ds.domains)}/moved{k}-server{n}/"
                     client.exchange(request)  # cached (lru) before the change
                     await update.fetch(new, ds.domain(i % ds.domains), f"user{i}")
                     t0 = time.perf_counter_ns()
@@ -333,11 +354,11 @@ def run(ns: argparse.Namespace) -> int:
                                       conf, work, r, processes)  # fmt: skip
             # 3. change-to-visible, complete and lru alternating change by change
             if ns.changes and "changes" in ns.parts:
-                asyncio.run(
-                    bench.visibility_run(
-                        [(COMPLETE, servers[COMPLETE]), (LRU, servers[LRU])], dsn, ds
-                    )
-                )
+                # Only the two servers compared run: the others would each read the log and
+                # apply every change too, on the same 2 cores, at the same moment.
+                compared = [(COMPLETE, servers[COMPLETE]), (LRU, servers[LRU])]
+                with paused(h for name, h in servers.items() if name not in (COMPLETE, LRU)):
+                    asyncio.run(bench.visibility_run(compared, dsn, ds))
             # 4. the database stopped (immediate: no shutdown checkpoint, connections cut)
             if "outage" not in ns.parts:
                 raise _Done
