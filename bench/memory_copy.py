@@ -168,7 +168,7 @@ def child_rss(mailboxes: int, layout: str, repeat: int) -> dict[str, Any]:
     box = next(iter(part.mailboxes))
     one = SnapshotRows(domains=part.domains, mailboxes=[box])
     started = time.perf_counter()
-    copy.apply_records([f"mailboxes:{box[0]}:{box[1]}"], one)
+    copy.apply_records([f"mailboxes:{box[1]}@{box[0]}"], one)
     record_s = time.perf_counter() - started
     return {
         "build_s": min(times),

@@ -163,7 +163,7 @@ async def read_changes(conn: asyncpg.Connection, position: int, max_rows: int) -
 async def read_records(
     conn: asyncpg.Connection, keys: Iterable[str], timeout_s: float
 ) -> SnapshotRows:
-    """The rows of the record keys ``keys`` (``table:domain:local_part``) and of their
+    """The rows of the record keys ``keys`` (``table:local_part@domain``) and of their
     domains, in one statement (``rows.RECORDS_QUERY``): what ``MapsCopy.apply_records``
     takes."""
     async with asyncio.timeout(timeout_s):

@@ -52,7 +52,7 @@ class Change:
 
     position: int
     domains: tuple[str, ...]
-    # The rows it touched, ``table:domain:local_part`` (schema version 6; None: re-read the
+    # The rows it touched, ``table:local_part@domain`` (schema version 6; None: re-read the
     # domains).  Only the complete copy reads them (``changes_with_records_after``).
     records: tuple[str, ...] | None = None
 

@@ -930,9 +930,9 @@ CREATE TABLE IF NOT EXISTS maplookup.change_log (
     position bigint PRIMARY KEY,
     -- The domains whose answers may have changed; '{*}' means every domain.
     domains text[] NOT NULL CHECK (cardinality(domains) > 0),
-    -- Schema version 6: the rows the change touched, 'table:domain:local_part' (a record
-    -- table's key; domains hold no ':'), when one statement changed at most 1000 rows of a
-    -- record table; NULL for domain rows, larger statements and TRUNCATE.  A complete copy
+    -- Schema version 6: the rows the change touched, 'table:local_part@domain' (a record
+    -- table's key; no domain holds '@', so the last one splits it), when one statement
+    -- changed at most 1000 rows of a record table; NULL for domain rows, larger statements and TRUNCATE.  A complete copy
     -- (cache.mode = "complete") re-reads just these rows instead of whole domains.
     records text[] CONSTRAINT change_records_not_empty CHECK (cardinality(records) > 0),
     -- When the change was written (clock_timestamp(), under the lock: close to its commit).
@@ -1085,18 +1085,18 @@ BEGIN
         PERFORM maplookup.notify_domains(
             ARRAY(SELECT DISTINCT domain FROM new_rows),
             maplookup.record_keys(TG_TABLE_NAME, ARRAY(
-                SELECT DISTINCT domain || ':' || local_part FROM new_rows LIMIT 1001)));
+                SELECT DISTINCT local_part || '@' || domain FROM new_rows LIMIT 1001)));
     ELSIF TG_OP = 'UPDATE' THEN
         PERFORM maplookup.notify_domains(
             ARRAY(SELECT domain FROM new_rows UNION SELECT domain FROM old_rows),
             maplookup.record_keys(TG_TABLE_NAME, ARRAY(
-                SELECT domain || ':' || local_part FROM new_rows
-                UNION SELECT domain || ':' || local_part FROM old_rows LIMIT 1001)));
+                SELECT local_part || '@' || domain FROM new_rows
+                UNION SELECT local_part || '@' || domain FROM old_rows LIMIT 1001)));
     ELSE
         PERFORM maplookup.notify_domains(
             ARRAY(SELECT DISTINCT domain FROM old_rows),
             maplookup.record_keys(TG_TABLE_NAME, ARRAY(
-                SELECT DISTINCT domain || ':' || local_part FROM old_rows LIMIT 1001)));
+                SELECT DISTINCT local_part || '@' || domain FROM old_rows LIMIT 1001)));
     END IF;
     RETURN NULL;
 END

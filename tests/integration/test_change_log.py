@@ -11,9 +11,10 @@ import asyncpg
 import pytest
 import trio
 
-from maplookup.db import feed
+from maplookup.db import copy_load, feed
 from maplookup.db.feed import EVERYTHING, Change
 from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
+from maplookup.lookup.complete.rows import SnapshotRows
 from tests.helpers import run_sql
 from tests.integration.test_cache_coherence import SCHEMA_DATA, wait_until
 
@@ -106,14 +107,38 @@ def test_record_changes_log_their_rows_up_to_1000(dsn: str) -> None:
         "TRUNCATE maplookup.aliases",
     )
     assert _records_after(dsn, head) == [
-        (("example.com", "example.org"), ["mailboxes:example.com:a:b"]),
-        (("example.com", "example.org"), ["mailboxes:example.com:a:b", "mailboxes:example.com:c"]),
-        ((EVERYTHING,), ["transports:*:"]),
-        (("example.com", "example.org"), ["sender_grants:example.com:c"]),
+        (("example.com", "example.org"), ["mailboxes:a:b@example.com"]),
+        (("example.com", "example.org"), ["mailboxes:a:b@example.com", "mailboxes:c@example.com"]),
+        ((EVERYTHING,), ["transports:@*"]),
+        (("example.com", "example.org"), ["sender_grants:c@example.com"]),
         (("example.com", "example.org"), None),
         (("example.com", "example.org"), None),
         ((EVERYTHING,), None),
     ]
+
+
+def test_record_keys_split_at_the_last_at_sign(dsn: str) -> None:
+    """A local part may hold ':' and '@', a grant's domain ':' (an address literal): the key
+    ``table:local_part@domain`` splits at the first ':' and the last '@', and the rows it
+    names are read back (``copy_load.read_records``, the statement the copy uses)."""
+    head = _head(dsn)
+    run_sql(
+        dsn,
+        "INSERT INTO maplookup.sender_grants (domain, local_part, login)"
+        " VALUES ('[ipv6:2001:db8::1]', 'a@b:c', 'owner')",
+    )
+    ((_, keys),) = _records_after(dsn, head)
+    assert keys == ["sender_grants:a@b:c@[ipv6:2001:db8::1]"]
+
+    async def read() -> SnapshotRows:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await copy_load.read_records(conn, keys, timeout_s=10.0)
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(read())
+    assert [tuple(row) for row in rows.sender_grants] == [("[ipv6:2001:db8::1]", "a@b:c", "owner")]
 
 
 def test_a_long_list_of_domains_is_logged_whole(dsn: str) -> None:

@@ -185,7 +185,7 @@ async def _check(conn: Any, case: Case) -> None:
     )
     by_rows = MapsCopy.build(records)
     record_keys = {
-        f"{table}:{row[0]}:{row[1]}"
+        f"{table}:{row[1]}@{row[0]}"
         for source in (before, snapshot)
         for table in RECORD_TABLES
         for row in getattr(source, table)

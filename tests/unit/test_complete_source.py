@@ -248,15 +248,15 @@ async def test_what_is_read_with_the_log_is_applied_without_another_read(
     assert await follower.changes_after(conn, 10, 1000) == changed
     await follower.apply(conn, FeedStep(11, False, frozenset({"a.test"}), 1), 1.0)
     # One mailbox changed, and the wildcard transport: their rows only.
-    keys = frozenset({"mailboxes:a.test:user", "transports:*:"})
+    keys = frozenset({"mailboxes:user@a.test", "transports:@*"})
     records = SnapshotRows(
         domains=[("a.test", "mailbox", None, None, None, True)],
         mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
         transports=[("*", "", "smtp:[relay.test]")],
     )
     changed = [
-        Change(12, ("a.test",), ("mailboxes:a.test:user",)),
-        Change(13, ("*",), ("transports:*:",)),
+        Change(12, ("a.test",), ("mailboxes:user@a.test",)),
+        Change(13, ("*",), ("transports:@*",)),
     ]
     reads.append(ChangesRead(changed, False, frozenset(), SnapshotRows(), keys, records))
     await follower.changes_after(conn, 11, 1000)

@@ -152,9 +152,9 @@ def test_rows_applied_alone_are_removed_with_their_partition(
         local = f"user{n}"
         copy.apply_records(
             {
-                f"mailboxes:a.test:{local}",
-                "mailboxes:a.test:old",
-                f"sender_grants:off.test:{local}",
+                f"mailboxes:{local}@a.test",
+                "mailboxes:old@a.test",
+                f"sender_grants:{local}@off.test",
             },
             SnapshotRows(
                 domains=domain_rows,

@@ -79,19 +79,20 @@ def partition_arrays(names: str) -> str:
 PARTITIONS_QUERY: str = "SELECT " + partition_arrays("$1::text[]")
 
 
-#: The record tables, as the change log names them in a key ``table:domain:local_part``
+#: The record tables, as the change log names them in a key ``table:local_part@domain``
 #: (schema.sql, ``record_keys``): every one is keyed by (domain, local_part).
 RECORD_TABLES: tuple[str, ...] = tuple(table for table in _COLUMNS if table != "domains")
 
 
 def record_keys_relation(keys: str) -> str:
     """A query of the change log's record keys in ``keys`` (a FROM item yielding ``k``, e.g.
-    ``unnest($1::text[])``) split into ``tbl``, ``dom`` and ``loc`` (a domain holds no ':',
-    a local part may)."""
-    table, domain = "split_part(k, ':', 1)", "split_part(k, ':', 2)"
+    ``unnest($1::text[])``) split into ``tbl``, ``dom`` and ``loc``: the table before the
+    first ':', the domain after the last '@' (no domain holds one; a local part may)."""
+    address = "substr(k, strpos(k, ':') + 1)"
+    domain = f"substring({address} from '@([^@]*)$')"
     return (
-        f"SELECT DISTINCT {table} AS tbl, {domain} AS dom, "
-        f"substr(k, length({table}) + length({domain}) + 3) AS loc FROM {keys} AS k"
+        f"SELECT DISTINCT split_part(k, ':', 1) AS tbl, {domain} AS dom, "
+        f"left({address}, length({address}) - length({domain}) - 1) AS loc FROM {keys} AS k"
     )
 
 

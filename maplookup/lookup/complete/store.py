@@ -35,7 +35,7 @@ Layout, and why:
   outside address may be granted: ``maplookup.sender_grants_of``); transports never look at
   the domains table (``transport``), so they are kept whatever the domain row.
 * **Rows, where the change log names them** (schema version 6: a statement that changed at
-  most 1000 rows of a record table logs their keys, ``table:domain:local_part``):
+  most 1000 rows of a record table logs their keys, ``table:local_part@domain``):
   :meth:`MapsCopy.apply_records` removes those keys and inserts what the database holds for
   them now, so changing one mailbox of a domain of a million costs one row, not the domain.
   The index is a string per name; a key added that way is noted in ``added`` (a second string
@@ -210,7 +210,7 @@ class MapsCopy:
     def apply_records(
         self, keys: Iterable[str], rows: SnapshotRows, skip: frozenset[str] = frozenset()
     ) -> None:
-        """Replace the rows of the record keys ``keys`` (``table:domain:local_part``, as the
+        """Replace the rows of the record keys ``keys`` (``table:local_part@domain``, as the
         change log names them) by what ``rows`` holds for them.
 
         ``rows`` must be what ``rows.RECORDS_QUERY`` reads for those keys: their rows, and the
@@ -221,9 +221,9 @@ class MapsCopy:
         held = [getattr(self, table) for table in TABLES]
         position = {table: n for n, table in enumerate(LOGGED_TABLES)}
         for key in keys:
-            table, domain, local = key.split(":", 2)
-            if domain not in skip:
-                held[position[table]].pop(f"{local}@{domain}", None)
+            table, address = key.split(":", 1)
+            if address[address.rfind("@") + 1 :] not in skip:
+                held[position[table]].pop(address, None)
         builder = CopyBuilder(self, None, records=True)
         for table in SNAPSHOT_TABLES:
             table_rows = getattr(rows, table)
