@@ -195,7 +195,7 @@ class Bench:
 
     def postmap_run(
         self, table: str, label: str, keys: list[str], expected: int, server: ServerHandle | None,
-        conf: Path, work: Path, round_: int, processes: int,
+        conf: Path, work: Path, round_: int, processes: int, transport: str,
     ) -> None:  # fmt: skip
         self.deadline.check(label)
         pg_pids = descendants(self.pg.postmaster_pid() or 0)
@@ -211,6 +211,7 @@ class Bench:
         row = result.as_dict()
         row["round"] = round_
         row["processes"] = processes
+        row["transport"] = transport
         row["core_busy_pct"] = cores
         row["server_cpu_pct"] = (cpu_seconds(server_pids) - cpu0[0]) / result.wall_s * 100
         pg_now = descendants(self.pg.postmaster_pid() or 0)
@@ -220,7 +221,8 @@ class Bench:
         self.postmap.append(row)
         flag = "" if result.found == expected else f" FOUND {result.found} != {expected}"
         log(
-            f"postmap {label} x{processes} r{round_}: {result.keys_per_s:,.0f} keys/s "
+            f"postmap {label} ({transport}) x{processes} r{round_}: "
+            f"{result.keys_per_s:,.0f} keys/s "
             f"({result.wall_s:.1f} s), "
             f"cores {' / '.join(f'{c:.0f}%' for c in cores)}, server "
             f"{row['server_cpu_pct']:.0f}%, PostgreSQL {row['postgres_cpu_pct']:.0f}%{flag}"
@@ -302,6 +304,7 @@ def run(ns: argparse.Namespace) -> int:
             info = asyncio.run(datasets.load(pg.dsn, ds))
             log(f"dataset {ns.mailboxes:,} mailboxes in {info['insert_s']:.1f} s")
             dsn = dsn_for(pg.dsn, ds.database)
+            unix_dsn = dsn_for(pg.pg.dsn, ds.database)  # the same cluster's unix socket
             hot = datasets.hot_set(ds, ns.mailboxes)
             mixes = {mix: datasets.make_mix(ds, mix, hot, LOAD_KEYS) for mix in ("hits", "misses")}
             postmap_mix = datasets.make_mix(ds, "90-10", hot, POSTMAP_KEYS)
@@ -320,8 +323,9 @@ def run(ns: argparse.Namespace) -> int:
             servers[LRU] = start_maplookup(children, "lru", dsn, settings_env=LRU_ENV)
             all_label = f"maplookup complete, {workers} workers"
             servers[all_label] = start_maplookup(
-                children, "complete-all", dsn, workers=workers, settings_env=COMPLETE_ENV
-            )
+                children, "complete-all", dsn, workers=workers, settings_env=COMPLETE_ENV,
+                unix_socket=work / "complete-all.sock",
+            )  # fmt: skip
             snapshot_s[all_label] = wait_copy_loaded(servers[all_label])
             log(f"servers up; snapshot load s: {snapshot_s}")
             memory = server_memory(servers, ds)
@@ -340,18 +344,28 @@ def run(ns: argparse.Namespace) -> int:
                 for name in (COMPLETE, NOMEMO)
             }  # fmt: skip
             log(f"copy answers: {memo}")
-            # 2. postmap -q -: complete on every core vs pgsql: direct
+            # 2. postmap -q -: complete on every core vs pgsql: direct, over TCP and over
+            # unix sockets (socketmap:unix: against PostgreSQL's own unix socket)
             conf = postfix.make_config_dir(work)
-            cf = postfix.write_pgsql_cf(conf, "pgsql-direct", dsn)
             plain = [k.key for k in postmap_mix]
             expected = sum(1 for k in postmap_mix if k.expect == "o")
-            table = f"socketmap:inet:127.0.0.1:{servers[all_label].port}:vmailbox"
+            tables = {
+                "inet": (
+                    f"socketmap:inet:127.0.0.1:{servers[all_label].port}:vmailbox",
+                    f"pgsql:{postfix.write_pgsql_cf(conf, 'pgsql-inet', dsn)}",
+                ),
+                "unix": (
+                    f"socketmap:unix:{work / 'complete-all.sock'}:vmailbox",
+                    f"pgsql:{postfix.write_pgsql_cf(conf, 'pgsql-unix', unix_dsn)}",
+                ),
+            }
             for r in range(ns.rounds if "postmap" in ns.parts else 0):
-                for processes in POSTMAP_PROCESSES:
-                    bench.postmap_run(table, all_label, plain, expected, servers[all_label],
-                                      conf, work, r, processes)  # fmt: skip
-                    bench.postmap_run(f"pgsql:{cf}", "pgsql: direct", plain, expected, None,
-                                      conf, work, r, processes)  # fmt: skip
+                for transport, (table, pgsql) in tables.items():
+                    for processes in POSTMAP_PROCESSES:
+                        bench.postmap_run(table, all_label, plain, expected, servers[all_label],
+                                          conf, work, r, processes, transport)  # fmt: skip
+                        bench.postmap_run(pgsql, "pgsql: direct", plain, expected, None, conf,
+                                          work, r, processes, transport)  # fmt: skip
             # 3. change-to-visible, complete and lru alternating change by change
             if ns.changes and "changes" in ns.parts:
                 # Only the two servers compared run: the others would each read the log and
@@ -444,21 +458,25 @@ def report(
         "",
         f"`postmap -q -` ({POSTMAP_KEYS:,} keys, 90 % existing):",
         "",
-        "| table | postmap processes | round | keys/s | vs pgsql: | wall s | core busy (each) "
-        "| server CPU | PostgreSQL CPU | found / expected |",
-        "|---|--:|--:|--:|--:|--:|---|--:|--:|---|",
+        "| table | transport | postmap processes | round | keys/s | vs pgsql: | wall s "
+        "| core busy (each) | server CPU | PostgreSQL CPU | CPU µs/key (server or PostgreSQL) "
+        "| found / expected |",
+        "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|",
     ]
     pgsql = {
-        (r["processes"], r["round"]): r["keys_per_s"]
+        (r["transport"], r["processes"], r["round"]): r["keys_per_s"]
         for r in bench.postmap
         if r["label"] == "pgsql: direct"
     }
     for r in bench.postmap:
+        ref = pgsql[(r["transport"], r["processes"], r["round"])]
+        busy = r["server_cpu_pct"] if r["server_cpu_pct"] else r["postgres_cpu_pct"]
         out.append(
-            f"| {r['label']} | {r['processes']} | {r['round']} | {r['keys_per_s']:,.0f} "
-            f"| {r['keys_per_s'] / pgsql[(r['processes'], r['round'])]:.2f}x | {r['wall_s']:.1f} "
+            f"| {r['label']} | {r['transport']} | {r['processes']} | {r['round']} "
+            f"| {r['keys_per_s']:,.0f} | {r['keys_per_s'] / ref:.2f}x | {r['wall_s']:.1f} "
             f"| {' / '.join(f'{c:.0f}%' for c in r['core_busy_pct'])} "
             f"| {r['server_cpu_pct']:.0f}% | {r['postgres_cpu_pct']:.0f}% "
+            f"| {busy / 100 / r['keys_per_s'] * 1e6:.0f} "
             f"| {r['found']:,} / {r['expected_found']:,} |"
         )
     if bench.visibility:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.lib.common import BenchError, Children
 
@@ -51,7 +52,8 @@ def write_pgsql_cf(conf: Path, name: str, dsn: str) -> Path:
     from maplookup.postfix.config import PostfixConfigOptions, pgsql_query
 
     query = pgsql_query(MapName.VMAILBOX, PostfixConfigOptions(pgsql_dsn=dsn))
-    database = dsn.rsplit("/", 1)[1].split("?", 1)[0]
+    # The path of the URI, not its last '/': a unix-socket DSN has a path in its query too.
+    database = urlsplit(dsn).path.lstrip("/")
     path = conf / f"{name}.cf"
     path.write_text(f"hosts = {dsn}\ndbname = {database}\nquery = {query}\n")
     path.chmod(0o640)

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.lib.common import (
@@ -116,9 +117,11 @@ def start_maplookup(
     max_entries: int | None = None,
     ttl_s: float | None = None,
     settings_env: dict[str, str] | None = None,
+    unix_socket: Path | None = None,
 ) -> ServerHandle:
     """Start ``maplookup serve``; ``settings_env`` adds MAPLOOKUP_* settings (the caller's own
-    MAPLOOKUP_* variables are not passed on)."""
+    MAPLOOKUP_* variables are not passed on); ``unix_socket`` adds a socketmap listener on
+    that path."""
     port = free_port()
     metrics_port = free_port()
     argv = [
@@ -134,6 +137,8 @@ def start_maplookup(
         argv += ["--tcp-table", f"vmailbox=127.0.0.1:{tcp_port}"]
     if not cache:
         argv.append("--no-cache")
+    if unix_socket is not None:
+        argv += ["--socketmap-unix", str(unix_socket)]
     if workers > 1:
         if not maplookup_supports_workers():
             raise BenchError("this maplookup has no --workers option")
