@@ -10,7 +10,10 @@ the order of its position:
   a restored backup), a snapshot is loaded (``copy_load.load_snapshot``) and the feed follows
   from its position; otherwise the feed follows from the copy's own position, so a reconnect
   to the same server costs no reload (and a log pruned past it says ``*``: a reload).
-* **a batch naming domains**: their partitions are read in one snapshot and replace the copy's.
+* **a batch of changes**: read with the log itself, in one statement
+  (``copy_load.read_changes``): the rows the change log names (a statement of at most 1000
+  rows of a record table, schema version 6) replace the copy's one by one; the partitions of
+  the domains named without rows (domain rows, larger statements) are re-read whole.
 * **``*``** (TRUNCATE, a pruned log): a fresh snapshot is loaded while lookups keep being
   answered from the old copy, then swapped in.
 * **every read**: the copy is confirmed current as of that read (its age restarts from zero).
@@ -79,7 +82,7 @@ class CopyFollower:
         self.active = True
         self.position: int | None = None  # the position of the copy last handed over
         self._server: ServerAddress | None = None  # where the copy was read
-        # The partitions read with the last batch of changes, for ``apply``.
+        # What the last read of the log brought with it (partitions, rows), for ``apply``.
         self._read: ChangesRead | None = None
         self.rebuilds = 0
 
@@ -100,7 +103,8 @@ class CopyFollower:
     async def changes_after(
         self, conn: asyncpg.Connection, position: int, max_rows: int
     ) -> list[Change]:
-        """The feed's read of the log; the partitions the changes name come with it."""
+        """The feed's read of the log; what applying the changes takes (the rows they name,
+        the partitions of the domains they name without rows) comes in the same statement."""
         if not self.active:
             return await changes_after(conn, position, max_rows)
         self._read = await read_changes(conn, position, max_rows)
