@@ -16,6 +16,8 @@ from typing import Any
 from hypothesis import strategies as st
 
 from maplookup.address import quote_local
+from maplookup.lookup.complete import MapsCopy
+from maplookup.lookup.complete import store as copy_store
 
 MAILBOX_DOMAINS = ("a.test", "b.test", "ü.test")
 OTHER_DOMAINS = ("m.test", "n.test", "r.test", "sub.r.test", "x.sub.r.test")
@@ -267,3 +269,30 @@ def keys(draw: st.DrawFn, data: Dataset, delimiter: str) -> bytes:
             at = address.rfind("@")
             address = f'"{address[:at]}"{address[at:]}'
     return address.encode()
+
+
+def copy_state(copy: MapsCopy) -> tuple[object, ...]:
+    """Everything a copy holds that lookups or a later ``replace`` can tell apart: the
+    tables (a grant's logins as a set: sender_login sorts them), and the keys each name's
+    partition holds, whether listed in the index or noted in ``added`` (entries of keys no
+    longer held are only a removal that finds nothing)."""
+    held = [getattr(copy, table) for table in copy_store.TABLES]
+    listed: dict[str, list[set[str]]] = {}
+    for name, entry in copy.index.items():
+        sets = listed.setdefault(name, [set() for _ in copy_store.TABLES])
+        for n, joined in enumerate(entry.split(copy_store.FIELD)):
+            sets[n].update(key for key in joined.split(copy_store.ITEM) if key)
+    for name, noted in copy.added.items():
+        sets = listed.setdefault(name, [set() for _ in copy_store.TABLES])
+        for item in noted.split(copy_store.ITEM):
+            sets[int(item[0])].add(item[1:])
+    partitions = {
+        name: tuple(frozenset(key for key in of if key in held[n]) for n, of in enumerate(sets))
+        for name, sets in listed.items()
+    }
+    partitions = {name: held_keys for name, held_keys in partitions.items() if any(held_keys)}
+    tables = [dict(table) for table in held]
+    tables[copy_store.TABLES.index("grants")] = {
+        address: frozenset(logins.split(copy_store.ITEM)) for address, logins in copy.grants.items()
+    }
+    return (copy.domains, partitions, *tables)

@@ -32,9 +32,15 @@ from maplookup.db.copy_load import read_partitions, read_records
 from maplookup.lookup.complete import MapsCopy, lookup
 from maplookup.lookup.complete.rows import RECORD_TABLES, SNAPSHOT_QUERIES, SnapshotRows
 from maplookup.lookup.complete.semantics import split_address
-from maplookup.lookup.complete.store import FIELD, ITEM, TABLES
 from maplookup.maps import LookupSettings, MapName, batch_query_for, fold_key
-from tests.integration.complete_dataset import DELIMITERS, NAMES, Dataset, datasets, keys
+from tests.integration.complete_dataset import (
+    DELIMITERS,
+    NAMES,
+    Dataset,
+    copy_state,
+    datasets,
+    keys,
+)
 
 # MAPLOOKUP_TEST_EXAMPLES=2000 (with pytest --timeout 900) for a deeper run.
 EXAMPLES = int(os.environ.get("MAPLOOKUP_TEST_EXAMPLES", "200"))
@@ -98,33 +104,6 @@ def _python_rows(data: Dataset) -> SnapshotRows:
     )
 
 
-def _state(copy: MapsCopy) -> tuple[object, ...]:
-    """Everything a copy holds that lookups or a later ``replace`` can tell apart: the
-    tables (a grant's logins as a set: sender_login sorts them), and the keys each name's
-    partition holds, whether listed in the index or noted in ``added`` (entries of keys no
-    longer held are only a removal that finds nothing)."""
-    held = [getattr(copy, table) for table in TABLES]
-    listed: dict[str, list[set[str]]] = {}
-    for name, entry in copy.index.items():
-        sets = listed.setdefault(name, [set() for _ in TABLES])
-        for n, joined in enumerate(entry.split(FIELD)):
-            sets[n].update(key for key in joined.split(ITEM) if key)
-    for name, noted in copy.added.items():
-        sets = listed.setdefault(name, [set() for _ in TABLES])
-        for item in noted.split(ITEM):
-            sets[int(item[0])].add(item[1:])
-    partitions = {
-        name: tuple(frozenset(key for key in of if key in held[n]) for n, of in enumerate(sets))
-        for name, sets in listed.items()
-    }
-    partitions = {name: held_keys for name, held_keys in partitions.items() if any(held_keys)}
-    tables = [dict(table) for table in held]
-    tables[TABLES.index("grants")] = {
-        address: frozenset(logins.split(ITEM)) for address, logins in copy.grants.items()
-    }
-    return (copy.domains, partitions, *tables)
-
-
 async def _read(conn: Any, queries: dict[str, str], *args: object) -> SnapshotRows:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         tables = {table: await conn.fetch(query, *args) for table, query in queries.items()}
@@ -169,7 +148,7 @@ async def _check(conn: Any, case: Case) -> None:
     )
     updated = MapsCopy.build(mixed)
     updated.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
-    assert _state(updated) == _state(full)
+    assert copy_state(updated) == copy_state(full)
 
     # The same with the records alone (the change log naming rows, schema version 6): the
     # domain rows current, the stale partitions' records another dataset's; re-reading the
@@ -192,9 +171,9 @@ async def _check(conn: Any, case: Case) -> None:
         if row[0] in case.stale
     }
     by_rows.apply_records(record_keys, await read_records(conn, record_keys, timeout_s=30.0))
-    assert _state(by_rows) == _state(full)
+    assert copy_state(by_rows) == copy_state(full)
     by_rows.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
-    assert _state(by_rows) == _state(full)
+    assert copy_state(by_rows) == copy_state(full)
 
     for map_name in MapName:
         texts = []
