@@ -1015,8 +1015,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- The same with the rows each change touched (schema version 6; NULL: re-read its domains).
--- A new function rather than a new column of changes_after: a server of version 5 reading
--- this database keeps working.
+-- A new function rather than a new column of changes_after: a server of version 5 still
+-- running when the database is upgraded keeps reading the log.
 CREATE OR REPLACE FUNCTION maplookup.changes_with_records_after(after bigint, max_rows integer)
 RETURNS TABLE (change_position bigint, domains text[], records text[])
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
