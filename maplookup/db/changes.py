@@ -270,7 +270,13 @@ class ChangeFeed:
                 conn, reached = await connect_listed(
                     settings.dsn,
                     timeout_s=settings.connect_timeout_s,
-                    server_settings={"application_name": APPLICATION_NAME},
+                    server_settings={
+                        "application_name": APPLICATION_NAME,
+                        # The server ends a statement that outlasts the client's timeout
+                        # itself: a connection dropped after a timeout leaves no backend
+                        # behind still waiting (on a lock, say) to pile up with each retry.
+                        "statement_timeout": str(int(settings.query_timeout_s * 1000)),
+                    },
                 )
             except Exception as exc:  # any failure to connect: retry, never stop the server
                 failures += 1

@@ -10,10 +10,14 @@ the order of its position:
   a restored backup), a snapshot is loaded (``copy_load.load_snapshot``) and the feed follows
   from its position; otherwise the feed follows from the copy's own position, so a reconnect
   to the same server costs no reload (and a log pruned past it says ``*``: a reload).
-* **a batch of changes**: read with the log itself, in one statement
-  (``copy_load.read_changes``): the rows the change log names (a statement of at most 1000
-  rows of a record table, schema version 6) replace the copy's one by one; the partitions of
-  the domains named without rows (domain rows, larger statements) are re-read whole.
+* **a batch of changes**: the log is read alone (``copy_load.read_changes``: an idle poll
+  touches no map table, so it never waits on a lock held there), then, if anything changed,
+  one statement (``copy_load.read_rows``) reads the rows the change log names (a statement
+  of at most 1000 rows of a record table, schema version 6), which replace the copy's one by
+  one, and the partitions of the domains named without rows (domain rows, larger
+  statements), which are re-read whole.  More than ``MAX_RECORDS_PER_READ`` keys, or a read
+  that failed (a timeout: too many rows, a lock), reload a snapshot instead, streamed in
+  chunks: the same read is never retried for ever.
 * **``*``** (TRUNCATE, a pruned log): a fresh snapshot is loaded while lookups keep being
   answered from the old copy, then swapped in.
 * **every read**: the copy is confirmed current as of that read (its age restarts from zero).
@@ -38,12 +42,13 @@ import asyncpg
 import trio
 
 from maplookup.db.copy_load import (
-    ChangesRead,
     CopyTooLarge,
     LoadedCopy,
     load_snapshot,
+    plan_changes,
     read_changes,
     read_partitions,
+    read_rows,
 )
 from maplookup.db.feed import Change, FeedStep, changes_after
 from maplookup.db.servers import Reached, ServerAddress
@@ -82,8 +87,11 @@ class CopyFollower:
         self.active = True
         self.position: int | None = None  # the position of the copy last handed over
         self._server: ServerAddress | None = None  # where the copy was read
-        # What the last read of the log brought with it (partitions, rows), for ``apply``.
-        self._read: ChangesRead | None = None
+        # The last batch of changes read (with the rows each touched), for ``apply``.
+        self._changes: list[Change] | None = None
+        # A read of rows failed (a timeout: too many, or a lock): reload at the next start
+        # rather than retry the same read for ever.
+        self._reload = False
         self.rebuilds = 0
 
     async def start(self, conn: asyncpg.Connection, reached: Reached, head: int) -> int:
@@ -92,7 +100,12 @@ class CopyFollower:
         if not self.active:
             return head
         position = self.position
-        if position is not None and reached.address == self._server and head >= position:
+        if (
+            position is not None
+            and not self._reload
+            and reached.address == self._server
+            and head >= position
+        ):
             return position
         loaded = await self._load(conn, head)
         # Only once loaded: a load that failed on another server must not make the next
@@ -103,31 +116,36 @@ class CopyFollower:
     async def changes_after(
         self, conn: asyncpg.Connection, position: int, max_rows: int
     ) -> list[Change]:
-        """The feed's read of the log; what applying the changes takes (the rows they name,
-        the partitions of the domains they name without rows) comes in the same statement."""
+        """The feed's read of the log, with the rows each change touched (``apply`` reads
+        them, and the partitions of the domains named without rows, in one statement)."""
         if not self.active:
             return await changes_after(conn, position, max_rows)
-        self._read = await read_changes(conn, position, max_rows)
-        return self._read.changes
+        self._changes = await read_changes(conn, position, max_rows)
+        return self._changes
 
     async def apply(self, conn: asyncpg.Connection, step: FeedStep, read_at: float) -> int:
         """Apply one batch the feed read at ``read_at``; the position to follow from."""
-        read, self._read = self._read, None
+        changes, self._changes = self._changes, None
         if not self.active:
             return step.position
-        if read is None:  # the log was not read here (a caller that read it itself)
+        change = None
+        if changes is None:  # the log was not read here (a caller that read it itself)
             if step.flush:
                 return await self._load(conn, step.position)
-            change = None
             if step.domains:
                 rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
                 change = CopyChange(frozenset(step.domains), rows)
-        elif read.flush:
-            return await self._load(conn, step.position)
         else:
             # Not step.flush: a record of the wildcard transport ('*') flushes the LRU cache
-            # (every transport answer may depend on it), the copy just re-reads that row.
-            change = CopyChange(read.names, read.rows, read.keys, read.records)
+            # (every transport answer may depend on it); the copy just re-reads that row.
+            plan = plan_changes(changes)
+            if plan.flush:
+                return await self._load(conn, step.position)
+            if plan.names or plan.keys:
+                self._reload = True  # until the read succeeds: a timeout reloads instead
+                rows, records = await read_rows(conn, plan, self._settings.query_timeout_s)
+                self._reload = False
+                change = CopyChange(plan.names, rows, plan.keys, records)
         if change is not None and (change.names or change.keys):
             self._post(self._target.update, change, step.position, read_at)
         else:
@@ -155,6 +173,7 @@ class CopyFollower:
             self._post(self._target.refuse, reason)
             return head
         self.position = loaded.position
+        self._reload = False
         if not first:
             self.rebuilds += 1
         log.info(

@@ -103,61 +103,67 @@ async def read_partitions(
     return SnapshotRows(*row)
 
 
-#: The changes after ``$1`` (at most ``$2``, as ``feed.changes_after`` reads them, with the
-#: rows each touched) and, in the same statement, what applying them needs: every row of the
-#: domains named by the changes that list no rows (domain rows, statements past 1000 rows),
-#: and the rows of the record keys the others list.  A change costs the copy one round trip,
-#: as it costs the LRU cache (whose next lookup then queries), not two; and a change of one
-#: mailbox reads that mailbox, whatever the size of its domain.
+#: The changes after ``$1`` (at most ``$2``), as ``feed.changes_after`` reads them, with the
+#: rows each touched.  Only the change log: an idle poll must not wait on a lock that an
+#: ALTER TABLE, VACUUM FULL or a long TRUNCATE holds on a map table.
 CHANGES_QUERY: Final = (
-    "WITH changes AS (SELECT change_position, domains, records "
-    "FROM maplookup.changes_with_records_after($1, $2)), "
-    "whole AS (SELECT coalesce(array_agg(DISTINCT name), '{}') AS names "
-    "FROM changes, unnest(changes.domains) AS name WHERE changes.records IS NULL), "
-    f"keys AS ({record_keys_relation('changes, unnest(changes.records)')}) "
-    "SELECT ARRAY(SELECT row(change_position, domains, records) FROM changes "
-    "ORDER BY change_position) AS changes, "
-    + partition_arrays("(SELECT names FROM whole)::text[]")
-    + ", "
-    + record_arrays("keys")
+    "SELECT change_position, domains, records FROM maplookup.changes_with_records_after($1, $2)"
 )
+
+#: Record keys beyond which a batch of changes reloads the copy (a snapshot, streamed in
+#: chunks) rather than reading the rows by key in one statement: a bulk change of that many
+#: rows is an import, and one statement reading them all could outlast the query timeout.
+MAX_RECORDS_PER_READ: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
-class ChangesRead:
-    """A read of the log with what applying it takes (:data:`CHANGES_QUERY`)."""
+class ChangePlan:
+    """What applying a batch of changes takes."""
 
-    changes: list[Change]  # oldest first, as feed.changes_after returns them
-    flush: bool  # a change of everything (TRUNCATE, a pruned log): load a fresh snapshot
-    names: frozenset[str]  # domains to re-read whole: ``rows`` holds their partitions
-    rows: SnapshotRows
-    keys: frozenset[str]  # record keys to re-read: ``records`` holds their rows
-    records: SnapshotRows  # (``domains``: the rows of the keys' domains, for visibility)
+    flush: bool  # a change of everything (TRUNCATE, a pruned log), or too many rows: reload
+    names: frozenset[str]  # domains to re-read whole (domain rows, statements past 1000 rows)
+    keys: frozenset[str]  # record keys to re-read (``table:local_part@domain``)
 
 
-def _plan(changes: list[Change], row: asyncpg.Record) -> ChangesRead:
+def plan_changes(changes: list[Change]) -> ChangePlan:
+    """The reads a batch of changes asks of the copy."""
     whole = [change for change in changes if change.records is None]
-    return ChangesRead(
-        changes,
-        flush=any(EVERYTHING in change.domains for change in whole),
+    keys = frozenset(key for change in changes for key in change.records or ())
+    return ChangePlan(
+        flush=any(EVERYTHING in change.domains for change in whole)
+        or len(keys) > MAX_RECORDS_PER_READ,
         names=frozenset(name for change in whole for name in change.domains),
-        rows=SnapshotRows(*row[1:7]),
-        keys=frozenset(key for change in changes for key in change.records or ()),
-        records=SnapshotRows(*row[7:13]),
+        keys=keys,
     )
 
 
-async def read_changes(conn: asyncpg.Connection, position: int, max_rows: int) -> ChangesRead:
-    """The changes after ``position`` and the rows applying them takes, as of one moment (one
-    statement).  The rows may be newer than the last change read (a change committed since is
-    in them but not yet in the log read): re-reading a row or a partition in a newer state is
-    what applying that change will do anyway."""
-    row = await _one_row(conn, CHANGES_QUERY, position, max_rows)
-    changes = [
+async def read_changes(conn: asyncpg.Connection, position: int, max_rows: int) -> list[Change]:
+    """The changes after ``position``, oldest first, with the rows each touched."""
+    return [
         Change(position, tuple(domains), None if records is None else tuple(records))
-        for position, domains, records in row[0]
+        for position, domains, records in await conn.fetch(CHANGES_QUERY, position, max_rows)
     ]
-    return _plan(changes, row)
+
+
+#: The partitions named in ``$1`` and the rows of the record keys in ``$2`` (both text[]), in
+#: one row: one statement, so one snapshot of every table.
+ROWS_QUERY: Final = (
+    f"WITH keys AS ({record_keys_relation('unnest($2::text[])')}) "
+    f"SELECT {partition_arrays('$1::text[]')}, {record_arrays('keys')}"
+)
+
+
+async def read_rows(
+    conn: asyncpg.Connection, plan: ChangePlan, timeout_s: float
+) -> tuple[SnapshotRows, SnapshotRows]:
+    """What applying ``plan`` takes, as of one moment: the partitions of ``plan.names`` and the
+    rows of ``plan.keys`` (with their domains' rows, which decide what is visible).  The rows
+    may be newer than the changes read (a change committed since is in them, not yet in the
+    log read): re-reading a row or a partition in a newer state is what applying that change
+    will do anyway."""
+    async with asyncio.timeout(timeout_s):
+        row = await _one_row(conn, ROWS_QUERY, sorted(plan.names), sorted(plan.keys))
+    return SnapshotRows(*row[:6]), SnapshotRows(*row[6:])
 
 
 async def read_records(

@@ -7,13 +7,17 @@ The service runs in-process on a loopback port and is asked over socketmap, as P
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
+import asyncpg
 import pytest
 import trio
 
 from maplookup.config import Settings
+from maplookup.config_load import load_settings
+from maplookup.db.changes import APPLICATION_NAME
 from maplookup.embedded import EmbeddedPostgres
 from maplookup.lookup.complete.source import CompleteSource
 from maplookup.metrics import render
@@ -368,4 +372,65 @@ async def test_outage_answers_every_key_from_the_copy_then_temp_after_max_stale_
             " VALUES ('example.com', 'nobody', 'example.com/nobody/')",
         )
         await client.wait_for("vmailbox", "nobody@example.com", Reply.ok("example.com/nobody/"))
+        await client.stream.aclose()
+
+
+def _feed_backends(dsn: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            found: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                APPLICATION_NAME,
+            )
+            return found
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+async def test_a_lock_on_a_map_table_delays_the_copy_and_leaves_no_backends_behind(
+    dsn: str,
+) -> None:
+    """An ACCESS EXCLUSIVE lock on a map table (ALTER TABLE, VACUUM FULL, TRUNCATE in an open
+    transaction) blocks the copy's read of a change: it times out, and the server ends the
+    blocked statement itself (statement_timeout on the feed's connection), so the retries do
+    not pile up waiting backends until PostgreSQL refuses connections.  Idle polls read only
+    the change log; once the lock goes, the change is applied (a reload)."""
+    settings = load_settings(
+        overrides={
+            "listen": {"socketmap": ["127.0.0.1:0"]},
+            "database": {"dsn": dsn, "connect_timeout_s": 1.0, "query_timeout_s": 0.5},
+            "cache": {"change_feed_poll_interval_s": 0.1, "mode": "complete"},
+        },
+        environ={},
+    )
+    async with running(settings, dsn) as service:
+        client = await Client.to(service)
+        most = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                trio.to_thread.run_sync,
+                run_sql,
+                dsn,
+                "BEGIN; LOCK TABLE maplookup.sender_grants IN ACCESS EXCLUSIVE MODE;"
+                " SELECT pg_sleep(6); COMMIT",
+            )
+            await trio.sleep(0.5)
+            await trio.to_thread.run_sync(
+                run_sql,
+                dsn,
+                "INSERT INTO maplookup.mailboxes (domain, local_part, path)"
+                " VALUES ('example.com', 'during', 'example.com/during/')",
+            )
+            for _ in range(20):
+                await trio.sleep(0.25)
+                most = max(most, await trio.to_thread.run_sync(_feed_backends, dsn))
+        # At most the feed's current connection waits on the lock; without the server-side
+        # timeout, every retry left one more backend waiting there until the lock went.
+        assert most <= 1
+        await client.wait_for("vmailbox", "during@example.com", Reply.ok("example.com/during/"))
+        assert await client.ask("vmailbox", "user@example.com") == Reply.ok("example.com/user/")
         await client.stream.aclose()

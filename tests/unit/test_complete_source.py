@@ -10,9 +10,9 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from maplookup.db import copy_follow
+from maplookup.db import copy_follow, copy_load
 from maplookup.db.copy_follow import CopyFollower, CopySettings
-from maplookup.db.copy_load import ChangesRead, CopyTooLarge, LoadedCopy
+from maplookup.db.copy_load import CopyTooLarge, LoadedCopy
 from maplookup.db.feed import Change, FeedStep
 from maplookup.db.servers import Reached, ServerAddress
 from maplookup.errors import DatabaseError
@@ -212,77 +212,96 @@ async def test_the_follower_loads_follows_and_reloads_where_it_must(
     assert follower.rebuilds == 2
 
 
-async def test_what_is_read_with_the_log_is_applied_without_another_read(
+async def test_the_rows_the_log_names_are_read_once_and_a_failed_read_reloads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A change costs the copy one round trip: the partitions and rows applying it takes come
-    with the log read (``read_changes``).  A change that names rows re-reads only those, and
-    the wildcard transport's row (logged under the domain '*', which flushes the LRU cache)
-    reloads nothing."""
+    """The log is read alone; one read of rows follows when something changed: the rows a
+    change names and the partitions of the domains named without rows.  The wildcard
+    transport's row (logged under the domain '*', which flushes the LRU cache) reloads
+    nothing; TRUNCATE does; a read of rows that fails (a timeout) reloads at the next start
+    instead of being retried for ever."""
     loads: list[int] = []
-    reads: list[ChangesRead] = []
+    batches: list[list[Change]] = []
+    plans: list[tuple[list[str], list[str]]] = []
+    rows_read: list[tuple[SnapshotRows, SnapshotRows]] = []
 
     async def load(*_args: object) -> LoadedCopy:
         loads.append(1)
-        return LoadedCopy(MapsCopy(), 10, 0, 0, 0.0)
+        return LoadedCopy(MapsCopy(), 10 * len(loads), 0, 0, 0.0)
 
-    async def changes(_conn: object, _position: int, _max_rows: int) -> ChangesRead:
-        return reads.pop(0)
+    async def changes(_conn: object, _position: int, _max_rows: int) -> list[Change]:
+        return batches.pop(0)
 
-    async def partitions(*_args: object) -> SnapshotRows:
-        raise AssertionError("no second read")
+    async def read(_conn: object, plan: Any, _timeout: float) -> tuple[SnapshotRows, SnapshotRows]:
+        plans.append((sorted(plan.names), sorted(plan.keys)))
+        if not rows_read:
+            raise TimeoutError
+        return rows_read.pop(0)
 
     monkeypatch.setattr(copy_follow, "load_snapshot", load)
     monkeypatch.setattr(copy_follow, "read_changes", changes)
-    monkeypatch.setattr(copy_follow, "read_partitions", partitions)
+    monkeypatch.setattr(copy_follow, "read_rows", read)
     source = CompleteSource(Fallback(), Held(), max_stale_s=60.0)
     follower = CopyFollower(source, CopySettings(max_bytes=1000))
     conn: Any = None
-    await follower.start(conn, reached(1), head=10)
-    # A domain row changed: its partition, read with the log.
-    domain = SnapshotRows(domains=[("a.test", "mailbox", None, None, None, True)])
-    changed = [Change(11, ("a.test",))]
-    reads.append(
-        ChangesRead(changed, False, frozenset({"a.test"}), domain, frozenset(), SnapshotRows())
+    assert await follower.start(conn, reached(1), head=10) == 10
+    # Nothing changed: no read of rows.
+    batches.append([])
+    assert await follower.changes_after(conn, 10, 1000) == []
+    await follower.apply(conn, FeedStep(10, False, frozenset(), 0), 1.0)
+    # A domain row changed, one mailbox, and the wildcard transport.
+    batches.append(
+        [
+            Change(11, ("a.test",)),
+            Change(12, ("a.test",), ("mailboxes:user@a.test",)),
+            Change(13, ("*",), ("transports:@*",)),
+        ]
     )
-    assert await follower.changes_after(conn, 10, 1000) == changed
-    await follower.apply(conn, FeedStep(11, False, frozenset({"a.test"}), 1), 1.0)
-    # One mailbox changed, and the wildcard transport: their rows only.
-    keys = frozenset({"mailboxes:user@a.test", "transports:@*"})
-    records = SnapshotRows(
-        domains=[("a.test", "mailbox", None, None, None, True)],
-        mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
-        transports=[("*", "", "smtp:[relay.test]")],
+    rows_read.append(
+        (
+            # a.test re-read whole (its domain row changed): its mailbox comes with it.
+            SnapshotRows(
+                domains=[("a.test", "mailbox", None, None, None, True)],
+                mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
+            ),
+            SnapshotRows(
+                domains=[("a.test", "mailbox", None, None, None, True)],
+                mailboxes=[("a.test", "user", "a.test/user/", None, None, None, True)],
+                transports=[("*", "", "smtp:[relay.test]")],
+            ),
+        )
     )
-    changed = [
-        Change(12, ("a.test",), ("mailboxes:user@a.test",)),
-        Change(13, ("*",), ("transports:@*",)),
-    ]
-    reads.append(ChangesRead(changed, False, frozenset(), SnapshotRows(), keys, records))
-    await follower.changes_after(conn, 11, 1000)
-    await follower.apply(conn, FeedStep(13, True, frozenset(), 2), 2.0)
+    await follower.changes_after(conn, 10, 1000)
+    assert await follower.apply(conn, FeedStep(13, True, frozenset(), 3), 2.0) == 13
     await trio.testing.wait_all_tasks_blocked()
     copy = source.copy
     assert copy is not None
     assert copy.kind("a.test") == "mailbox"
-    assert copy.mailboxes == {"user@a.test": copy.mailboxes["user@a.test"]}
+    assert list(copy.mailboxes) == ["user@a.test"]
     assert copy.transports == {"@*": "smtp:[relay.test]"}
+    assert plans == [(["a.test"], ["mailboxes:user@a.test", "transports:@*"])]
     assert (loads, source.position) == ([1], 13)
     assert (source.counters.partitions_replaced, source.counters.records_replaced) == (1, 2)
-    # TRUNCATE (or a pruned log): a fresh snapshot.
-    reads.append(
-        ChangesRead(
-            [Change(14, ("*",))],
-            True,
-            frozenset({"*"}),
-            SnapshotRows(),
-            frozenset(),
-            SnapshotRows(),
-        )
-    )
+    # A read of rows that times out: the feed reconnects, and the next start reloads.
+    batches.append([Change(14, ("a.test",), ("mailboxes:info@a.test",))])
     await follower.changes_after(conn, 13, 1000)
-    assert await follower.apply(conn, FeedStep(14, True, frozenset(), 1), 3.0) == 10
+    with pytest.raises(TimeoutError):
+        await follower.apply(conn, FeedStep(14, False, frozenset({"a.test"}), 1), 3.0)
+    assert await follower.start(conn, reached(1), head=14) == 20
     assert loads == [1, 1]
+    # TRUNCATE (or a pruned log): a fresh snapshot.
+    batches.append([Change(21, ("*",))])
+    await follower.changes_after(conn, 20, 1000)
+    assert await follower.apply(conn, FeedStep(21, True, frozenset(), 1), 4.0) == 30
+    assert loads == [1, 1, 1]
+
+
+def test_too_many_rows_at_once_reload_instead() -> None:
+    keys = tuple(f"mailboxes:u{n}@a.test" for n in range(copy_load.MAX_RECORDS_PER_READ + 1))
+    assert copy_load.plan_changes([Change(1, ("a.test",), keys)]).flush
+    assert not copy_load.plan_changes([Change(1, ("a.test",), keys[:10])]).flush
+    assert copy_load.plan_changes([Change(1, ("*",))]).flush
+    assert not copy_load.plan_changes([Change(1, ("*",), ("transports:@*",))]).flush
 
 
 class Reloadable:
