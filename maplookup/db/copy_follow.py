@@ -42,12 +42,12 @@ import asyncpg
 import trio
 
 from maplookup.db.copy_load import (
+    ChangePlan,
     CopyTooLarge,
     LoadedCopy,
     load_snapshot,
     plan_changes,
     read_changes,
-    read_partitions,
     read_rows,
 )
 from maplookup.db.feed import Change, FeedStep, changes_after
@@ -128,25 +128,19 @@ class CopyFollower:
         changes, self._changes = self._changes, None
         if not self.active:
             return step.position
-        change = None
-        if changes is None:  # the log was not read here (a caller that read it itself)
-            if step.flush:
-                return await self._load(conn, step.position)
-            if step.domains:
-                rows = await read_partitions(conn, step.domains, self._settings.query_timeout_s)
-                change = CopyChange(frozenset(step.domains), rows)
+        if changes is None:  # the log was not read here: the step's domains, whole
+            plan = ChangePlan(step.flush, frozenset(step.domains), frozenset())
         else:
             # Not step.flush: a record of the wildcard transport ('*') flushes the LRU cache
             # (every transport answer may depend on it); the copy just re-reads that row.
             plan = plan_changes(changes)
-            if plan.flush:
-                return await self._load(conn, step.position)
-            if plan.names or plan.keys:
-                self._reload = True  # until the read succeeds: a timeout reloads instead
-                rows, records = await read_rows(conn, plan, self._settings.query_timeout_s)
-                self._reload = False
-                change = CopyChange(plan.names, rows, plan.keys, records)
-        if change is not None and (change.names or change.keys):
+        if plan.flush:
+            return await self._load(conn, step.position)
+        if plan.names or plan.keys:
+            self._reload = True  # until the read succeeds: a timeout reloads instead
+            rows, records = await read_rows(conn, plan, self._settings.query_timeout_s)
+            self._reload = False
+            change = CopyChange(plan.names, rows, plan.keys, records)
             self._post(self._target.update, change, step.position, read_at)
         else:
             self._post(self._target.confirm, step.position, read_at)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,8 +25,6 @@ import asyncpg
 
 from maplookup.db.feed import EVERYTHING, Change, snapshot
 from maplookup.lookup.complete.rows import (
-    PARTITIONS_QUERY,
-    RECORDS_QUERY,
     SNAPSHOT_QUERIES,
     SnapshotRows,
     partition_arrays,
@@ -91,18 +88,6 @@ async def load_snapshot(
     )
 
 
-async def read_partitions(
-    conn: asyncpg.Connection, names: Iterable[str], timeout_s: float
-) -> SnapshotRows:
-    """Every row of the partitions of ``names`` (what ``MapsCopy.replace`` takes), as of one
-    moment: ``rows.PARTITIONS_QUERY``, one statement, so one snapshot of the six tables and
-    one round trip."""
-    async with asyncio.timeout(timeout_s):
-        row = await _one_row(conn, PARTITIONS_QUERY, sorted(names))
-    # The records arrive as tuples of the columns rows.py names, in its order.
-    return SnapshotRows(*row)
-
-
 #: The changes after ``$1`` (at most ``$2``), as ``feed.changes_after`` reads them, with the
 #: rows each touched.  Only the change log: an idle poll must not wait on a lock that an
 #: ALTER TABLE, VACUUM FULL or a long TRUNCATE holds on a map table.
@@ -164,17 +149,6 @@ async def read_rows(
     async with asyncio.timeout(timeout_s):
         row = await _one_row(conn, ROWS_QUERY, sorted(plan.names), sorted(plan.keys))
     return SnapshotRows(*row[:6]), SnapshotRows(*row[6:])
-
-
-async def read_records(
-    conn: asyncpg.Connection, keys: Iterable[str], timeout_s: float
-) -> SnapshotRows:
-    """The rows of the record keys ``keys`` (``table:local_part@domain``) and of their
-    domains, in one statement (``rows.RECORDS_QUERY``): what ``MapsCopy.apply_records``
-    takes."""
-    async with asyncio.timeout(timeout_s):
-        row = await _one_row(conn, RECORDS_QUERY, sorted(keys))
-    return SnapshotRows(*row)
 
 
 async def _one_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -15,7 +16,7 @@ from maplookup.db import copy_load, feed
 from maplookup.db.feed import EVERYTHING, Change
 from maplookup.lookup.cache import AnswerCache, CacheSettings, CachingSource
 from maplookup.lookup.complete.rows import SnapshotRows
-from tests.helpers import run_sql
+from tests.helpers import run_sql, run_with_connection
 from tests.integration.test_cache_coherence import SCHEMA_DATA, wait_until
 
 
@@ -70,17 +71,12 @@ def test_each_changing_statement_logs_its_domains_in_order(dsn: str) -> None:
 
 
 def _records_after(dsn: str, after: int) -> list[tuple[tuple[str, ...], list[str] | None]]:
-    async def read() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(
-                "SELECT domains, records FROM maplookup.changes_with_records_after($1, 1000)",
-                after,
-            )
-        finally:
-            await conn.close()
+    async def read(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            "SELECT domains, records FROM maplookup.changes_with_records_after($1, 1000)", after
+        )
 
-    rows = asyncio.run(read())
+    rows = cast(list[asyncpg.Record], run_with_connection(dsn, read))
     return [
         (tuple(row["domains"]), None if row["records"] is None else sorted(row["records"]))
         for row in rows
@@ -120,7 +116,7 @@ def test_record_changes_log_their_rows_up_to_1000(dsn: str) -> None:
 def test_record_keys_split_at_the_last_at_sign(dsn: str) -> None:
     """A local part may hold ':' and '@', a grant's domain ':' (an address literal): the key
     ``table:local_part@domain`` splits at the first ':' and the last '@', and the rows it
-    names are read back (``copy_load.read_records``, the statement the copy uses)."""
+    names are read back (``copy_load.read_rows``, the statement the copy uses)."""
     head = _head(dsn)
     run_sql(
         dsn,
@@ -130,14 +126,11 @@ def test_record_keys_split_at_the_last_at_sign(dsn: str) -> None:
     ((_, keys),) = _records_after(dsn, head)
     assert keys == ["sender_grants:a@b:c@[ipv6:2001:db8::1]"]
 
-    async def read() -> SnapshotRows:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await copy_load.read_records(conn, keys, timeout_s=10.0)
-        finally:
-            await conn.close()
+    async def read(conn: asyncpg.Connection) -> SnapshotRows:
+        plan = copy_load.ChangePlan(False, frozenset(), frozenset(keys))
+        return (await copy_load.read_rows(conn, plan, timeout_s=10.0))[1]
 
-    rows = asyncio.run(read())
+    rows = cast(SnapshotRows, run_with_connection(dsn, read))
     assert [tuple(row) for row in rows.sender_grants] == [("[ipv6:2001:db8::1]", "a@b:c", "owner")]
 
 

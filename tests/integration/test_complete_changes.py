@@ -17,16 +17,16 @@ the only change that needs one, and it is tested on its own (test_complete_mode.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
+from typing import cast
 
 import asyncpg
 import pytest
 
 from maplookup.lookup.complete import MapsCopy
 from maplookup.lookup.complete.rows import SNAPSHOT_QUERIES, SnapshotRows
-from tests.helpers import run_sql
+from tests.helpers import run_sql, run_with_connection
 from tests.integration.complete_dataset import copy_state
 
 from .test_cache_coherence import running, wait_until
@@ -126,15 +126,16 @@ def _statement(rng: random.Random, step: int) -> str:
     return rng.choice(choices)()
 
 
-async def _snapshot_copy(dsn: str) -> tuple[int, MapsCopy]:
-    conn = await asyncpg.connect(dsn)
-    try:
+def _snapshot_copy(dsn: str) -> tuple[int, MapsCopy]:
+    """The change-log head and a copy built from a snapshot of that moment."""
+
+    async def read(conn: asyncpg.Connection) -> tuple[int, MapsCopy]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             head: int = await conn.fetchval("SELECT maplookup.change_log_head()")
             tables = {table: await conn.fetch(query) for table, query in SNAPSHOT_QUERIES.items()}
-    finally:
-        await conn.close()
-    return head, MapsCopy.build(SnapshotRows(**tables))
+        return head, MapsCopy.build(SnapshotRows(**tables))
+
+    return cast(tuple[int, MapsCopy], run_with_connection(dsn, read))
 
 
 def _try(dsn: str, statement: str) -> bool:
@@ -159,7 +160,7 @@ async def test_the_copy_the_server_keeps_is_the_snapshot_after_every_change(
         for step in range(STEPS):
             statement = _statement(rng, step)
             applied += _try(dsn, statement)
-            head, fresh = asyncio.run(_snapshot_copy(dsn))
+            head, fresh = _snapshot_copy(dsn)
             await wait_until(lambda head=head: (source.position or 0) >= head)
             held = source.copy
             assert held is not None

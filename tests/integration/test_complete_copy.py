@@ -8,8 +8,8 @@ relay recipients, transports) and random keys, each example:
 2. reads it back with the snapshot statements (``rows.SNAPSHOT_QUERIES``) in one REPEATABLE
    READ transaction, as the server's loader will, and builds a :class:`MapsCopy`;
 3. builds a second copy in which a random set of partitions (domain names) holds another
-   random dataset's rows, then replaces those from ``copy_load.read_partitions`` (the
-   change-feed path, ``rows.PARTITIONS_QUERY``): it must hold exactly what the first holds;
+   random dataset's rows, then replaces those from ``copy_load.read_rows`` (the
+   change-feed path): it must hold exactly what the first holds;
 4. asks every map, for every key, the SQL function (``maps.batch_query_for``, the server's
    statement) and the copy, and compares: once with the key as the server binds it
    (``maps.fold_key``), once with the text as received (what a pgsql: table may be asked).
@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from maplookup.db.copy_load import read_partitions, read_records
+from maplookup.db.copy_load import ChangePlan, read_rows
 from maplookup.lookup.complete import MapsCopy, lookup
 from maplookup.lookup.complete.rows import RECORD_TABLES, SNAPSHOT_QUERIES, SnapshotRows
 from maplookup.lookup.complete.semantics import split_address
@@ -104,6 +104,11 @@ def _python_rows(data: Dataset) -> SnapshotRows:
     )
 
 
+async def _partitions(conn: Any, names: list[str]) -> SnapshotRows:
+    plan = ChangePlan(False, frozenset(names), frozenset())
+    return (await read_rows(conn, plan, timeout_s=30.0))[0]
+
+
 async def _read(conn: Any, queries: dict[str, str], *args: object) -> SnapshotRows:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         tables = {table: await conn.fetch(query, *args) for table, query in queries.items()}
@@ -147,12 +152,12 @@ async def _check(conn: Any, case: Case) -> None:
         }
     )
     updated = MapsCopy.build(mixed)
-    updated.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
+    updated.replace(stale, await _partitions(conn, stale))
     assert copy_state(updated) == copy_state(full)
 
     # The same with the records alone (the change log naming rows, schema version 6): the
     # domain rows current, the stale partitions' records another dataset's; re-reading the
-    # keys of both (``read_records``) must give the full copy.  A first change adds the
+    # keys of both (``read_rows``) must give the full copy.  A first change adds the
     # keys' entries to ``added``; a second replaces the partitions, which must remove them.
     records = SnapshotRows(
         domains=snapshot.domains,
@@ -170,9 +175,10 @@ async def _check(conn: Any, case: Case) -> None:
         for row in getattr(source, table)
         if row[0] in case.stale
     }
-    by_rows.apply_records(record_keys, await read_records(conn, record_keys, timeout_s=30.0))
+    plan = ChangePlan(False, frozenset(), frozenset(record_keys))
+    by_rows.apply_records(record_keys, (await read_rows(conn, plan, timeout_s=30.0))[1])
     assert copy_state(by_rows) == copy_state(full)
-    by_rows.replace(stale, await read_partitions(conn, stale, timeout_s=30.0))
+    by_rows.replace(stale, await _partitions(conn, stale))
     assert copy_state(by_rows) == copy_state(full)
 
     for map_name in MapName:

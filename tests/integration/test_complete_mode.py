@@ -7,9 +7,9 @@ The service runs in-process on a loopback port and is asked over socketmap, as P
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import asyncpg
 import pytest
@@ -24,7 +24,7 @@ from maplookup.metrics import render
 from maplookup.protocol import Reply, Status
 from maplookup.serve.sdnotify import SystemdNotifier
 from maplookup.serve.service import Running, serve
-from tests.helpers import run_sql
+from tests.helpers import run_sql, run_with_connection
 
 from .test_cache_coherence import SCHEMA_DATA, Client, running, settings_for, wait_until
 
@@ -376,19 +376,17 @@ async def test_outage_answers_every_key_from_the_copy_then_temp_after_max_stale_
 
 
 def _feed_backends(dsn: str) -> int:
-    async def count() -> int:
-        conn = await asyncpg.connect(dsn)
-        try:
-            found: int = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = $1 AND wait_event_type = 'Lock'",
-                APPLICATION_NAME,
-            )
-            return found
-        finally:
-            await conn.close()
+    """The change feed's backends waiting on a lock."""
 
-    return asyncio.run(count())
+    async def count(conn: asyncpg.Connection) -> int:
+        found: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            APPLICATION_NAME,
+        )
+        return found
+
+    return cast(int, run_with_connection(dsn, count))
 
 
 async def test_a_lock_on_a_map_table_delays_the_copy_and_leaves_no_backends_behind(

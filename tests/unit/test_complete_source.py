@@ -161,11 +161,11 @@ async def test_the_follower_loads_follows_and_reloads_where_it_must(
     async def load(*_args: object) -> LoadedCopy:
         return LoadedCopy(MapsCopy(), next(heads), 0, 0, 0.0)
 
-    async def partitions(_conn: object, names: object, _timeout: float) -> SnapshotRows:
-        return SnapshotRows()
+    async def rows(_conn: object, _plan: object, _timeout: float) -> tuple[SnapshotRows, ...]:
+        return SnapshotRows(), SnapshotRows()
 
     monkeypatch.setattr(copy_follow, "load_snapshot", load)
-    monkeypatch.setattr(copy_follow, "read_partitions", partitions)
+    monkeypatch.setattr(copy_follow, "read_rows", rows)
     target = Target()
     follower = CopyFollower(target, CopySettings(max_bytes=1000))
     conn: Any = None  # the feed's connection: not used by the replaced reads

@@ -9,7 +9,7 @@ Every table is read whole, disabled rows included: the copy drops what no lookup
 (:mod:`.store`), so the rule "disabled rows do not exist" lives in one place, next to the
 semantics.  ``targets`` (text[]) arrives as a list.
 
-``PARTITIONS_QUERY`` reads the same columns for some partitions only (``$1``: a text[] of
+``partition_arrays`` reads the same columns for some partitions only (``$1``: a text[] of
 names, as a change-log row lists them): every row whose ``domain`` column (``name`` for
 domains) is one of them, which is what :meth:`.store.MapsCopy.replace` takes.  It is one
 statement returning one row of six arrays of anonymous records (asyncpg decodes each record
@@ -75,10 +75,6 @@ def partition_arrays(names: str) -> str:
     )
 
 
-#: The rows of the partitions named in ``$1`` (text[]), in one row (:func:`partition_arrays`).
-PARTITIONS_QUERY: str = "SELECT " + partition_arrays("$1::text[]")
-
-
 #: The record tables, as the change log names them in a key ``table:local_part@domain``
 #: (schema.sql, ``record_keys``): every one is keyed by (domain, local_part).
 RECORD_TABLES: tuple[str, ...] = tuple(table for table in _COLUMNS if table != "domains")
@@ -113,9 +109,3 @@ def record_arrays(keys: str) -> str:
             f"IN (SELECT dom, loc FROM {keys} WHERE tbl = '{table}')) AS record_{table}"
         )
     return ", ".join(arrays)
-
-
-#: The rows of the record keys in ``$1`` (text[]), in one row (:func:`record_arrays`).
-RECORDS_QUERY: str = (
-    f"WITH keys AS ({record_keys_relation('unnest($1::text[])')}) SELECT {record_arrays('keys')}"
-)

@@ -189,7 +189,7 @@ class MapsCopy:
     def replace(self, names: Iterable[str], rows: SnapshotRows) -> None:
         """Replace the partitions of ``names`` by what ``rows`` holds for them.
 
-        ``rows`` must be every row of those partitions (rows.PARTITIONS_QUERY with ``names``,
+        ``rows`` must be every row of those partitions (``copy_load.read_rows`` for ``names``,
         read in one snapshot); rows of other names are ignored.  Runs without yielding.
         """
         wanted = set(names)
@@ -213,7 +213,7 @@ class MapsCopy:
         """Replace the rows of the record keys ``keys`` (``table:local_part@domain``, as the
         change log names them) by what ``rows`` holds for them.
 
-        ``rows`` must be what ``rows.RECORDS_QUERY`` reads for those keys: their rows, and the
+        ``rows`` must be what ``copy_load.read_rows`` reads for those keys: their rows, and the
         rows of their domains, which decide what is visible exactly as in a snapshot (the
         copy's own domain rows are not changed).  Keys of a name in ``skip`` (partitions
         replaced in the same change) are left alone.  Runs without yielding.
